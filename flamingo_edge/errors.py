@@ -1,0 +1,43 @@
+"""The one exception hierarchy of flamingo-edge.
+
+Every error a user can cause is a `FlamingoEdgeError` subclass whose message says what was received, what was
+expected and how to fix it. Only the CLI turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class FlamingoEdgeError(Exception):
+    """Root of every error raised on purpose by flamingo-edge."""
+
+
+class CheckpointError(FlamingoEdgeError):
+    """A checkpoint folder, its config or its weights cannot be used (missing, corrupt, wrong family, bad keys)."""
+
+
+class ImageError(FlamingoEdgeError):
+    """An image cannot be read or has a layout we cannot preprocess."""
+
+
+class PromptError(FlamingoEdgeError):
+    """A prompt cannot be turned into model inputs (e.g. an image count that does not match the markers)."""
+
+
+class PromptTooLongError(PromptError):
+    """A prompt is longer than the model or engine allows."""
+
+
+class GraphContractError(FlamingoEdgeError):
+    """A graph's inputs or outputs differ from the graph contract."""
+
+
+class ParityError(FlamingoEdgeError):
+    """Two implementations disagree beyond tolerance; the message lists every failing output."""
+
+
+class EngineMismatchError(FlamingoEdgeError):
+    """An engine was built for another GPU or TensorRT version."""
+
+
+class FeatureUnavailableError(FlamingoEdgeError):
+    """A feature needs a package or a version that this machine does not have."""
