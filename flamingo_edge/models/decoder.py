@@ -1,0 +1,147 @@
+"""The language decoder (the `decoder` graph): LLaMA blocks with gated cross-attention blocks interleaved.
+
+Mirrors transformers' `IdeficsModel` text path (models/idefics/modeling_idefics.py): RMSNorm, rotary embeddings,
+SwiGLU, a gated cross-attention block *before* each decoder layer listed in `cross_layers`.
+
+Departures from upstream, all for a stateless graph that TensorRT builds:
+- past keys/values and the cross-attention keys/values are explicit inputs; P (past length) may be 0 and is never
+  branched on, so prefill (S > 1, P = 0) and decode (S = 1) are one graph;
+- positions come from `attention_mask` (like upstream's `cumsum(mask) - 1`) but are computed with a comparison and a
+  sum, because TensorRT 8.5 has no CumSum;
+- IDEFICS' decoupled embedding / LM head (base + additional vocabulary) are merged into one table at import time:
+  a single Gather and a single MatMul, exactly equivalent to upstream's two lookups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_edge.models.config import DecoderConfig
+from flamingo_edge.models.gated_xattn import GatedCrossAttention
+from flamingo_edge.models.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    attend,
+    merge_heads,
+    rotary_cos_sin,
+    rotary_inverse_frequencies,
+    split_heads,
+)
+
+
+def causal_mask_and_positions(attention_mask: Tensor, new_tokens: int) -> tuple[Tensor, Tensor]:
+    """attention_mask [B, P+S] (1 = real token) -> allowed bool [B, 1, S, P+S] and positions i64 [B, S].
+
+    Query j (absolute index P+j) may see key t when t <= P+j and key t is a real token. Its position is the number of
+    real tokens up to and including it, minus 1 (upstream: cumsum - 1); padding queries get position 1 as upstream.
+    """
+    total = attention_mask.shape[1]
+    query_index = torch.arange(new_tokens, device=attention_mask.device) + (total - new_tokens)  # [S]
+    key_index = torch.arange(total, device=attention_mask.device)  # [P+S]
+    causal = key_index[None, :] <= query_index[:, None]  # [S, P+S]
+    real = attention_mask != 0  # [B, P+S]
+    allowed = causal[None] & real[:, None, :]  # [B, S, P+S]
+    positions = allowed.to(torch.int64).sum(-1) - 1  # [B, S]
+    query_is_real = real[:, total - new_tokens :]  # [B, S]
+    positions = torch.where(query_is_real, positions, torch.ones_like(positions))
+    return allowed[:, None], positions  # [B, 1, S, P+S], [B, S]
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with rotary embeddings and an explicit KV cache."""
+
+    def __init__(self, *, config: DecoderConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.q = nn.Linear(config.width, config.width, bias=False)
+        self.k = nn.Linear(config.width, config.width, bias=False)
+        self.v = nn.Linear(config.width, config.width, bias=False)
+        self.o = nn.Linear(config.width, config.width, bias=False)
+
+    def forward(
+        self, x: Tensor, rotary: tuple[Tensor, Tensor], allowed: Tensor, past_key: Tensor, past_value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], present key/value [B, H, P+S, Dh]."""
+        q = apply_rotary(split_heads(self.q(x), self.heads), *rotary)  # [B, H, S, Dh]
+        k = apply_rotary(split_heads(self.k(x), self.heads), *rotary)  # [B, H, S, Dh]
+        v = split_heads(self.v(x), self.heads)  # [B, H, S, Dh]
+        key = torch.cat([past_key, k], dim=2)  # [B, H, P+S, Dh]
+        value = torch.cat([past_value, v], dim=2)  # [B, H, P+S, Dh]
+        return self.o(merge_heads(attend(q, key, value, allowed))), key, value
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm LLaMA block: self-attention then SwiGLU, each residual."""
+
+    def __init__(self, *, config: DecoderConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.attn = SelfAttention(config=config)
+        self.mlp_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(dim=config.width, hidden=config.mlp_width, act=config.act)
+
+    def forward(self, x, rotary, allowed, past_key, past_value):
+        attended, key, value = self.attn(self.attn_norm(x), rotary, allowed, past_key, past_value)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), key, value
+
+
+class Decoder(nn.Module):
+    """Token ids + caches -> logits and the updated self-attention cache (see the `decoder` graph contract)."""
+
+    def __init__(self, *, config: DecoderConfig, visual_width: int):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.total_vocab_size, config.width)
+        self.layers = nn.ModuleList(DecoderLayer(config=config) for _ in range(config.layers))
+        self.cross_blocks = nn.ModuleList(
+            GatedCrossAttention(config=config, visual_width=visual_width) for _ in config.cross_layers
+        )
+        self.norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.width, config.total_vocab_size, bias=False)
+        inverse_frequencies = rotary_inverse_frequencies(head_dim=config.head_dim, theta=config.rope_theta)
+        self.register_buffer("inverse_frequencies", inverse_frequencies, persistent=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        past_keys: list[Tensor],
+        past_values: list[Tensor],
+        cross_keys: list[Tensor],
+        cross_values: list[Tensor],
+        image_attention_mask: Tensor,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run S new tokens after P cached ones.
+
+        Args:
+            input_ids: i64 [B, S].
+            attention_mask: i64 [B, P+S], 1 for real tokens, 0 for padding.
+            past_keys, past_values: one f32 [B, H, P, Dh] per decoder layer (P may be 0).
+            cross_keys, cross_values: one f32 [B, H, M*L, Dh] per gated block (from `project_visual`).
+            image_attention_mask: i64 [B, S, M], 1 where token s may attend to image m.
+
+        Returns:
+            logits [B, S, V] and the present keys/values, one [B, H, P+S, Dh] per decoder layer.
+        """
+        allowed, positions = causal_mask_and_positions(attention_mask, input_ids.shape[1])
+        rotary = rotary_cos_sin(positions, self.inverse_frequencies)
+        cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
+        x = self.embed(input_ids)  # [B, S, D]
+        present_keys, present_values = [], []
+        for index, layer in enumerate(self.layers):
+            if index in cross_index:
+                block = cross_index[index]
+                x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask)
+            x, key, value = layer(x, rotary, allowed, past_keys[index], past_values[index])
+            present_keys.append(key)
+            present_values.append(value)
+        return self.lm_head(self.norm(x)), present_keys, present_values
+
+    def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
+        """P = 0 past keys/values for a prefill: one [B, H, 0, Dh] per layer."""
+        shape = (batch, self.config.heads, 0, self.config.head_dim)
+        empty = [torch.zeros(shape, dtype=dtype, device=self.embed.weight.device) for _ in self.layers]
+        return empty, list(empty)

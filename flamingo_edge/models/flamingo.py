@@ -1,0 +1,74 @@
+"""The whole Flamingo model: vision encoder -> Perceiver Resampler -> decoder with gated cross-attention.
+
+Each graph of the contract (DESIGN.md) is one sub-module call with explicit inputs and no state between calls:
+
+    pixel_values [N,3,H,W] --vision--> image_features [N,T,Dv] --resampler--> visual_tokens [N,L,Dv]
+        --xattn_kv (project_visual of every gated block)--> cross_key.i / cross_value.i [N,H,L,Dh]
+    input_ids, attention_mask, past K/V, cross K/V of the row's images, image_attention_mask
+        --decoder--> logits [B,S,V], present K/V
+
+`forward` chains them for a whole prompt the way transformers' `IdeficsForVisionText2Text.forward` does (same
+inputs, same logits), which is what the parity tests compare.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.models.decoder import Decoder
+from flamingo_edge.models.resampler import PerceiverResampler
+from flamingo_edge.models.vision import VisionEncoder
+
+
+def images_to_rows(per_image, batch: int) -> Tensor:
+    """Cross K/V per image [B*M, H, L, Dh] -> per row [B, H, M*L, Dh] (image-major within the row)."""
+    n, heads, tokens, head_dim = per_image.shape
+    images = n // batch
+    per_row = per_image.reshape(batch, images, heads, tokens, head_dim).transpose(1, 2)  # [B, H, M, L, Dh]
+    return per_row.reshape(batch, heads, images * tokens, head_dim)  # [B, H, M*L, Dh]
+
+
+class FlamingoModel(nn.Module):
+    """Flamingo-style vision-language model (fp32 reference for every exported graph)."""
+
+    def __init__(self, *, config: FlamingoConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config=config.vision)
+        self.resampler = PerceiverResampler(width=config.vision.width, config=config.resampler)
+        self.decoder = Decoder(config=config.decoder, visual_width=config.vision.width)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [N, 3, H, W] -> visual_tokens [N, L, Dv] (single-frame images)."""
+        return self.resampler(self.vision(pixel_values)[:, None])  # [N, 1, T, Dv] -> [N, L, Dv]
+
+    def cross_attention_kv(self, visual_tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """visual_tokens [N, L, Dv] -> per gated block, cross_key / cross_value [N, H, L, Dh]."""
+        pairs = [block.project_visual(visual_tokens) for block in self.decoder.cross_blocks]
+        return [key for key, _ in pairs], [value for _, value in pairs]
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_attention_mask: Tensor
+    ) -> Tensor:
+        """A whole prompt, no cache.
+
+        Args:
+            input_ids: i64 [B, S].
+            attention_mask: i64 [B, S].
+            pixel_values: f32 [B, M, 3, H, W] (rows with fewer images carry zero images, masked out).
+            image_attention_mask: i64 [B, S, M].
+
+        Returns:
+            logits f32 [B, S, V].
+        """
+        batch = pixel_values.shape[0]
+        visual_tokens = self.encode_images(pixel_values.flatten(0, 1))  # [B*M, L, Dv]
+        keys, values = self.cross_attention_kv(visual_tokens)
+        keys = [images_to_rows(key, batch) for key in keys]  # [B, H, M*L, Dh]
+        values = [images_to_rows(value, batch) for value in values]
+        past_keys, past_values = self.decoder.empty_cache(batch, pixel_values.dtype)
+        logits, _, _ = self.decoder(
+            input_ids, attention_mask, past_keys, past_values, keys, values, image_attention_mask
+        )
+        return logits

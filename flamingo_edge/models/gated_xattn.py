@@ -1,0 +1,67 @@
+"""Gated cross-attention dense blocks: text queries attend to the visual tokens of their image.
+
+Mirrors transformers' `IdeficsGatedCrossAttentionLayer` (models/idefics/modeling_idefics.py), which follows the
+Flamingo paper (sec. 2.2, fig. 4): x = x + tanh(a_attn) * xattn(x, visual); x = x + tanh(a_ff) * ffw(x), with the
+gates starting at 0 so that the frozen LM is untouched at initialisation.
+
+The block is split along the graph contract: `project_visual` is the per-image half (the `xattn_kv` graph, computed
+once per image and cached), `forward` is the per-token half inside the `decoder` graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_edge.models.config import DecoderConfig
+from flamingo_edge.models.layers import RMSNorm, SwiGLU, attend, merge_heads, split_heads
+
+
+def expand_image_mask(image_mask: Tensor, tokens_per_image: int) -> Tensor:
+    """image_attention_mask [B, S, M] (1 = row may attend to image m) -> bool [B, 1, S, M*L] over visual tokens."""
+    batch, length, images = image_mask.shape
+    allowed = image_mask[..., None].expand(batch, length, images, tokens_per_image)  # [B, S, M, L]
+    return allowed.reshape(batch, 1, length, images * tokens_per_image) != 0  # [B, 1, S, M*L]
+
+
+class GatedCrossAttention(nn.Module):
+    """IDEFICS gated cross-attention dense block (RMSNorm, SwiGLU, tanh gates, optional q/k RMSNorm)."""
+
+    def __init__(self, *, config: DecoderConfig, visual_width: int):
+        super().__init__()
+        inner = config.cross_heads * config.cross_head_dim
+        self.heads = config.cross_heads
+        self.attn_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.q = nn.Linear(config.width, inner, bias=False)
+        self.k = nn.Linear(visual_width, inner, bias=False)
+        self.v = nn.Linear(visual_width, inner, bias=False)
+        self.o = nn.Linear(inner, config.width, bias=False)
+        norm_dim, eps = config.cross_head_dim, config.rms_norm_eps
+        self.q_norm = RMSNorm(dim=norm_dim, eps=eps) if config.cross_qk_norms else None
+        self.k_norm = RMSNorm(dim=norm_dim, eps=eps) if config.cross_qk_norms else None
+        self.mlp_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(dim=config.width, hidden=config.mlp_width, act=config.act)
+        gate_shape = (config.width,) if config.vector_gates else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.mlp_gate = nn.Parameter(torch.zeros(gate_shape))
+
+    def project_visual(self, visual_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """visual_tokens [N, L, Dv] -> cross_key, cross_value [N, H, L, Dh] (k already q/k-normed)."""
+        key = split_heads(self.k(visual_tokens), self.heads)  # [N, H, L, Dh]
+        value = split_heads(self.v(visual_tokens), self.heads)  # [N, H, L, Dh]
+        if self.k_norm is not None:
+            key = self.k_norm(key)
+        return key, value
+
+    def forward(self, hidden: Tensor, cross_key: Tensor, cross_value: Tensor, image_mask: Tensor) -> Tensor:
+        """hidden [B, S, D], cross_key/value [B, H, M*L, Dh], image_mask [B, S, M] -> hidden [B, S, D]."""
+        images = image_mask.shape[-1]
+        allowed = expand_image_mask(image_mask, cross_key.shape[2] // images)  # [B, 1, S, M*L]
+        # A row with no image must contribute exactly 0: gate it, never trust a softmax over a fully masked row.
+        row_gate = (image_mask != 0).any(dim=-1, keepdim=True).to(hidden.dtype)  # [B, S, 1]
+        q = split_heads(self.q(self.attn_norm(hidden)), self.heads)  # [B, H, S, Dh]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        attended = self.o(merge_heads(attend(q, cross_key, cross_value, allowed)))  # [B, S, D]
+        hidden = hidden + torch.tanh(self.attn_gate) * (attended * row_gate)
+        return hidden + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden))

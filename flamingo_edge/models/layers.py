@@ -1,0 +1,99 @@
+"""Building blocks shared by the model files: norms, activations, attention, rotary embeddings.
+
+Attention is written with MatMul/Softmax/Where only (no einsum, no scaled_dot_product_attention) so that every graph
+exports to plain ONNX ops that TensorRT 8.5 through 11 parse; masks are applied with `where` against a finite score.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# A masked score. Large enough that exp(masked - max) is exactly 0 in fp32 and fp16 for any realistic score, small
+# enough not to overflow fp16 (max 65504). We never use -finfo.max: it overflows to -inf/NaN in fp16 engines.
+MASKED_SCORE = -1.0e4
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU, CLIP/IDEFICS "gelu"
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,  # OpenAI CLIP
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (LLaMA, IDEFICS)."""
+
+    def __init__(self, *, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Computed in fp32 whatever the weight dtype: x**2 overflows fp16 for |x| > 256.
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, S, H*Dh] -> [B, H, S, Dh]."""
+    batch, length, _ = x.shape
+    return x.reshape(batch, length, heads, -1).transpose(1, 2)  # [B, H, S, Dh]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, H, S, Dh] -> [B, S, H*Dh]."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # [B, S, H*Dh]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Softmax attention. q [B, H, S, Dh], k/v [B, H, T, Dh], allowed bool broadcastable to [B, H, S, T].
+
+    A row with nothing allowed comes out as the mean of v: callers that can have such rows must gate them.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
+    if allowed is not None:
+        scores = torch.where(allowed, scores, torch.full_like(scores, MASKED_SCORE))
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(weights, v)  # [B, H, S, Dh]
+
+
+def rotary_inverse_frequencies(*, head_dim: int, theta: float) -> Tensor:
+    """The RoPE frequencies 1 / theta^(2i / Dh), i < Dh/2 (LLaMA's default rope)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tensor, Tensor]:
+    """positions i64 [B, S] -> cos, sin [B, 1, S, Dh], laid out as (freqs, freqs) like LLaMA's rotate_half."""
+    freqs = positions[..., None].float() * inverse_frequencies  # [B, S, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, Dh]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, *, dim: int, hidden: int, act: str = "silu"):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
