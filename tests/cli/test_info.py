@@ -1,0 +1,52 @@
+"""`flamingo-edge info`: parameter counts equal transformers' own count, errors exit 2 with the message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from flamingo_edge.cli.main import main
+from flamingo_edge.models.importers.idefics import config_from_hf
+from flamingo_edge.models.summary import summarize
+
+transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
+
+
+def _upstream_count(hf_config) -> int:
+    """transformers' parameter count, minus the vision post-layernorm that IDEFICS never applies to its tokens."""
+    with torch.device("meta"):
+        model = transformers.IdeficsForVisionText2Text(hf_config)
+    unused = sum(p.numel() for p in model.model.vision_model.post_layernorm.parameters())
+    return sum(p.numel() for p in model.parameters()) - unused
+
+
+def test_info_json_counts_match_transformers(idefics_checkpoint, capsys):
+    assert main(["info", str(idefics_checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    hf_config = transformers.IdeficsConfig.from_pretrained(idefics_checkpoint)
+    assert report["parameters"]["total"] == _upstream_count(hf_config)
+    assert report["cross_attention_layers"] == list(range(0, hf_config.num_hidden_layers, hf_config.cross_layer_interval))
+    assert report["additional_vocab_size"] == hf_config.additional_vocab_size
+
+
+def test_idefics_9b_default_config_is_summarized_without_weights():
+    hf_config = transformers.IdeficsConfig(use_resampler=True)  # the defaults are IDEFICS-9B's
+    summary = summarize(config_from_hf(hf_config.to_dict()))
+    assert summary.parameters["total"] == _upstream_count(hf_config)
+    assert summary.visual_tokens_per_image == 64 and summary.vision_tokens_per_image == 257
+
+
+def test_info_text_through_console_script(idefics_checkpoint):
+    executable = shutil.which("flamingo-edge")
+    assert executable, "the console script is not installed: pip install -e ."
+    result = subprocess.run([executable, "info", str(idefics_checkpoint)], capture_output=True, text=True, check=True)
+    assert "gated xattn before decoder layers 0" in result.stdout and "total" in result.stdout
+
+
+def test_info_on_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
