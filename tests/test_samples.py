@@ -1,0 +1,24 @@
+"""The README's main command, run as a user would (its samples and console script)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_readme_main_command(tmp_path):
+    pytest.importorskip("transformers", reason="the sample builds its checkpoint with transformers")
+    readme = (ROOT / "README.md").read_text()
+    assert "python samples/random_idefics.py out/idefics-tiny && flamingo-edge info out/idefics-tiny" in readme
+    folder = tmp_path / "idefics-tiny"
+    subprocess.run([sys.executable, str(ROOT / "samples" / "random_idefics.py"), str(folder)], check=True)
+    result = subprocess.run(
+        [shutil.which("flamingo-edge"), "info", str(folder)], capture_output=True, text=True, check=True
+    )
+    assert "vocabulary" in result.stdout and "resampler" in result.stdout
