@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -68,7 +69,8 @@ def test_corrupt_safetensors(checkpoint):
 
 def test_missing_tensor(checkpoint):
     _edit_weights(checkpoint, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    expected = re.escape(f"{checkpoint}: missing tensor 'model.layers.1.mlp.up_proj.weight'")
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(checkpoint)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -239,7 +240,7 @@ def convert(
     Raises:
         CheckpointError: a tensor is missing, unexpected, or of the wrong shape; the message names file and key.
     """
-    folder = next(iter(files.values()), "checkpoint")
+    folder = str(Path(next(iter(files.values()))).parent) if files else "checkpoint"
     tied = set()
     needed = {}
     for ours in expected:
