@@ -7,7 +7,6 @@ when no safetensors exist, and only with `torch.load(weights_only=True)`, which 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from flamingo_edge.artifacts import read_json
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.models.config import FlamingoConfig
 from flamingo_edge.models.flamingo import FlamingoModel
@@ -23,17 +23,6 @@ from flamingo_edge.models.importers import idefics
 logger = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path.parent}: no {path.name}; a checkpoint is a save_pretrained folder with config.json and weights"
-        )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error}); restore the file from the original checkpoint")
 
 
 def _check_folder(path: str | Path) -> Path:
@@ -53,14 +42,14 @@ def load_config(path: str | Path) -> FlamingoConfig:
     """
     folder = _check_folder(path)
     config_path = folder / "config.json"
-    return idefics.config_from_hf(_read_json(config_path), source=str(config_path))
+    return idefics.config_from_hf(read_json(config_path), source=str(config_path))
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint, safetensors first."""
     index = folder / _INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map'; restore it from the original checkpoint")
         return [folder / name for name in sorted(set(weight_map.values()))]

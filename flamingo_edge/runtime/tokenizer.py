@@ -18,7 +18,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from flamingo_edge.errors import CheckpointError, PromptError
-from flamingo_edge.runtime.image import read_json
+from flamingo_edge.artifacts import read_json
 
 logger = logging.getLogger(__name__)
 
