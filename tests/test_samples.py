@@ -22,3 +22,15 @@ def test_readme_main_command(tmp_path):
         [shutil.which("flamingo-edge"), "info", str(folder)], capture_output=True, text=True, check=True
     )
     assert "vocabulary" in result.stdout and "resampler" in result.stdout
+
+
+def test_readme_python_example(tmp_path):
+    """The README's Python example, run as written, in a folder where the main command has made its checkpoint."""
+    pytest.importorskip("transformers", reason="the checkpoint is built with transformers")
+    from flamingo_edge.models.random_idefics import save_random_idefics
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    save_random_idefics(tmp_path / "out" / "idefics-tiny")
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().startswith("torch.Size([1, ")
