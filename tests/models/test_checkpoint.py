@@ -113,3 +113,18 @@ def test_unsupported_rope_is_refused(checkpoint):
     (checkpoint / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
         load_config(checkpoint)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tmp_path, idefics_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    sharded = tmp_path / "sharded"
+    model = transformers.IdeficsForVisionText2Text.from_pretrained(idefics_checkpoint)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 1
+    expected = load_checkpoint(idefics_checkpoint).state_dict()
+    actual = load_checkpoint(sharded).state_dict()
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    shard = sorted(sharded.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard.name)}: listed in model\.safetensors\.index\.json"):
+        load_checkpoint(sharded)
