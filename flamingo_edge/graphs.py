@@ -1,0 +1,140 @@
+"""The graph contract: the one description of every exported graph's inputs and outputs.
+
+Export, graph checks, engine profiles, runtime backends and tests all read this; nobody else spells a tensor name.
+Plain Python + numpy (no torch), because the runtime on the device reads it too.
+
+Dims are ints (fixed by the model) or names (dynamic axes, the same name = the same size within one graph):
+
+    vision     pixel_values f32 [N, 3, H, W]                       -> image_features f32 [N, T, Dv]
+    resampler  image_features f32 [N, F, T, Dv]                    -> visual_tokens f32 [N, L, Dv]
+    xattn_kv   visual_tokens f32 [N, L, Dv]                        -> cross_key.{i}, cross_value.{i} f32 [N, Hx, L, Dh]
+    decoder    input_ids i64 [B, S], attention_mask i64 [B, P+S],
+               past_key.{l}, past_value.{l} f32 [B, H, P, Dh],
+               cross_key.{i}, cross_value.{i} f32 [B, Hx, M*L, Dh],
+               image_attention_mask i64 [B, S, M]                  -> logits f32 [B, S, V],
+                                                                      present_key.{l}, present_value.{l} f32 [B, H, P+S, Dh]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flamingo_edge.models.config import FlamingoConfig
+
+# Bumped whenever a name, dtype or dim of any graph changes; export.json records it and the runtime checks it.
+CONTRACT_VERSION = 1
+
+GRAPH_NAMES = ("vision", "resampler", "xattn_kv", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32" | "int64"
+    dims: tuple[str | int, ...]  # ints are fixed by the model, strings are dynamic axes
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {axis: dim for axis, dim in enumerate(self.dims) if isinstance(dim, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The inputs and outputs of one graph, in order."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+
+def past_key(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def present_key(layer: int) -> str:
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    return f"present_value.{layer}"
+
+
+def cross_key(block: int) -> str:
+    return f"cross_key.{block}"
+
+
+def cross_value(block: int) -> str:
+    return f"cross_value.{block}"
+
+
+def _f32(name: str, *dims) -> TensorSpec:
+    return TensorSpec(name, "float32", tuple(dims))
+
+
+def _i64(name: str, *dims) -> TensorSpec:
+    return TensorSpec(name, "int64", tuple(dims))
+
+
+def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
+    """The four graph specs of one model (tensor counts and fixed sizes come from its config)."""
+    vision, text = config.vision, config.decoder
+    dv, tokens, latents = vision.width, vision.num_tokens, config.visual_tokens_per_image
+    heads, head_dim = text.heads, text.head_dim
+    cross_heads, cross_dim = text.cross_heads, text.cross_head_dim
+    blocks, layers = range(len(text.cross_layers)), range(text.layers)
+    cross_kv_per_image = [
+        _f32(name(i), "N", cross_heads, latents, cross_dim) for i in blocks for name in (cross_key, cross_value)
+    ]
+    return {
+        "vision": GraphSpec(
+            "vision",
+            inputs=(_f32("pixel_values", "N", vision.num_channels, vision.image_size, vision.image_size),),
+            outputs=(_f32("image_features", "N", tokens, dv),),
+        ),
+        "resampler": GraphSpec(
+            "resampler",
+            inputs=(_f32("image_features", "N", "F", tokens, dv),),
+            outputs=(_f32("visual_tokens", "N", latents, dv),),
+        ),
+        "xattn_kv": GraphSpec(
+            "xattn_kv",
+            inputs=(_f32("visual_tokens", "N", latents, dv),),
+            outputs=tuple(cross_kv_per_image),
+        ),
+        "decoder": GraphSpec(
+            "decoder",
+            inputs=(
+                _i64("input_ids", "B", "S"),
+                _i64("attention_mask", "B", "P+S"),
+                *(_f32(name(l), "B", heads, "P", head_dim) for l in layers for name in (past_key, past_value)),
+                *(_f32(name(i), "B", cross_heads, "M*L", cross_dim) for i in blocks for name in (cross_key, cross_value)),
+                _i64("image_attention_mask", "B", "S", "M"),
+            ),
+            outputs=(
+                _f32("logits", "B", "S", text.total_vocab_size),
+                *(_f32(name(l), "B", heads, "P+S", head_dim) for l in layers for name in (present_key, present_value)),
+            ),
+        ),
+    }
