@@ -1,12 +1,18 @@
-"""Reading (and, later, atomically writing) the JSON files of checkpoints and of our own records. Torch-free."""
+"""Files of checkpoints and of our own records: JSON reading, atomic writes, hashes, the export record. Torch-free."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from flamingo_edge.errors import CheckpointError
+from flamingo_edge.errors import CheckpointError, ExportError
+
+EXPORT_RECORD = "export.json"
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -29,3 +35,106 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object; "
                               "re-save the checkpoint with save_pretrained")
     return data
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One exported graph: its file, its external-data file (or None) and their hashes."""
+
+    file: str
+    sha256: str
+    data_file: str | None = None
+    data_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """export.json: what an export folder holds and how it was made. Unknown keys are refused."""
+
+    contract_version: int
+    opset: int
+    flamingo_edge_version: str
+    checkpoint: str  # the folder it was exported from
+    config: dict  # FlamingoConfig.to_dict()
+    graphs: dict[str, GraphFile]
+    tokenizer_files: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> ExportRecord:
+        names = {f.name for f in fields(cls)}
+        unknown, missing = set(data) - names, names - set(data)
+        if unknown or missing:
+            raise ExportError(f"{source}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; it was "
+                              "written by another flamingo-edge version: re-run flamingo-edge export")
+        try:
+            graphs = {name: GraphFile(**entry) for name, entry in data["graphs"].items()}
+        except TypeError as error:
+            raise ExportError(f"{source}: malformed 'graphs' entry ({error}); re-run flamingo-edge export") from None
+        return cls(**{**data, "graphs": graphs})
+
+
+def read_export_record(folder: str | Path, *, verify_hashes: bool = True) -> ExportRecord:
+    """Read OUT/export.json and check that every file it names is there (and, by default, unchanged).
+
+    Raises:
+        ExportError: the folder or record is missing or malformed, a file is missing, or a hash differs.
+    """
+    folder = Path(folder)
+    path = folder / EXPORT_RECORD
+    if not path.is_file():
+        raise ExportError(f"{folder}: no {EXPORT_RECORD}; this is not a complete export: run "
+                          f"flamingo-edge export CHECKPOINT -o {folder}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(f"{path}: not valid JSON ({error}); re-run flamingo-edge export") from None
+    record = ExportRecord.from_dict(data, str(path))
+    for name, graph in record.graphs.items():
+        for file, expected in ((graph.file, graph.sha256), (graph.data_file, graph.data_sha256)):
+            if file is None:
+                continue
+            if not (folder / file).is_file():
+                raise ExportError(f"{folder}: {file} ({name} graph) is missing; the export is incomplete: re-run "
+                                  "flamingo-edge export")
+            if verify_hashes and sha256_of(folder / file) != expected:
+                raise ExportError(f"{folder / file}: sha256 differs from {EXPORT_RECORD}; the graph was modified or "
+                                  "is from another export: re-run flamingo-edge export")
+    for file in record.tokenizer_files:
+        if not (folder / file).is_file():
+            raise ExportError(f"{folder}: {file} is missing; the export is incomplete: re-run flamingo-edge export")
+    return record

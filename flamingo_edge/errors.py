@@ -27,6 +27,10 @@ class PromptTooLongError(PromptError):
     """A prompt is longer than the model or engine allows."""
 
 
+class ExportError(FlamingoEdgeError):
+    """An export folder is incomplete, or its graphs do not match its export.json."""
+
+
 class GraphContractError(FlamingoEdgeError):
     """A graph's inputs or outputs differ from the graph contract."""
 

@@ -138,3 +138,30 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
             ),
         ),
     }
+
+
+def resolve_dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    """Concrete shape of a tensor for the dynamic sizes in `sizes` (keys N, F, B, S, P, M, L)."""
+    derived = {**sizes, "P+S": sizes.get("P", 0) + sizes.get("S", 0), "M*L": sizes.get("M", 0) * sizes.get("L", 0)}
+    return tuple(dim if isinstance(dim, int) else derived[dim] for dim in spec.dims)
+
+
+def example_feed(spec: GraphSpec, sizes: dict[str, int], *, rng: np.random.Generator, vocab_size: int) -> dict:
+    """Random valid inputs for a graph: normal floats, token ids < vocab_size, 0/1 masks with real tokens last.
+
+    Used to trace the export and to check graphs against PyTorch on fresh inputs.
+    """
+    feed = {}
+    for tensor in spec.inputs:
+        shape = resolve_dims(tensor, sizes)
+        if tensor.name == "input_ids":
+            feed[tensor.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif tensor.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            mask[1:, : shape[1] // 3] = 0  # left padding on every row but the first
+            feed[tensor.name] = mask
+        elif tensor.name == "image_attention_mask":
+            feed[tensor.name] = rng.integers(0, 2, size=shape, dtype=np.int64)
+        else:
+            feed[tensor.name] = rng.standard_normal(shape).astype(tensor.np_dtype)
+    return feed

@@ -28,6 +28,11 @@ ACTIVATIONS = {
 }
 
 
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in dtype, without a no-op Cast: the TorchScript exporter mis-wires graphs around no-op casts."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (LLaMA, IDEFICS)."""
 
@@ -38,8 +43,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Computed in fp32 whatever the weight dtype: x**2 overflows fp16 for |x| > 256.
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        x32 = cast(x, torch.float32)
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return self.weight * cast(x32 * torch.rsqrt(variance + self.eps), x.dtype)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -62,7 +68,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Te
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
     if allowed is not None:
         scores = torch.where(allowed, scores, torch.full_like(scores, MASKED_SCORE))
-    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    weights = cast(torch.softmax(cast(scores, torch.float32), dim=-1), v.dtype)
     return torch.matmul(weights, v)  # [B, H, S, Dh]
 
 
@@ -82,7 +88,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, Dh]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cast(cos, x.dtype) + rotated * cast(sin, x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,173 @@
+"""PyTorch -> ONNX: one generic function for every graph, plus the whole-model export with its record.
+
+    checkpoint --load_checkpoint--> FlamingoModel --WRAPPERS[name]--> nn.Module per graph
+        --torch.onnx.export--> <tmp>/<name>.onnx --check_graph--> --verify_graph (ORT vs PyTorch)--> OUT/<name>.onnx
+    OUT/export.json is written last: a folder without it (or whose hashes differ) is not an export.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from flamingo_edge import __version__
+from flamingo_edge.artifacts import EXPORT_RECORD, ExportRecord, GraphFile, atomic_write, sha256_of
+from flamingo_edge.errors import CheckpointError, ParityError
+from flamingo_edge.export.checks import check_graph
+from flamingo_edge.export.wrappers import WRAPPERS
+from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
+from flamingo_edge.models.checkpoint import load_checkpoint
+from flamingo_edge.models.flamingo import FlamingoModel
+from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # the newest opset TensorRT 8.5 (JetPack 5) parses
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom for the graph itself
+# Sizes of the dynamic axes used to trace (all > 1, so no axis is specialised) and to check on fresh inputs
+# (P = 0 prefill and S = 1 decode included).
+TRACE_SIZES = {"N": 2, "F": 1, "B": 2, "S": 3, "P": 4, "M": 2}
+CHECK_SIZES = ({"N": 1, "F": 1, "B": 1, "S": 7, "P": 0, "M": 1}, {"N": 3, "F": 2, "B": 2, "S": 1, "P": 5, "M": 3})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                   "preprocessor_config.json")
+
+
+def _sizes(model: FlamingoModel, sizes: dict[str, int]) -> dict[str, int]:
+    return {**sizes, "L": model.config.visual_tokens_per_image}
+
+
+def _torch_inputs(spec: GraphSpec, feed: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
+
+
+def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray], out_dir: Path, *,
+                 opset: int = DEFAULT_OPSET, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphFile:
+    """Export one graph to OUT/<name>.onnx, checked against the contract, written atomically.
+
+    Args:
+        spec: the graph's contract entry; the module's forward takes its inputs in order.
+        module: the wrapper module to trace.
+        feed: example inputs (numpy, by name) to trace with.
+        out_dir: destination folder.
+        opset: ONNX opset.
+        external_data_threshold: graphs whose weights exceed this many bytes keep them in <name>.onnx.data.
+
+    Returns:
+        The GraphFile entry for export.json.
+
+    Raises:
+        GraphContractError: the traced graph breaks the contract.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".export-{spec.name}-") as tmp:
+        traced, final = Path(tmp) / "traced.onnx", Path(tmp) / f"{spec.name}.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                module.eval(), _torch_inputs(spec, feed), str(traced), input_names=spec.input_names,
+                output_names=spec.output_names, opset_version=opset, dynamo=False,
+                dynamic_axes={t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)},
+            )
+        graph = onnx.load(str(traced))
+        external = sum(t.ByteSize() for t in graph.graph.initializer) > external_data_threshold
+        data_name = f"{spec.name}.onnx.data" if external else None
+        onnx.save_model(graph, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=0)
+        check_graph(final, spec)
+        entry = GraphFile(file=final.name, sha256=sha256_of(final), data_file=data_name,
+                          data_sha256=sha256_of(Path(tmp) / data_name) if external else None)
+        if external:  # data first: the .onnx that points at it appears last
+            (Path(tmp) / data_name).replace(out_dir / data_name)
+        final.replace(out_dir / final.name)
+    return entry
+
+
+def verify_graph(path: Path, spec: GraphSpec, module: nn.Module, feeds: list[dict[str, np.ndarray]]) -> float:
+    """ONNX Runtime (CPU) against PyTorch on the given inputs; returns the worst relative error.
+
+    Raises:
+        ParityError: listing every output over LOGITS_REL_TOL, with its error and input sizes.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    failures, worst = [], 0.0
+    for feed in feeds:
+        actual = dict(zip(spec.output_names, session.run(spec.output_names, feed)))
+        with torch.no_grad():
+            expected = module(*_torch_inputs(spec, feed))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for name, reference in zip(spec.output_names, expected):
+            error = relative_error(actual[name], reference.numpy())
+            worst = max(worst, error)
+            if not error <= LOGITS_REL_TOL:
+                shapes = {k: v.shape for k, v in feed.items()}
+                failures.append(f"{name}: max abs error {error:.2e} x max|value| (inputs {shapes})")
+    if failures:
+        raise ParityError(f"{spec.name}: ONNX Runtime differs from PyTorch beyond {LOGITS_REL_TOL}: "
+                          + "; ".join(failures))
+    return worst
+
+
+def _copy_tokenizer_files(checkpoint: Path, out_dir: Path) -> list[str]:
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json; the runtime needs the fast-tokenizer file: save it "
+                              "with AutoTokenizer.from_pretrained(checkpoint).save_pretrained(checkpoint)")
+    copied = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
+    for name in copied:
+        atomic_write(out_dir / name, (checkpoint / name).read_bytes())
+    return copied
+
+
+def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, seed: int | None = None,
+               on_graph: Callable[[str], None] | None = None,
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportRecord:
+    """Export the four graphs of a checkpoint, check each against PyTorch, and write OUT/export.json.
+
+    Args:
+        checkpoint: an IDEFICS save_pretrained folder.
+        out_dir: the export folder (created; an existing export there is replaced).
+        opset: ONNX opset (default 17, the newest TensorRT 8.5 parses).
+        seed: seed of the random check inputs (default: fresh).
+        on_graph: called with each graph's name before it is exported (progress display).
+        external_data_threshold: see `export_graph`.
+
+    Returns:
+        The record written to OUT/export.json.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+        GraphContractError, ParityError: a graph fails its checks (nothing is recorded for it).
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    model = load_checkpoint(checkpoint)
+    specs = build_graphs(model.config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EXPORT_RECORD).unlink(missing_ok=True)  # until the new record is written, this is no export
+    rng = np.random.default_rng(seed)
+    vocab = model.config.decoder.total_vocab_size
+    graphs = {}
+    for name in GRAPH_NAMES:
+        if on_graph:
+            on_graph(name)
+        module = WRAPPERS[name](model).eval()
+        trace = example_feed(specs[name], _sizes(model, TRACE_SIZES), rng=rng, vocab_size=vocab)
+        graphs[name] = export_graph(specs[name], module, trace, out_dir, opset=opset,
+                                    external_data_threshold=external_data_threshold)
+        checks = [example_feed(specs[name], _sizes(model, sizes), rng=rng, vocab_size=vocab) for sizes in CHECK_SIZES]
+        error = verify_graph(out_dir / graphs[name].file, specs[name], module, checks)
+        logger.info("%s: exported, ONNX Runtime vs PyTorch relative error %.2e", name, error)
+    record = ExportRecord(
+        contract_version=CONTRACT_VERSION, opset=opset, flamingo_edge_version=__version__,
+        checkpoint=str(checkpoint.resolve()), config=model.config.to_dict(), graphs=graphs,
+        tokenizer_files=_copy_tokenizer_files(checkpoint, out_dir),
+    )
+    atomic_write(out_dir / EXPORT_RECORD, record.to_json().encode())
+    return record
