@@ -27,6 +27,7 @@ from flamingo_edge.models.config import FlamingoConfig
 CONTRACT_VERSION = 1
 
 GRAPH_NAMES = ("vision", "resampler", "xattn_kv", "decoder")
+DEFAULT_OPSET = 17  # the newest ONNX opset TensorRT 8.5 (JetPack 5) parses
 
 
 @dataclass(frozen=True)

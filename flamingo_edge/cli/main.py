@@ -7,10 +7,10 @@ import logging
 import sys
 
 from flamingo_edge import __version__
-from flamingo_edge.cli import info
+from flamingo_edge.cli import export, info
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info}
+SUBCOMMANDS = {"info": info, "export": export}
 
 EXIT_USER_ERROR = 2
 

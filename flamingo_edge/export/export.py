@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -23,14 +24,13 @@ from flamingo_edge.artifacts import EXPORT_RECORD, ExportRecord, GraphFile, atom
 from flamingo_edge.errors import CheckpointError, ParityError
 from flamingo_edge.export.checks import check_graph
 from flamingo_edge.export.wrappers import WRAPPERS
-from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
+from flamingo_edge.graphs import CONTRACT_VERSION, DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
 from flamingo_edge.models.checkpoint import load_checkpoint
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17  # the newest opset TensorRT 8.5 (JetPack 5) parses
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom for the graph itself
 # Sizes of the dynamic axes used to trace (all > 1, so no axis is specialised) and to check on fresh inputs
 # (P = 0 prefill and S = 1 decode included).
@@ -46,6 +46,23 @@ def _sizes(model: FlamingoModel, sizes: dict[str, int]) -> dict[str, int]:
 
 def _torch_inputs(spec: GraphSpec, feed: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feed[name]) for name in spec.input_names)
+
+
+def fold_initializer_tanh(graph: onnx.ModelProto) -> int:
+    """Replace Tanh(initializer) by its value: the gates tanh(alpha) are constants of the graph (DESIGN.md).
+
+    The TorchScript exporter's constant folding leaves these Tanh nodes in place. Returns how many were folded.
+    """
+    initializers = {init.name: init for init in graph.graph.initializer}
+    folded = [node for node in graph.graph.node if node.op_type == "Tanh" and node.input[0] in initializers]
+    for node in folded:
+        value = np.tanh(onnx.numpy_helper.to_array(initializers[node.input[0]]))
+        graph.graph.initializer.append(onnx.numpy_helper.from_array(value, name=node.output[0]))
+        graph.graph.node.remove(node)
+    used = {name for node in graph.graph.node for name in node.input}
+    for name in {node.input[0] for node in folded} - used:
+        graph.graph.initializer.remove(initializers[name])
+    return len(folded)
 
 
 def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray], out_dir: Path, *,
@@ -76,6 +93,7 @@ def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray]
                 dynamic_axes={t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)},
             )
         graph = onnx.load(str(traced))
+        fold_initializer_tanh(graph)
         external = sum(t.ByteSize() for t in graph.graph.initializer) > external_data_threshold
         data_name = f"{spec.name}.onnx.data" if external else None
         onnx.save_model(graph, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
