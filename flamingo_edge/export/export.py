@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray]
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".export-{spec.name}-") as tmp:
         traced, final = Path(tmp) / "traced.onnx", Path(tmp) / f"{spec.name}.onnx"
-        with torch.no_grad():
+        # The TorchScript exporter (dynamo=False) is deprecated but is the one that gives plain, TensorRT-friendly
+        # graphs with named dynamic axes; silence its deprecation notice.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 module.eval(), _torch_inputs(spec, feed), str(traced), input_names=spec.input_names,
                 output_names=spec.output_names, opset_version=opset, dynamo=False,
