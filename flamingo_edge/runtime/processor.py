@@ -25,13 +25,24 @@ from flamingo_edge.errors import CheckpointError, PromptError
 from flamingo_edge.runtime.image import ImagePreprocessor, load_image
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
-__all__ = ["Processor", "Tokenizer", "ImagePreprocessor", "load_image"]
+__all__ = ["Processor", "PromptBatch", "Tokenizer", "ImagePreprocessor", "load_image"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
 END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A tokenized batch: int64 input_ids / attention_mask [B, S], image_attention_mask [B, S, M], and each row's
+    images (uint8 arrays, in prompt order; a row may have fewer than M)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    image_attention_mask: np.ndarray
+    images: list[list[np.ndarray]]
 
 
 @dataclass
@@ -92,17 +103,34 @@ class Processor:
             PromptError: a malformed batch or item, or prompts that need padding without a pad token.
             ImageError: an image the preprocessor cannot take.
         """
+        batch = self.tokenize(prompts, add_eos_token, add_end_of_utterance_token)
+        max_images = batch.image_attention_mask.shape[2]
+        pixel_values = np.zeros((len(batch.images), max_images, *self.image_preprocessor.image_shape), np.float32)
+        for row, images in enumerate(batch.images):
+            for slot, image in enumerate(images):
+                pixel_values[row, slot] = self.image_preprocessor(image)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": pixel_values,
+                "image_attention_mask": batch.image_attention_mask}
+
+    def tokenize(self, prompts: list, add_eos_token: bool = False,
+                 add_end_of_utterance_token: bool | None = None) -> PromptBatch:
+        """Everything `__call__` computes except the pixel values: ids, masks, and each row's images in order.
+
+        The runtime uses this to preprocess only the images its cross-attention cache has not seen. Arguments and
+        errors as for `__call__`.
+        """
         samples = [self._build_sample(i, p, add_eos_token, bool(add_end_of_utterance_token))
                    for i, p in enumerate(_as_batch(prompts))]
         input_ids, attention_mask = self.tokenizer.pad([self.tokenizer.encode(s.text) for s in samples])
         max_images = max(1, max(len(s.images) for s in samples))
-        pixel_values = self._pixel_values(samples, input_ids, max_images)
         if any(s.images for s in samples):
             image_attention_mask = self._image_attention_mask(input_ids, max_images)
         else:  # text only: one dummy image that nothing attends to
             image_attention_mask = np.zeros((*input_ids.shape, 1), dtype=np.int64)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                "image_attention_mask": image_attention_mask}
+        # Like transformers, a row keeps only as many images as it has <image> tokens (a typed "<image>" counts).
+        counts = [min(int(np.sum(row == self.image_token_id)), max_images) for row in input_ids]
+        images = [sample.images[:count] for sample, count in zip(samples, counts)]
+        return PromptBatch(input_ids, attention_mask, image_attention_mask, images)
 
     def _build_sample(self, index: int, prompt: Any, add_eos_token: bool, add_end_of_utterance: bool) -> _Sample:
         """The prompt's text, item by item as in transformers (text items stripped of surrounding spaces)."""
@@ -128,15 +156,6 @@ class Processor:
         if add_eos_token:
             text += self.tokenizer.eos_token or ""
         return _Sample(text, images)
-
-    def _pixel_values(self, samples: list[_Sample], input_ids: np.ndarray, max_images: int) -> np.ndarray:
-        """float32 [B, M, 3, H, W]: each prompt's first min(#<image> tokens, M) images, zeros after."""
-        pixel_values = np.zeros((len(samples), max_images, *self.image_preprocessor.image_shape), dtype=np.float32)
-        for row, sample in enumerate(samples):
-            count = min(int(np.sum(input_ids[row] == self.image_token_id)), max_images)
-            for slot, image in enumerate(sample.images[:count]):
-                pixel_values[row, slot] = self.image_preprocessor(image)
-        return pixel_values
 
     def _image_attention_mask(self, input_ids: np.ndarray, max_images: int) -> np.ndarray:
         """int64 [B, S, M]: one-hot of the latest image per token.
