@@ -30,3 +30,33 @@ def idefics_checkpoint(request, tmp_path_factory):
     from flamingo_edge.models.random_idefics import save_random_idefics
 
     return save_random_idefics(tmp_path_factory.mktemp(f"idefics-{request.param}"), preset=request.param, seed=SEED)
+
+
+WORDS = "a red circle blue square what colour is the shape how many two three dog cat photo of on grass".split()
+# Each case is a batch of prompts; "I" marks an image, "T" a text.
+PROMPT_CASES = {
+    "text_before_first_image": [["T", "I", "T"]],
+    "two_images": [["T", "I", "T", "I", "T"]],
+    "three_images_two_adjacent": [["T", "I", "I", "T", "I", "T"]],
+    "batch_of_two_with_padding": [["T", "I", "T", "I", "T", "T"], ["T", "I", "T"]],
+}
+
+
+def make_prompts(case: str, rng) -> list[list]:
+    """A batch of prompts for `case`: random words and random uint8 RGB images (numpy) of random sizes."""
+    import numpy as np
+
+    def item(kind):
+        if kind == "T":
+            return " ".join(rng.choice(WORDS, size=int(rng.integers(1, 6))))
+        height, width = rng.integers(8, 80, size=2)
+        return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+    return [[item(kind) for kind in prompt] for prompt in PROMPT_CASES[case]]
+
+
+def as_pil(prompts: list[list]) -> list[list]:
+    """The same prompts with PIL images, for transformers' processor."""
+    from PIL import Image
+
+    return [[item if isinstance(item, str) else Image.fromarray(item) for item in prompt] for prompt in prompts]

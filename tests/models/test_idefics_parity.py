@@ -12,34 +12,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
-from PIL import Image  # noqa: E402
-
+from conftest import PROMPT_CASES, as_pil, make_prompts  # noqa: E402
 from flamingo_edge.models import load_checkpoint  # noqa: E402
 from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error  # noqa: E402
 
-WORDS = "a red circle blue square what colour is the shape how many two three dog cat photo of on grass".split()
-
-
-def _text(rng) -> str:
-    return " ".join(rng.choice(WORDS, size=int(rng.integers(1, 6))))
-
-
-def _image(rng) -> Image.Image:
-    height, width = rng.integers(8, 80, size=2)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
-# Each case is a batch of prompts; "I" marks an image, "T" a text.
-CASES = {
-    "text_before_first_image": [["T", "I", "T"]],
-    "two_images": [["T", "I", "T", "I", "T"]],
-    "three_images_two_adjacent": [["T", "I", "I", "T", "I", "T"]],
-    "batch_of_two_with_padding": [["T", "I", "T", "I", "T", "T"], ["T", "I", "T"]],
-}
-
-
-def make_prompts(case: str, rng) -> list[list]:
-    return [[_image(rng) if kind == "I" else _text(rng) for kind in prompt] for prompt in CASES[case]]
+CASES = PROMPT_CASES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +34,7 @@ def _inputs(processor, prompts):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(models, case, seed):
     upstream, ours, processor = models
-    inputs = _inputs(processor, make_prompts(case, np.random.default_rng([seed, len(case)])))
+    inputs = _inputs(processor, as_pil(make_prompts(case, np.random.default_rng([seed, len(case)]))))
     with torch.no_grad():
         expected = upstream(**inputs).logits
         actual = ours(**inputs)
@@ -70,7 +47,7 @@ def test_logits_match_transformers(models, case, seed):
 def test_images_reach_the_logits(models, seed):
     """The comparison above is not vacuous: pixels move the logits after the first image, and only there."""
     _, ours, processor = models
-    inputs = _inputs(processor, make_prompts("text_before_first_image", np.random.default_rng(seed)))
+    inputs = _inputs(processor, as_pil(make_prompts("text_before_first_image", np.random.default_rng(seed))))
     first_image = int((inputs["image_attention_mask"][0].sum(-1) > 0).nonzero()[0])
     with torch.no_grad():
         logits = ours(**inputs)
@@ -100,7 +77,7 @@ def greedy_generate(model, inputs, *, max_new_tokens: int, eos_token_id: int, pa
 
 def test_greedy_generation_matches_transformers(models, seed):
     upstream, ours, processor = models
-    inputs = _inputs(processor, make_prompts("batch_of_two_with_padding", np.random.default_rng(seed + 1)))
+    inputs = _inputs(processor, as_pil(make_prompts("batch_of_two_with_padding", np.random.default_rng(seed + 1))))
     config = upstream.config
     with torch.no_grad():
         expected = upstream.generate(**inputs, max_new_tokens=20, do_sample=False)
