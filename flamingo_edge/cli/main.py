@@ -7,10 +7,10 @@ import logging
 import sys
 
 from flamingo_edge import __version__
-from flamingo_edge.cli import export, info
+from flamingo_edge.cli import export, generate, info
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info, "export": export}
+SUBCOMMANDS = {"info": info, "export": export, "generate": generate}
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,110 @@
+"""Token generation with the decoder graph: prefill, decode steps, streaming steps.
+
+Greedy decoding here reproduces transformers' `generate` for IDEFICS: tokens generated after the prompt attend to
+the image mask of the prompt's last position, and a row that has finished keeps being fed the pad token (its output
+is ignored) until every row has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from flamingo_edge.graphs import GraphSpec
+from flamingo_edge.runtime.kv_cache import SelfAttentionCache
+from flamingo_edge.runtime.sampling import Sampler
+from flamingo_edge.runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One generated token per row."""
+
+    index: int  # 0 for the first generated token
+    tokens: np.ndarray  # int64 [B]; the pad id for rows that had already finished
+    text: list[str]  # per row, the text this token adds ("" while a multi-byte character is incomplete)
+    finished: list[bool]  # per row: it produced a stop token or stop string, or reached max_new_tokens
+    seconds: float  # model time behind this token (the prefill, image encoding included, for index 0)
+
+
+@dataclass(frozen=True)
+class StopCondition:
+    """When a row is done."""
+
+    max_new_tokens: int
+    token_ids: frozenset[int]  # e.g. EOS
+    strings: tuple[str, ...] = ()
+
+
+def decoder_feed(spec: GraphSpec, input_ids: np.ndarray, attention_mask: np.ndarray, cache: SelfAttentionCache,
+                 cross: Mapping[str, np.ndarray], image_attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoder's inputs by name: new tokens [B, S], mask [B, P+S], past K/V, cross K/V, image mask [B, S, M]."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "image_attention_mask": image_attention_mask}
+    feed.update(cache.feed())
+    feed.update(cross)
+    return {name: feed[name] for name in spec.input_names}
+
+
+def run_decoder(session, input_ids, attention_mask, cache, cross, image_attention_mask) -> np.ndarray:
+    """Run S new tokens, append their K/V to the cache, return logits [B, S, V]."""
+    outputs = session.run(decoder_feed(session.spec, input_ids, attention_mask, cache, cross, image_attention_mask))
+    cache.update(outputs, input_ids.shape[1])
+    return outputs["logits"]
+
+
+class TextStream:
+    """Incremental detokenization of one row: the text each new token adds."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
+             image_attention_mask: np.ndarray, cross: Mapping[str, np.ndarray], cache: SelfAttentionCache,
+             sampler: Sampler, stop: StopCondition, *, pad_token_id: int, start: float | None = None,
+             ) -> Iterator[GenerationStep]:
+    """Prefill the prompt, then decode one token at a time, yielding a step per token.
+
+    Args:
+        decoder: the decoder Session.
+        tokenizer: for the streamed text.
+        input_ids, attention_mask: int64 [B, S] prompt (padded); image_attention_mask: int64 [B, S, M].
+        cross: cross_key.i / cross_value.i [B, Hx, M*L, Dh] for the rows' images.
+        cache: an empty self-attention cache with room for S + stop.max_new_tokens tokens.
+        sampler: picks the next token from logits [B, V] and the history [B, T].
+        stop: when rows are done.
+        pad_token_id: fed to rows that have finished.
+        start: perf_counter() when the work for the first token began (default: now).
+    """
+    start = time.perf_counter() if start is None else start
+    batch = input_ids.shape[0]
+    logits = run_decoder(decoder, input_ids, attention_mask, cache, cross, image_attention_mask)
+    new_image_mask = image_attention_mask[:, -1:, :]  # generated tokens attend as the prompt's last token does
+    streams = [TextStream(tokenizer) for _ in range(batch)]
+    finished = np.zeros(batch, dtype=bool)
+    history = input_ids
+    for index in range(stop.max_new_tokens):
+        tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history)).astype(np.int64)
+        texts = ["" if finished[row] else streams[row].push(int(tokens[row])) for row in range(batch)]
+        done = np.isin(tokens, list(stop.token_ids)) | np.array(
+            [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
+        )
+        finished |= done | (index + 1 == stop.max_new_tokens)
+        yield GenerationStep(index, tokens, texts, finished.tolist(), time.perf_counter() - start)
+        if finished.all():
+            return
+        start = time.perf_counter()
+        history = np.concatenate([history, tokens[:, None]], axis=1)
+        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
+        logits = run_decoder(decoder, tokens[:, None], attention_mask, cache, cross, new_image_mask)

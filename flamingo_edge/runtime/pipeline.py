@@ -1,0 +1,197 @@
+"""The Pipeline: the only code that knows the graph order and the per-image cache policy.
+
+    image --preprocess--> vision --> resampler --> xattn_kv --> cross K/V per image (cached by content)
+    prompt --tokenize--> decoder prefill --> decoder step* (self-attention KV cache) --> streamed text
+
+No torch, no transformers: an export folder, a backend (ONNX Runtime today), numpy, OpenCV and tokenizers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.artifacts import read_export_record
+from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError
+from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, build_graphs, cross_key, cross_value
+from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.runtime.backend import open_session
+from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
+from flamingo_edge.runtime.kv_cache import CrossAttentionCache, SelfAttentionCache
+from flamingo_edge.runtime.processor import Processor
+from flamingo_edge.runtime.sampling import make_sampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation for one prompt."""
+
+    text: str
+    token_ids: list[int]  # generated ids only, up to and including a stop token
+
+
+class Pipeline:
+    """Chains the four graphs of an export with a self-attention KV cache and a per-image cross-attention cache.
+
+    Use `Pipeline.open(export_dir)`. `stats` counts graph runs and image-cache hits (a repeated image costs no
+    vision, resampler or xattn_kv run).
+    """
+
+    def __init__(self, *, config: FlamingoConfig, sessions: dict, processor: Processor, max_context: int,
+                 max_images: int, image_cache_size: int):
+        self.config, self.sessions, self.processor = config, sessions, processor
+        self.max_context, self.max_images = max_context, max_images
+        self.image_cache = CrossAttentionCache(capacity=image_cache_size)
+        self.stats: Counter = Counter()
+        blocks = range(len(config.decoder.cross_layers))
+        self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
+
+    @classmethod
+    def open(cls, export_dir: str | Path, *, backend: str = "onnxruntime", device: str = "auto",
+             max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64) -> Pipeline:
+        """Open an export folder written by `flamingo-edge export`.
+
+        Args:
+            export_dir: the folder with export.json.
+            backend: "onnxruntime" (TensorRT comes with the engines).
+            device: "auto", "cpu" or "cuda".
+            max_context: most tokens (prompt + generated) per sequence; default the model's max positions.
+            max_images: most images per prompt.
+            image_cache_size: images whose cross-attention K/V are kept (least recently used are dropped).
+
+        Raises:
+            ExportError: the folder is incomplete, modified, or from another contract version.
+            GraphContractError: a graph does not match the contract.
+        """
+        export_dir = Path(export_dir)
+        record = read_export_record(export_dir)
+        if record.contract_version != CONTRACT_VERSION:
+            raise ExportError(f"{export_dir}: exported with graph contract v{record.contract_version}, this "
+                              f"flamingo-edge reads v{CONTRACT_VERSION}: re-run flamingo-edge export")
+        config = FlamingoConfig.from_dict(record.config)
+        specs = build_graphs(config)
+        sessions = {name: open_session(export_dir / record.graphs[name].file, specs[name], backend, device=device)
+                    for name in GRAPH_NAMES}
+        limit = config.decoder.max_positions if max_context is None else min(max_context, config.decoder.max_positions)
+        return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
+                   max_context=limit, max_images=max_images, image_cache_size=image_cache_size)
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def image_kv(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Cross K/V of one image, [1, Hx, L, Dh] per name: from the cache, or vision -> resampler -> xattn_kv."""
+        key = CrossAttentionCache.key_of(image)
+        cached = self.image_cache.get(key)
+        if cached is not None:
+            self.stats["image_cache_hits"] += 1
+            return cached
+        pixels = self.processor.image_preprocessor(image)[None]  # [1, 3, H, W]
+        features = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]  # [1, T, Dv]
+        visual = self.sessions["resampler"].run({"image_features": features[:, None]})["visual_tokens"]  # [1, L, Dv]
+        kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})
+        self.stats.update(("vision_runs", "resampler_runs", "xattn_kv_runs"))
+        self.image_cache.put(key, kv)
+        return kv
+
+    def rows_kv(self, images: list[list[np.ndarray]], slots: int) -> dict[str, np.ndarray]:
+        """Cross K/V per row, [B, Hx, slots*L, Dh]: each row's images in order, zeros in unused slots (masked)."""
+        heads, head_dim = self.config.decoder.cross_heads, self.config.decoder.cross_head_dim
+        tokens = self.config.visual_tokens_per_image
+        rows = {name: np.zeros((len(images), slots, heads, tokens, head_dim), np.float32) for name in self._cross_names}
+        for row, row_images in enumerate(images):
+            for slot, image in enumerate(row_images):
+                for name, value in self.image_kv(image).items():
+                    rows[name][row, slot] = value[0]
+        # [B, M, Hx, L, Dh] -> [B, Hx, M*L, Dh], image-major as the decoder's image_attention_mask expects
+        return {name: np.ascontiguousarray(value.transpose(0, 2, 1, 3, 4)).reshape(len(images), heads, -1, head_dim)
+                for name, value in rows.items()}
+
+    def _check_limits(self, input_ids: np.ndarray, images: list[list[np.ndarray]], max_new_tokens: int) -> None:
+        needed = input_ids.shape[1] + max_new_tokens
+        if needed > self.max_context:
+            raise PromptTooLongError(
+                f"the prompt has {input_ids.shape[1]} tokens and {max_new_tokens} new tokens were asked for: "
+                f"{needed} > {self.max_context}, the context this pipeline allows; shorten the prompt or lower "
+                "max_new_tokens")
+        for row, row_images in enumerate(images):
+            if len(row_images) > self.max_images:
+                raise PromptError(f"prompt {row} has {len(row_images)} images; at most {self.max_images} are allowed "
+                                  "(Pipeline.open(max_images=...))")
+
+    def logits(self, prompts: list) -> np.ndarray:
+        """Logits of every prompt position, float32 [B, S, V] (one prefill; for comparisons with a reference)."""
+        batch = self.processor.tokenize(prompts)
+        self._check_limits(batch.input_ids, batch.images, 0)
+        text = self.config.decoder
+        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
+                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1])
+        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
+        self.stats["prefill_runs"] += 1
+        return run_decoder(self.sessions["decoder"], batch.input_ids, batch.attention_mask, cache, cross,
+                           batch.image_attention_mask)
+
+    def generate(self, prompts: list, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_token_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
+                 ) -> Iterator[GenerationStep]:
+        """Generate for a batch of prompts, yielding one `GenerationStep` per token (all rows at once).
+
+        Args:
+            prompts: a batch of prompts, as for `Processor` (items: str text or uint8 RGB images); or one prompt.
+            max_new_tokens: most tokens to generate per row.
+            temperature, top_k, top_p, repetition_penalty, seed: sampling (temperature 0 = greedy).
+            stop_token_ids: tokens that end a row (default: the tokenizer's EOS).
+            stop_strings: strings that end a row once generated.
+
+        Raises:
+            PromptTooLongError: prompt + max_new_tokens over the context, before any graph runs.
+            PromptError, ImageError: a malformed prompt or image.
+        """
+        start = time.perf_counter()
+        sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p,
+                               repetition_penalty=repetition_penalty, seed=seed)
+        batch = self.processor.tokenize(prompts)
+        self._check_limits(batch.input_ids, batch.images, max_new_tokens)
+        tokenizer = self.processor.tokenizer
+        stop_ids = [tokenizer.eos_token_id] if stop_token_ids is None else stop_token_ids
+        stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
+        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
+        text = self.config.decoder
+        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
+                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1] + max_new_tokens)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stats["prefill_runs"] += 1
+        for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
+                             batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start):
+            self.stats["decode_tokens"] += 1
+            yield step
+
+    def complete(self, prompts: list, **settings) -> list[Completion]:
+        """`generate` run to the end: the text and generated ids of every row."""
+        texts, ids, done = None, None, None
+        for step in self.generate(prompts, **settings):
+            texts = texts or [""] * len(step.tokens)
+            ids = ids or [[] for _ in step.tokens]
+            done = done if done is not None else [False] * len(step.tokens)
+            for row, token in enumerate(step.tokens):
+                if not done[row]:
+                    texts[row] += step.text[row]
+                    ids[row].append(int(token))
+            done = step.finished
+        return [Completion(text, token_ids) for text, token_ids in zip(texts, ids)]

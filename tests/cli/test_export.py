@@ -1,0 +1,18 @@
+"""`flamingo-edge export`: writes the four graphs and a record that the runtime accepts; errors exit 2."""
+
+from __future__ import annotations
+
+from flamingo_edge.artifacts import read_export_record
+from flamingo_edge.cli.main import main
+
+
+def test_export_command(idefics_checkpoint, tmp_path, capsys):
+    assert main(["export", str(idefics_checkpoint), "-o", str(tmp_path / "out"), "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder" in out and "export.json (contract v1, opset 17)" in out
+    assert set(read_export_record(tmp_path / "out").graphs) == {"vision", "resampler", "xattn_kv", "decoder"}
+
+
+def test_export_of_a_missing_checkpoint_exits_2(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err

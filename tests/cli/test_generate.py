@@ -1,0 +1,71 @@
+"""`flamingo-edge generate`: markers place the images, --json reports the generated ids, errors exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from flamingo_edge.cli.generate import prompt_items
+from flamingo_edge.cli.main import main
+from flamingo_edge.errors import PromptError
+from flamingo_edge.runtime.pipeline import Pipeline
+from flamingo_edge.runtime.processor import load_image
+
+
+@pytest.fixture(scope="module")
+def exported(idefics_checkpoint, tmp_path_factory):
+    from flamingo_edge.export.export import export_all
+
+    out = tmp_path_factory.mktemp("export")
+    export_all(idefics_checkpoint, out)
+    return out
+
+
+def test_markers_split_the_prompt_like_the_processor_items():
+    image = np.zeros((2, 2, 3), np.uint8)
+    assert prompt_items("A<image>B", [image]) == ["A", image, "B"]
+    assert prompt_items("<image><image> what", [image, image]) == [image, image, " what"]
+    with pytest.raises(PromptError, match=r"the prompt has 1 '<image>' markers but 2 --image were given"):
+        prompt_items("A<image>B", [image, image])
+
+
+def test_generate_json_equals_the_pipeline(exported, tmp_path, capsys, seed):
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    argv = ["generate", str(exported), "--prompt", "User: a<image>what colour is the square?", "--image", str(path),
+            "--max-new-tokens", "8", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    with Pipeline.open(exported) as pipeline:
+        expected = pipeline.complete([["User: a", load_image(path), "what colour is the square?"]], max_new_tokens=8)
+    assert report["token_ids"] == expected[0].token_ids and report["text"] == expected[0].text
+    assert report["time_to_first_token_s"] > 0
+
+
+def test_generate_streams_text_through_the_console_script(exported):
+    result = subprocess.run([sys.executable, "-m", "flamingo_edge.cli.main", "generate", str(exported),
+                             "--prompt", "the dog", "--max-new-tokens", "4"], capture_output=True, text=True, check=True)
+    assert result.stdout.endswith("\n")
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing_image", r"cannot read image file .*nope\.png"),
+    ("not_an_image", r"broken\.png is not an image"),
+    ("marker_count", r"1 '<image>' markers but 0 --image"),
+])
+def test_generate_errors_exit_2(exported, tmp_path, capsys, problem, match):
+    argv = ["generate", str(exported), "--prompt", "a <image> b"]
+    if problem == "missing_image":
+        argv += ["--image", str(tmp_path / "nope.png")]
+    elif problem == "not_an_image":
+        (tmp_path / "broken.png").write_bytes(b"not a png at all")
+        argv += ["--image", str(tmp_path / "broken.png")]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)

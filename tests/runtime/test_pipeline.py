@@ -1,0 +1,153 @@
+"""The ONNX Runtime pipeline against transformers' IDEFICS, its caches, its limits and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import PROMPT_CASES, as_pil, make_prompts
+from flamingo_edge.artifacts import read_export_record, sha256_of
+from flamingo_edge.errors import ExportError, GraphContractError, PromptError, PromptTooLongError
+from flamingo_edge.runtime.generation import run_decoder
+from flamingo_edge.runtime.kv_cache import SelfAttentionCache
+from flamingo_edge.runtime.pipeline import Pipeline
+from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+
+
+@pytest.fixture(scope="module")
+def exported(idefics_checkpoint, tmp_path_factory, seed):
+    from flamingo_edge.export.export import export_all
+
+    out = tmp_path_factory.mktemp("export")
+    export_all(idefics_checkpoint, out, seed=seed)
+    return idefics_checkpoint, out
+
+
+@pytest.fixture(scope="module")
+def upstream(exported):
+    transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
+    checkpoint, _ = exported
+    model = transformers.IdeficsForVisionText2Text.from_pretrained(checkpoint).eval()
+    return model, transformers.AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture
+def pipeline(exported):
+    with Pipeline.open(exported[1]) as pipeline:
+        yield pipeline
+
+
+def _upstream_inputs(processor, prompts):
+    batch = processor(text=as_pil(prompts), return_tensors="pt")
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPT_CASES))
+def test_greedy_tokens_and_prefill_logits_match_transformers(pipeline, upstream, case, seed):
+    import torch
+
+    model, processor = upstream
+    prompts = make_prompts(case, np.random.default_rng([seed, len(case), 7]))
+    inputs = _upstream_inputs(processor, prompts)
+    with torch.no_grad():
+        expected_logits = model(**inputs).logits.numpy()
+        expected = model.generate(**inputs, max_new_tokens=20, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    real = inputs["attention_mask"].numpy().astype(bool)
+    assert relative_error(pipeline.logits(prompts)[real], expected_logits[real]) <= LOGITS_REL_TOL
+    actual = np.stack([step.tokens for step in pipeline.generate(prompts, max_new_tokens=20)], axis=1)
+    # transformers stops once every row has produced EOS (then pads); up to there the tokens must be identical.
+    assert actual.shape[1] >= expected.shape[1] >= 1
+    np.testing.assert_array_equal(actual[:, : expected.shape[1]], expected.numpy())
+
+
+def test_prefill_then_stepwise_decode_equals_full_prefill(pipeline, seed):
+    prompts = make_prompts("two_images", np.random.default_rng(seed))
+    full = pipeline.logits(prompts)
+    batch = pipeline.processor.tokenize(prompts)
+    cross = pipeline.rows_kv(batch.images, batch.image_attention_mask.shape[2])
+    text = pipeline.config.decoder
+    cache = SelfAttentionCache(layers=text.layers, batch=1, heads=text.heads, head_dim=text.head_dim,
+                               capacity=batch.input_ids.shape[1])
+    split = 4
+    pieces = [run_decoder(pipeline.sessions["decoder"], batch.input_ids[:, :split], batch.attention_mask[:, :split],
+                          cache, cross, batch.image_attention_mask[:, :split])]
+    for t in range(split, batch.input_ids.shape[1]):
+        pieces.append(run_decoder(pipeline.sessions["decoder"], batch.input_ids[:, t : t + 1],
+                                  batch.attention_mask[:, : t + 1], cache, cross,
+                                  batch.image_attention_mask[:, t : t + 1]))
+    assert relative_error(np.concatenate(pieces, axis=1), full) <= LOGITS_REL_TOL
+
+
+def test_cached_image_costs_no_vision_work_and_gives_the_same_logits(exported, seed):
+    prompts = make_prompts("two_images", np.random.default_rng(seed))
+    with Pipeline.open(exported[1]) as pipeline:
+        first = pipeline.logits(prompts)
+        runs = dict(pipeline.stats)
+        again = pipeline.logits(prompts)  # same images: cross K/V from the cache
+        assert pipeline.stats["vision_runs"] == runs["vision_runs"] == 2
+        assert pipeline.stats["resampler_runs"] == 2 and pipeline.stats["xattn_kv_runs"] == 2
+        assert pipeline.stats["image_cache_hits"] == 2
+        np.testing.assert_array_equal(again, first)
+    with Pipeline.open(exported[1], image_cache_size=0) as fresh:  # recomputed every time
+        recomputed = fresh.logits(prompts)
+    np.testing.assert_allclose(recomputed, first, rtol=0, atol=1e-6 * np.abs(first).max())
+
+
+def test_prompt_over_the_context_is_refused_before_any_work(exported, seed):
+    prompts = make_prompts("text_before_first_image", np.random.default_rng(seed))
+    with Pipeline.open(exported[1], max_context=12) as pipeline:
+        length = pipeline.processor.tokenize(prompts).input_ids.shape[1]
+        with pytest.raises(PromptTooLongError, match=rf"the prompt has {length} tokens and 20 new tokens.*"
+                                                       rf"{length + 20} > 12"):
+            next(pipeline.generate(prompts, max_new_tokens=20))
+        assert not pipeline.stats
+
+
+def test_more_images_than_allowed(exported, seed):
+    prompts = make_prompts("three_images_two_adjacent", np.random.default_rng(seed))
+    with Pipeline.open(exported[1], max_images=2) as pipeline:
+        with pytest.raises(PromptError, match="prompt 0 has 3 images; at most 2 are allowed"):
+            next(pipeline.generate(prompts))
+
+
+def test_text_only_prompt(pipeline):
+    completion = pipeline.complete([["hello there, what colour is the square"]], max_new_tokens=5)[0]
+    assert len(completion.token_ids) >= 1 and pipeline.stats["vision_runs"] == 0
+
+
+def test_incomplete_or_modified_export_is_refused(exported, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[1], copy)
+    (copy / "decoder.onnx").unlink()
+    with pytest.raises(ExportError, match=r"decoder\.onnx \(decoder graph\) is missing"):
+        Pipeline.open(copy)
+
+
+def test_graph_that_breaks_the_contract_is_refused(exported, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[1], copy)
+    shutil.copy(copy / "vision.onnx", copy / "resampler.onnx")  # a valid ONNX, but not the resampler
+    record = json.loads((copy / "export.json").read_text())
+    record["graphs"]["resampler"]["sha256"] = sha256_of(copy / "resampler.onnx")
+    (copy / "export.json").write_text(json.dumps(record))
+    read_export_record(copy)  # the record itself is consistent again
+    with pytest.raises(GraphContractError, match="resampler"):
+        Pipeline.open(copy)
+
+
+def test_generation_imports_neither_torch_nor_transformers(exported):
+    code = (
+        "import sys, numpy as np\n"
+        "from flamingo_edge.runtime.pipeline import Pipeline\n"
+        f"pipeline = Pipeline.open({str(exported[1])!r})\n"
+        "image = np.zeros((20, 30, 3), np.uint8)\n"
+        "print(pipeline.complete([['a photo', image, 'of']], max_new_tokens=3)[0].token_ids)\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
