@@ -49,6 +49,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Not used by the tests: a ~115M-parameter model (12-layer 768-wide decoder, 224-px ViT, 64 latents) for benchmarks.
+LARGER_PRESETS: dict[str, dict[str, Any]] = {
+    "100m": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        cross_layer_interval=4, qk_layer_norms=False, alpha_type="float", use_resampler=True,
+        additional_vocab_size=2,
+        vision_config=dict(embed_dim=384, image_size=224, patch_size=16, num_hidden_layers=6,
+                           num_attention_heads=6, intermediate_size=1536, hidden_act="gelu"),
+        perceiver_config=dict(resampler_n_latents=64, resampler_depth=2, resampler_n_heads=6,
+                              resampler_head_dim=64),
+    ),
+}
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 # Added after training, in this order, so that the last `additional_vocab_size` ids are IDEFICS' extra vocabulary.
 IMAGE_TOKENS = ("<end_of_utterance>", "<fake_token_around_image>", "<image>")
@@ -121,7 +134,7 @@ def build_random_idefics(preset: str = "a", seed: int = 0):
     """An `IdeficsForVisionText2Text` with random weights and its `IdeficsProcessor` (not saved).
 
     Args:
-        preset: a key of `PRESETS`.
+        preset: a key of `PRESETS` or `LARGER_PRESETS`.
         seed: seeds the weights and the tokenizer-independent parts.
 
     Returns:
@@ -132,9 +145,10 @@ def build_random_idefics(preset: str = "a", seed: int = 0):
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    settings = PRESETS[preset]
+    presets = {**PRESETS, **LARGER_PRESETS}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(presets)}")
+    settings = presets[preset]
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer) - settings["additional_vocab_size"]
     config = IdeficsConfig(
