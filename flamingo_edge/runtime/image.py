@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from flamingo_edge.artifacts import read_json
@@ -99,6 +98,8 @@ def load_image(path: str | Path) -> np.ndarray:
     except OSError as error:
         raise ImageError(f"cannot read image file {path}: {error.strerror or error}; "
                          "check the path and the file's permissions") from error
+    import cv2  # only image files need OpenCV; arrays from a camera or a caller do not
+
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise ImageError(f"{path} is not an image OpenCV can decode (empty, corrupt or an unsupported format); "
