@@ -1,0 +1,210 @@
+"""Runtime backends: the `Session` protocol, its one factory `open_session`, and the checks at its boundary.
+
+    open_session(path, spec, kind) ──▶ Session ── run({name: array}) ──▶ {name: array}
+                                          │
+                                          ├─ at open: check_model_io(spec, graph file's declared inputs/outputs)
+                                          └─ at run:  check_feed(spec, feed)
+
+Tensors travel by name, never by position, and every name comes from the graph contract (`graphs.py`).
+No torch, no transformers, no TensorRT at import time: the backend modules are imported when a session is opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from flamingo_edge.errors import FeatureUnavailableError, GraphContractError
+from flamingo_edge.graphs import GraphSpec, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class BackendKind(str, Enum):
+    """The runtime backends `open_session` knows."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Device(str, Enum):
+    """Where a session runs: the GPU when one is usable (auto), or exactly the one asked for."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Session(Protocol):
+    """One graph, opened by a backend, run with feeds by name.
+
+    IMPORTANT: the arrays returned by `run` are fresh on every call and belong to the caller; a session never
+    reuses or overwrites them, so they may be kept (e.g. in a KV cache) across calls.
+    """
+
+    spec: GraphSpec  # the contract this graph was checked against when it was opened
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on `feed` (every input of `spec`, by name); return every output of `spec`, by name."""
+        ...
+
+    def close(self) -> None:
+        """Release the graph and its device memory; the session cannot run afterwards."""
+        ...
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+def parse_choice(enum: type[Enum], value: str | Enum, what: str) -> Enum:
+    """`value` as a member of `enum`, or a FeatureUnavailableError that lists the known values.
+
+    Raises:
+        FeatureUnavailableError: `value` is not one of `enum`'s values.
+    """
+    try:
+        return enum(value)
+    except ValueError:
+        known = ", ".join(repr(member.value) for member in enum)
+        raise FeatureUnavailableError(f"unknown {what} {value!r}; this flamingo-edge knows {known}") from None
+
+
+def open_session(path: str | Path, spec: GraphSpec, kind: str | BackendKind = BackendKind.ONNXRUNTIME, *,
+                 device: str | Device = Device.AUTO) -> Session:
+    """Open one exported graph file with a runtime backend.
+
+    Args:
+        path: the graph file (an .onnx written by `flamingo-edge export`).
+        spec: the graph's contract, from `graphs.build_graphs(config)[name]`.
+        kind: "onnxruntime" ("tensorrt" comes with the engines).
+        device: "auto" (the GPU when the backend can use one, else the CPU), "cpu" or "cuda".
+
+    Returns:
+        A Session; use it as a context manager or call `close()`.
+
+    Raises:
+        FeatureUnavailableError: an unknown or not yet implemented backend or device, or CUDA asked for but unusable.
+        GraphContractError: the file is missing or unreadable, or its inputs/outputs differ from `spec`.
+    """
+    kind = parse_choice(BackendKind, kind, "runtime backend")
+    device = parse_choice(Device, device, "device")
+    if kind is BackendKind.TENSORRT:
+        raise FeatureUnavailableError("the TensorRT runtime backend is not implemented yet (it comes with the "
+                                      "TensorRT engines); use backend 'onnxruntime' for now")
+    from flamingo_edge.runtime.onnxruntime_backend import OnnxRuntimeSession
+
+    return OnnxRuntimeSession(path, spec, device=device)
+
+
+def _dims(shape: Sequence) -> str:
+    return "[" + ", ".join(str(dim) for dim in shape) + "]"
+
+
+def _shape_problems(spec: GraphSpec, tensor: TensorSpec, array: np.ndarray, bound: dict) -> list[str]:
+    """Dtype, rank and fixed-dim problems of one input; binds its dynamic dims in `bound` (name -> size, where)."""
+    what = f"{spec.name}: input {tensor.name!r}"
+    if not isinstance(array, np.ndarray):
+        return [f"{what} is a {type(array).__name__}; expected a numpy array"]
+    problems = []
+    if array.dtype != tensor.np_dtype:
+        problems.append(f"{what} has dtype {array.dtype}; expected {tensor.dtype}")
+    if array.ndim != len(tensor.dims):
+        return [*problems, f"{what} has shape {array.shape}; expected rank {len(tensor.dims)} {_dims(tensor.dims)}"]
+    for axis, (dim, size) in enumerate(zip(tensor.dims, array.shape)):
+        if isinstance(dim, int) and size != dim:
+            problems.append(f"{what} has shape {array.shape}; dim {axis} must be {dim}")
+        elif isinstance(dim, str) and dim not in bound:
+            bound[dim] = (size, f"input {tensor.name!r} dim {axis}")
+        elif isinstance(dim, str) and bound[dim][0] != size:
+            problems.append(f"{what} has {dim} = {size} (dim {axis}); {bound[dim][1]} has {dim} = {bound[dim][0]}")
+    return problems
+
+
+def _sum_problems(spec: GraphSpec, bound: dict) -> list[str]:
+    """Dims named like "P+S" must equal the sum of their bound terms; other composite names (e.g. "M*L") are free."""
+    problems = []
+    for name, (size, where) in bound.items():
+        terms = name.split("+")
+        if len(terms) < 2 or not all(term in bound for term in terms):
+            continue
+        expected = sum(bound[term][0] for term in terms)
+        if size != expected:
+            parts = " + ".join(f"{bound[term][0]} ({term}, {bound[term][1]})" for term in terms)
+            problems.append(f"{spec.name}: {where} has {name} = {size}; expected {parts} = {expected}")
+    return problems
+
+
+def check_feed(spec: GraphSpec, feed: Mapping[str, np.ndarray]) -> None:
+    """Check a feed against the graph contract before it reaches a backend.
+
+    Checks: every input present and no other; dtypes; ranks; fixed dims; the same dynamic dim name has the same size
+    in every input (e.g. "B"); a sum name like "P+S" equals P + S.
+
+    Args:
+        spec: the graph's contract.
+        feed: input name -> array.
+
+    Raises:
+        GraphContractError: listing every problem found, e.g.
+            "decoder: input 'input_ids' has dtype int32; expected int64".
+    """
+    problems = []
+    missing = [name for name in spec.input_names if name not in feed]
+    unknown = [name for name in feed if name not in spec.input_names]
+    if missing:
+        problems.append(f"{spec.name}: missing inputs {missing}")
+    if unknown:
+        problems.append(f"{spec.name}: unknown inputs {unknown}; the graph takes {spec.input_names}")
+    bound: dict[str, tuple[int, str]] = {}
+    for tensor in spec.inputs:
+        if tensor.name in feed:
+            problems += _shape_problems(spec, tensor, feed[tensor.name], bound)
+    problems += _sum_problems(spec, bound)
+    if problems:
+        raise GraphContractError("; ".join(problems))
+
+
+def _io_problems(kind: str, declared: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> list[str]:
+    """Names, dtypes, ranks and fixed dims of a graph file's inputs or outputs vs the contract (order is free)."""
+    by_name = {tensor.name: tensor for tensor in declared}
+    names = {tensor.name for tensor in expected}
+    problems = [f"{kind} {tensor.name!r} is missing" for tensor in expected if tensor.name not in by_name]
+    problems += [f"unexpected {kind} {tensor.name!r}" for tensor in declared if tensor.name not in names]
+    for want in expected:
+        have = by_name.get(want.name)
+        if have is None:
+            continue
+        if have.dtype != want.dtype:
+            problems.append(f"{kind} {want.name!r} is {have.dtype}, expected {want.dtype}")
+        if len(have.dims) != len(want.dims):
+            problems.append(f"{kind} {want.name!r} has rank {len(have.dims)} {_dims(have.dims)}, "
+                            f"expected {len(want.dims)} {_dims(want.dims)}")
+        elif any(isinstance(w, int) and isinstance(h, int) and w != h for h, w in zip(have.dims, want.dims)):
+            problems.append(f"{kind} {want.name!r} has shape {_dims(have.dims)}, expected {_dims(want.dims)}")
+    return problems
+
+
+def check_model_io(spec: GraphSpec, path: str | Path, inputs: Sequence[TensorSpec],
+                   outputs: Sequence[TensorSpec]) -> None:
+    """Check a graph file's declared inputs and outputs against the contract, when it is opened.
+
+    Args:
+        spec: the graph's contract.
+        path: the graph file (named in the message).
+        inputs, outputs: what the file declares, as TensorSpecs (dims: ints, dynamic names, or None if unknown).
+
+    Raises:
+        GraphContractError: naming the file and at most five mismatches, and saying to re-export.
+    """
+    problems = _io_problems("input", inputs, spec.inputs) + _io_problems("output", outputs, spec.outputs)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise GraphContractError(f"{spec.name}: {path} does not match the {spec.name} graph contract: "
+                                 + "; ".join(problems[:5]) + more
+                                 + "; re-run `flamingo-edge export` with this flamingo-edge version")

@@ -1,0 +1,131 @@
+"""The ONNX Runtime backend: one `InferenceSession` per graph, fed and read by name (after Polygraphy's ORT runner).
+
+On the CPU it calls `InferenceSession.run`. With CUDA it binds inputs from numpy and outputs to CPU memory through
+IO binding, so each run makes one host-to-device copy per input and one device-to-host copy per output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError, GraphContractError
+from flamingo_edge.graphs import GraphSpec, TensorSpec
+from flamingo_edge.runtime.backend import Device, check_feed, check_model_io, parse_choice
+
+logger = logging.getLogger(__name__)
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# What ONNX Runtime raises when it cannot load a model file (they derive from Exception only).
+_LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+                ort_state.NoSuchFile)
+# NodeArg.type -> numpy dtype name; others are kept as ORT spells them, so a mismatch message shows them.
+_ORT_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def _declared(args) -> list[TensorSpec]:
+    """The graph file's inputs or outputs (onnxruntime NodeArgs) as TensorSpecs."""
+    return [TensorSpec(arg.name, _ORT_TO_NUMPY.get(arg.type, arg.type), tuple(arg.shape)) for arg in args]
+
+
+def _providers(device: Device) -> list[str]:
+    """The execution providers to ask for; CUDA first when it is wanted and this onnxruntime build has it."""
+    available = onnxruntime.get_available_providers()
+    if device is Device.CUDA and CUDA not in available:
+        raise FeatureUnavailableError(
+            f"device 'cuda' needs onnxruntime with the {CUDA}; this onnxruntime {onnxruntime.__version__} offers "
+            f"{available}: install onnxruntime-gpu (in place of onnxruntime) or use device 'cpu'")
+    return [CUDA, CPU] if device is not Device.CPU and CUDA in available else [CPU]
+
+
+class OnnxRuntimeSession:
+    """One ONNX graph on ONNX Runtime, checked against its contract when opened and at every run.
+
+    `run` returns fresh arrays on every call; they belong to the caller.
+    """
+
+    def __init__(self, path: str | Path, spec: GraphSpec, *, device: str | Device = Device.AUTO):
+        """Open `path` with the CPU provider, or CUDA (device "cuda", or "auto" when CUDA is available).
+
+        Args:
+            path: an .onnx file written by `flamingo-edge export`.
+            spec: the graph's contract.
+            device: "auto", "cpu" or "cuda".
+
+        Raises:
+            GraphContractError: the file is missing or cannot be loaded, or its inputs/outputs differ from `spec`.
+            FeatureUnavailableError: device "cuda" but CUDA is not available or did not load.
+        """
+        self.path, self.spec = Path(path), spec
+        device = parse_choice(Device, device, "device")
+        if not self.path.is_file():
+            raise GraphContractError(f"{spec.name}: graph file {self.path} does not exist; "
+                                     "re-run `flamingo-edge export`")
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=_providers(device))
+        except _LOAD_ERRORS as error:
+            raise GraphContractError(f"{spec.name}: ONNX Runtime cannot load {self.path} ({error}); "
+                                     "re-run `flamingo-edge export`") from None
+        self.on_cuda = self._check_cuda_active(device)
+        check_model_io(spec, self.path, _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
+        logger.debug("%s: %s on %s", spec.name, self.path, self.session.get_providers())
+
+    def _check_cuda_active(self, device: Device) -> bool:
+        """Whether CUDA really runs the graph: ONNX Runtime silently falls back to the CPU when CUDA cannot load."""
+        active = self.session.get_providers()
+        if device is Device.CPU or CUDA in active:
+            return CUDA in active
+        if device is Device.CUDA:
+            raise FeatureUnavailableError(
+                f"{self.spec.name}: device 'cuda' was asked for, but ONNX Runtime could not load its {CUDA} (it runs "
+                f"on {active}); check the CUDA and cuDNN versions onnxruntime-gpu {onnxruntime.__version__} needs, "
+                "or use device 'cpu'")
+        if CUDA in onnxruntime.get_available_providers():
+            logger.warning("%s: ONNX Runtime could not load CUDA and runs on %s", self.spec.name, active)
+        return False
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph.
+
+        Args:
+            feed: every input of the contract, by name, with the contract's dtypes and ranks.
+
+        Returns:
+            Every output of the contract, by name (new arrays, owned by the caller).
+
+        Raises:
+            GraphContractError: the feed breaks the contract (see `check_feed`).
+            FlamingoEdgeError: the session was closed.
+        """
+        if self.session is None:
+            raise FlamingoEdgeError(f"{self.spec.name}: this session was closed; open the graph again to run it")
+        check_feed(self.spec, feed)
+        if not self.on_cuda:
+            values = self.session.run(self.spec.output_names, dict(feed))
+            return dict(zip(self.spec.output_names, values))
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.spec.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        # copy_outputs_to_cpu returns the outputs in the order they were bound.
+        return dict(zip(self.spec.output_names, binding.copy_outputs_to_cpu()))
+
+    def close(self) -> None:
+        """Drop the ONNX Runtime session (and its device memory)."""
+        self.session = None
+
+    def __enter__(self) -> OnnxRuntimeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

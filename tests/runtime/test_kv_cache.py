@@ -1,0 +1,161 @@
+"""The self-attention cache against plain concatenation, its limits; the image cache's content keys and LRU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flamingo_edge.errors import FlamingoEdgeError, GraphContractError, PromptTooLongError
+from flamingo_edge.graphs import cross_key, cross_value, past_key, past_value, present_key, present_value
+from flamingo_edge.runtime.kv_cache import CrossAttentionCache, SelfAttentionCache
+
+LAYERS, BATCH, HEADS, HEAD_DIM = 3, 2, 4, 5
+
+
+def _cache(capacity: int) -> SelfAttentionCache:
+    return SelfAttentionCache(layers=LAYERS, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, capacity=capacity)
+
+
+def _decoder_outputs(feed, new_kv):
+    """What a decoder returns: present = past ++ the new tokens' K/V, [B, H, P+S, Dh] per layer."""
+    outputs = {}
+    for layer in range(LAYERS):
+        outputs[present_key(layer)] = np.concatenate([feed[past_key(layer)], new_kv[layer][0]], axis=2)
+        outputs[present_value(layer)] = np.concatenate([feed[past_value(layer)], new_kv[layer][1]], axis=2)
+    return outputs
+
+
+def _new_kv(rng, tokens):
+    shape = (BATCH, HEADS, tokens, HEAD_DIM)
+    return [(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
+            for _ in range(LAYERS)]
+
+
+def test_feed_and_update_equal_concatenation(seed):
+    rng = np.random.default_rng(seed)
+    chunks = [int(rng.integers(1, 6)), 1, 1, int(rng.integers(1, 4)), 1]  # a prefill, then decode steps
+    cache = _cache(sum(chunks))
+    history = []  # every chunk's new K/V, the reference
+    for tokens in chunks:
+        feed = cache.feed()
+        assert set(feed) == {name(layer) for layer in range(LAYERS) for name in (past_key, past_value)}
+        for layer in range(LAYERS):
+            expected = [np.concatenate([kv[layer][i] for kv in history], axis=2) if history
+                        else np.zeros((BATCH, HEADS, 0, HEAD_DIM), np.float32) for i in (0, 1)]
+            np.testing.assert_array_equal(feed[past_key(layer)], expected[0])
+            np.testing.assert_array_equal(feed[past_value(layer)], expected[1])
+            assert feed[past_key(layer)].flags.c_contiguous
+        new_kv = _new_kv(rng, tokens)
+        cache.update(_decoder_outputs(feed, new_kv), tokens)
+        history.append(new_kv)
+        assert cache.length == sum(kv[0][0].shape[2] for kv in history)
+    assert cache.length == cache.capacity
+
+
+def test_feed_arrays_are_copies_the_caller_may_keep(seed):
+    rng = np.random.default_rng(seed)
+    cache = _cache(4)
+    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 2)), 2)
+    kept = cache.feed()
+    before = {name: value.copy() for name, value in kept.items()}
+    kept[past_key(0)][...] = 0  # writing into a fed array does not touch the cache
+    assert np.array_equal(cache.feed()[past_key(0)], before[past_key(0)])
+    cache.reset()
+    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 3)), 3)  # overwrites the buffers
+    np.testing.assert_array_equal(kept[past_value(1)], before[past_value(1)])
+
+
+def test_reset_empties_the_cache(seed):
+    cache = _cache(4)
+    cache.update(_decoder_outputs(cache.feed(), _new_kv(np.random.default_rng(seed), 3)), 3)
+    cache.reset()
+    assert cache.length == 0 and cache.feed()[past_value(2)].shape == (BATCH, HEADS, 0, HEAD_DIM)
+
+
+def test_over_capacity_is_refused_before_anything_is_written(seed):
+    rng = np.random.default_rng(seed)
+    cache = _cache(5)
+    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 4)), 4)
+    before = cache.feed()
+    with pytest.raises(PromptTooLongError, match=r"needs 6 tokens \(4 cached \+ 2 new\) but holds 5; shorten"):
+        cache.update(_decoder_outputs(before, _new_kv(rng, 2)), 2)
+    assert cache.length == 4
+    for name, value in cache.feed().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_present_of_the_wrong_shape_or_missing(seed):
+    rng = np.random.default_rng(seed)
+    cache = _cache(6)
+    outputs = _decoder_outputs(cache.feed(), _new_kv(rng, 2))
+    with pytest.raises(GraphContractError, match=r"'present_key.0' has shape \(2, 4, 2, 5\); .*expects \(2, 4, 3, 5\)"):
+        cache.update(outputs, 3)  # says 3 new tokens, the decoder returned 2
+    del outputs[present_value(LAYERS - 1)]
+    with pytest.raises(GraphContractError, match=rf"'present_value.{LAYERS - 1}' has shape None"):
+        cache.update(outputs, 2)
+    assert cache.length == 0  # nothing was stored by either call
+
+
+def _image(rng, height=6, width=7):
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def test_image_keys_follow_content(seed):
+    rng = np.random.default_rng(seed)
+    image = _image(rng)
+    key = CrossAttentionCache.key_of(image)
+    assert CrossAttentionCache.key_of(image.copy()) == key
+    assert CrossAttentionCache.key_of(np.asfortranarray(image)) == key  # same pixels, another memory layout
+    one_pixel = image.copy()
+    one_pixel[3, 4, 1] ^= 1
+    assert CrossAttentionCache.key_of(one_pixel) != key
+    assert CrossAttentionCache.key_of(image.reshape(7, 6, 3)) != key  # same bytes, another shape
+    assert CrossAttentionCache.key_of(image.view(np.int8)) != key  # same bytes, another dtype
+
+
+def _entry(rng, blocks=2, heads=2, latents=3, head_dim=4):
+    shape = (1, heads, latents, head_dim)  # [1, Hx, L, Dh]
+    return {name(i): rng.standard_normal(shape, dtype=np.float32) for i in range(blocks)
+            for name in (cross_key, cross_value)}
+
+
+def test_image_cache_hits_misses_and_least_recently_used_eviction(seed):
+    rng = np.random.default_rng(seed)
+    cache = CrossAttentionCache(capacity=2)
+    keys = [CrossAttentionCache.key_of(_image(rng)) for _ in range(3)]
+    entries = [_entry(rng) for _ in keys]
+    assert cache.get(keys[0]) is None and cache.misses == 1
+    cache.put(keys[0], entries[0])
+    cache.put(keys[1], entries[1])
+    got = cache.get(keys[0])  # now keys[1] is the least recently used
+    assert cache.hits == 1 and set(got) == set(entries[0])
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, entries[0][name])
+    cache.put(keys[2], entries[2])
+    assert len(cache) == 2 and keys[1] not in cache and keys[0] in cache and keys[2] in cache
+    assert cache.get(keys[1]) is None
+    assert (cache.hits, cache.misses) == (1, 2)  # `in` counts nothing
+
+
+def test_cached_entries_are_read_only(seed):
+    rng = np.random.default_rng(seed)
+    cache = CrossAttentionCache()
+    cache.put("image", _entry(rng))
+    with pytest.raises(ValueError, match="read-only"):
+        cache.get("image")[cross_key(0)][0, 0, 0, 0] = 1.0
+
+
+def test_image_cache_of_size_zero_keeps_nothing(seed):
+    cache = CrossAttentionCache(capacity=0)
+    cache.put("image", _entry(np.random.default_rng(seed)))
+    assert len(cache) == 0 and cache.get("image") is None
+
+
+def test_image_cache_refuses_bad_entries_and_capacity(seed):
+    rng = np.random.default_rng(seed)
+    two_images = {cross_key(0): rng.standard_normal((2, 2, 3, 4), dtype=np.float32)}
+    with pytest.raises(GraphContractError, match=r"one image's xattn_kv outputs \[1, Hx, L, Dh\]; 'cross_key.0' has "
+                                                 r"shape \(2, 2, 3, 4\)"):
+        CrossAttentionCache().put("two", two_images)
+    with pytest.raises(FlamingoEdgeError, match=r"capacity must be >= 0 \(0 = no cache\); got -1"):
+        CrossAttentionCache(capacity=-1)
