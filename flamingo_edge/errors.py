@@ -15,6 +15,10 @@ class CheckpointError(FlamingoEdgeError):
     """A checkpoint folder, its config or its weights cannot be used (missing, corrupt, wrong family, bad keys)."""
 
 
+class UsageError(FlamingoEdgeError):
+    """A setting is out of range (sampling parameters, cache sizes) or an object is used after it was closed."""
+
+
 class ImageError(FlamingoEdgeError):
     """An image cannot be read or has a layout we cannot preprocess."""
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flamingo_edge.errors import FlamingoEdgeError, GraphContractError, PromptTooLongError
+from flamingo_edge.errors import GraphContractError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import past_key, past_value, present_key, present_value
 
 
@@ -103,10 +103,10 @@ class CrossAttentionCache:
             capacity: the most images kept; 0 keeps none (every image is recomputed).
 
         Raises:
-            FlamingoEdgeError: a negative capacity.
+            UsageError: a negative capacity.
         """
         if capacity < 0:
-            raise FlamingoEdgeError(f"the image cache capacity must be >= 0 (0 = no cache); got {capacity}")
+            raise UsageError(f"the image cache capacity must be >= 0 (0 = no cache); got {capacity}")
         self.capacity, self.hits, self.misses = capacity, 0, 0
         self._entries: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # oldest use first
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError, GraphContractError
+from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
 from flamingo_edge.runtime.backend import Device, check_feed, check_model_io, parse_choice
 
@@ -103,10 +103,10 @@ class OnnxRuntimeSession:
 
         Raises:
             GraphContractError: the feed breaks the contract (see `check_feed`).
-            FlamingoEdgeError: the session was closed.
+            UsageError: the session was closed.
         """
         if self.session is None:
-            raise FlamingoEdgeError(f"{self.spec.name}: this session was closed; open the graph again to run it")
+            raise UsageError(f"{self.spec.name}: this session was closed; open the graph again to run it")
         check_feed(self.spec, feed)
         if not self.on_cuda:
             values = self.session.run(self.spec.output_names, dict(feed))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flamingo_edge.errors import FlamingoEdgeError
+from flamingo_edge.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def check_settings(*, temperature: float, top_k: int, top_p: float, repetition_p
     """Refuse sampling settings that mean nothing.
 
     Raises:
-        FlamingoEdgeError: temperature < 0, top_k not an int >= 0, top_p outside (0, 1], repetition_penalty <= 0.
+        UsageError: temperature < 0, top_k not an int >= 0, top_p outside (0, 1], repetition_penalty <= 0.
     """
     problems = []
     if not temperature >= 0:
@@ -94,7 +94,7 @@ def check_settings(*, temperature: float, top_k: int, top_p: float, repetition_p
     if not repetition_penalty > 0:
         problems.append(f"repetition_penalty must be > 0 (1 = off); got {repetition_penalty}")
     if problems:
-        raise FlamingoEdgeError("invalid sampling settings: " + "; ".join(problems))
+        raise UsageError("invalid sampling settings: " + "; ".join(problems))
 
 
 def _filtered_logits(logits: np.ndarray, history: np.ndarray, *, temperature: float, top_k: int = 0,
@@ -131,7 +131,7 @@ def sampling_probabilities(logits: np.ndarray, history: np.ndarray, *, temperatu
         float32 [B, V], rows summing to 1, 0 for filtered tokens; temperature 0 gives one-hot rows at the argmax.
 
     Raises:
-        FlamingoEdgeError: invalid settings.
+        UsageError: invalid settings.
     """
     check_settings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if temperature == 0:
@@ -176,7 +176,7 @@ def make_sampler(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
         A Sampler: (logits [B, V] float32, history [B, T] int64) -> tokens [B] int64.
 
     Raises:
-        FlamingoEdgeError: invalid settings (see `check_settings`).
+        UsageError: invalid settings (see `check_settings`).
     """
     check_settings(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     if temperature == 0:

@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError, GraphContractError
+from flamingo_edge.errors import FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
 from flamingo_edge.runtime.backend import check_feed, open_session
 
@@ -217,7 +217,7 @@ def test_silent_cuda_fallback_is_refused_or_logged(toy_path, seed, cuda_listed_b
 def test_closed_session_refuses_to_run(toy_path, seed):
     session = open_session(toy_path, SPEC)
     session.close()
-    with pytest.raises(FlamingoEdgeError, match="toy: this session was closed"):
+    with pytest.raises(UsageError, match="toy: this session was closed"):
         session.run(make_feed(np.random.default_rng(seed)))
 
 

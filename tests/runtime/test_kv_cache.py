@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flamingo_edge.errors import FlamingoEdgeError, GraphContractError, PromptTooLongError
+from flamingo_edge.errors import GraphContractError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import cross_key, cross_value, past_key, past_value, present_key, present_value
 from flamingo_edge.runtime.kv_cache import CrossAttentionCache, SelfAttentionCache
 
@@ -157,5 +157,5 @@ def test_image_cache_refuses_bad_entries_and_capacity(seed):
     with pytest.raises(GraphContractError, match=r"one image's xattn_kv outputs \[1, Hx, L, Dh\]; 'cross_key.0' has "
                                                  r"shape \(2, 2, 3, 4\)"):
         CrossAttentionCache().put("two", two_images)
-    with pytest.raises(FlamingoEdgeError, match=r"capacity must be >= 0 \(0 = no cache\); got -1"):
+    with pytest.raises(UsageError, match=r"capacity must be >= 0 \(0 = no cache\); got -1"):
         CrossAttentionCache(capacity=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flamingo_edge.errors import FlamingoEdgeError
+from flamingo_edge.errors import UsageError
 from flamingo_edge.runtime.sampling import (apply_repetition_penalty, apply_top_k, apply_top_p, greedy, make_sampler,
                                             sampling_probabilities)
 
@@ -135,7 +135,7 @@ def test_seeded_sampler_is_reproducible_and_draws_only_kept_tokens(seed):
     (dict(temperature=-1.0, top_p=2.0), r"^invalid sampling settings: temperature .*; top_p must be in"),
 ])
 def test_invalid_settings_are_refused(settings, message):
-    with pytest.raises(FlamingoEdgeError, match=message):
+    with pytest.raises(UsageError, match=message):
         make_sampler(**settings)
-    with pytest.raises(FlamingoEdgeError, match=message):
+    with pytest.raises(UsageError, match=message):
         sampling_probabilities(np.zeros((1, 3), np.float32), np.zeros((1, 0), np.int64), **settings)
