@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError, GraphContractError, UsageError
+from flamingo_edge.errors import FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
 from flamingo_edge.runtime.backend import Device, check_feed, check_model_io, parse_choice
 
