@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,16 @@ ROOT = Path(__file__).parents[1]
 def test_readme_main_command(tmp_path):
     pytest.importorskip("transformers", reason="the sample builds its checkpoint with transformers")
     readme = (ROOT / "README.md").read_text()
-    assert "python samples/random_idefics.py out/idefics-tiny && flamingo-edge info out/idefics-tiny" in readme
-    folder = tmp_path / "idefics-tiny"
-    subprocess.run([sys.executable, str(ROOT / "samples" / "random_idefics.py"), str(folder)], check=True)
-    result = subprocess.run(
-        [shutil.which("flamingo-edge"), "info", str(folder)], capture_output=True, text=True, check=True
-    )
-    assert "vocabulary" in result.stdout and "resampler" in result.stdout
+    command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
+    setup = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && "
+    assert command.startswith(setup)
+    # Run everything after the setup, as written, from a copy of the repository's samples (out/ is relative).
+    shutil.copytree(ROOT / "samples", tmp_path / "samples")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command.removeprefix(setup), shell=True, cwd=tmp_path, capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary" in result.stdout and "export.json" in result.stdout
 
 
 def test_readme_python_example(tmp_path):
