@@ -32,6 +32,16 @@ def idefics_checkpoint(request, tmp_path_factory):
     return save_random_idefics(tmp_path_factory.mktemp(f"idefics-{request.param}"), preset=request.param, seed=SEED)
 
 
+@pytest.fixture(scope="session")
+def idefics_export(idefics_checkpoint, tmp_path_factory):
+    """`flamingo-edge export` of `idefics_checkpoint` (checked against PyTorch while exporting)."""
+    from flamingo_edge.export.export import export_all
+
+    out = tmp_path_factory.mktemp("export")
+    export_all(idefics_checkpoint, out, seed=SEED)
+    return out
+
+
 WORDS = "a red circle blue square what colour is the shape how many two three dog cat photo of on grass".split()
 # Each case is a batch of prompts; "I" marks an image, "T" a text.
 PROMPT_CASES = {

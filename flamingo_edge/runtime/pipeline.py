@@ -134,15 +134,20 @@ class Pipeline:
                 raise PromptError(f"prompt {row} has {len(row_images)} images; at most {self.max_images} are allowed "
                                   "(Pipeline.open(max_images=...))")
 
-    def logits(self, prompts: list) -> np.ndarray:
-        """Logits of every prompt position, float32 [B, S, V] (one prefill; for comparisons with a reference)."""
+    def _prepare(self, prompts: list, max_new_tokens: int):
+        """Tokenize, check the limits (before any graph runs), gather the rows' cross K/V, size the KV cache."""
         batch = self.processor.tokenize(prompts)
-        self._check_limits(batch.input_ids, batch.images, 0)
+        self._check_limits(batch.input_ids, batch.images, max_new_tokens)
+        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
         text = self.config.decoder
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
-                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1])
-        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
+                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1] + max_new_tokens)
         self.stats["prefill_runs"] += 1
+        return batch, cross, cache
+
+    def logits(self, prompts: list) -> np.ndarray:
+        """Logits of every prompt position, float32 [B, S, V] (one prefill; for comparisons with a reference)."""
+        batch, cross, cache = self._prepare(prompts, 0)
         return run_decoder(self.sessions["decoder"], batch.input_ids, batch.attention_mask, cache, cross,
                            batch.image_attention_mask)
 
@@ -166,17 +171,11 @@ class Pipeline:
         start = time.perf_counter()
         sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, seed=seed)
-        batch = self.processor.tokenize(prompts)
-        self._check_limits(batch.input_ids, batch.images, max_new_tokens)
+        batch, cross, cache = self._prepare(prompts, max_new_tokens)
         tokenizer = self.processor.tokenizer
         stop_ids = [tokenizer.eos_token_id] if stop_token_ids is None else stop_token_ids
         stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
-        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
-        text = self.config.decoder
-        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
-                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1] + max_new_tokens)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stats["prefill_runs"] += 1
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
                              batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start):
             self.stats["decode_tokens"] += 1

@@ -19,12 +19,8 @@ from flamingo_edge.runtime.processor import load_image
 
 
 @pytest.fixture(scope="module")
-def exported(idefics_checkpoint, tmp_path_factory):
-    from flamingo_edge.export.export import export_all
-
-    out = tmp_path_factory.mktemp("export")
-    export_all(idefics_checkpoint, out)
-    return out
+def exported(idefics_export):
+    return idefics_export
 
 
 def test_markers_split_the_prompt_like_the_processor_items():

@@ -18,10 +18,8 @@ from flamingo_edge.models import FlamingoConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def exported(idefics_checkpoint, tmp_path_factory, seed):
-    out = tmp_path_factory.mktemp("export")
-    export_all(idefics_checkpoint, out, seed=seed)
-    return idefics_checkpoint, out
+def exported(idefics_checkpoint, idefics_export):
+    return idefics_checkpoint, idefics_export
 
 
 @pytest.mark.parametrize("graph", GRAPH_NAMES)

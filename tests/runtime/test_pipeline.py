@@ -20,12 +20,8 @@ from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
 
 
 @pytest.fixture(scope="module")
-def exported(idefics_checkpoint, tmp_path_factory, seed):
-    from flamingo_edge.export.export import export_all
-
-    out = tmp_path_factory.mktemp("export")
-    export_all(idefics_checkpoint, out, seed=seed)
-    return idefics_checkpoint, out
+def exported(idefics_checkpoint, idefics_export):
+    return idefics_checkpoint, idefics_export
 
 
 @pytest.fixture(scope="module")
