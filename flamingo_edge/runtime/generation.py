@@ -56,18 +56,32 @@ def run_decoder(session, input_ids, attention_mask, cache, cross, image_attentio
 
 
 class TextStream:
-    """Incremental detokenization of one row: the text each new token adds."""
+    """Incremental detokenization of one row: the text each new token adds.
+
+    Text that ends in an incomplete UTF-8 character is held back until the character completes, for at most
+    `MAX_HELD` tokens (a byte-level model can emit bytes that never form a character) or until `flush`.
+    """
+
+    MAX_HELD = 4  # the longest UTF-8 character
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.tokenizer, self.ids, self.text, self.held = tokenizer, [], "", 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest of the character
+        self.held += 1
+        if self.held < self.MAX_HELD and self._decoded().endswith("\ufffd"):
             return ""
-        delta, self.text = text[len(self.text):], text
+        return self.flush()
+
+    def flush(self) -> str:
+        """Release everything decoded so far (at the end of a row)."""
+        text = self._decoded()
+        delta, self.text, self.held = text[len(self.text):], text, 0
         return delta
+
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -100,7 +114,10 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
         done = np.isin(tokens, list(stop.token_ids)) | np.array(
             [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
         )
-        finished |= done | (index + 1 == stop.max_new_tokens)
+        ending = ~finished & (done | (index + 1 == stop.max_new_tokens))
+        for row in np.flatnonzero(ending):
+            texts[row] += streams[row].flush()
+        finished |= ending
         yield GenerationStep(index, tokens, texts, finished.tolist(), time.perf_counter() - start)
         if finished.all():
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -147,3 +148,24 @@ def test_generation_imports_neither_torch_nor_transformers(exported):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stop_strings_stop_tokens_and_seeded_sampling(pipeline, seed):
+    prompts = make_prompts("two_images", np.random.default_rng(seed))
+    free = pipeline.complete(prompts, max_new_tokens=12, stop_token_ids=[])[0]
+    assert len(free.token_ids) == 12
+    # A stop string ends the row at the first step whose streamed text contains it.
+    steps = list(pipeline.generate(prompts, max_new_tokens=12, stop_token_ids=[]))
+    streamed = list(itertools.accumulate(step.text[0] for step in steps))
+    assert streamed[-1] == free.text
+    stop_text = free.text[: max(1, len(free.text) // 2)]
+    first = next(i for i, text in enumerate(streamed) if stop_text in text)
+    stopped = pipeline.complete(prompts, max_new_tokens=12, stop_token_ids=[], stop_strings=(stop_text,))[0]
+    assert stopped.token_ids == free.token_ids[: first + 1] and stopped.text == streamed[first]
+    # A stop token ends the row at that token (included in token_ids).
+    by_token = pipeline.complete(prompts, max_new_tokens=12, stop_token_ids=[free.token_ids[2]])[0]
+    assert by_token.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
+    sampled = [pipeline.complete(prompts, max_new_tokens=8, temperature=1.5, top_k=20, top_p=0.95, seed=s,
+                                 repetition_penalty=1.3, stop_token_ids=[])[0].token_ids for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the same seed gives the same tokens
+    assert len(sampled[2]) == 8
