@@ -7,10 +7,11 @@ import logging
 import sys
 
 from flamingo_edge import __version__
+from flamingo_edge.cli import eval as eval_command
 from flamingo_edge.cli import export, generate, info
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info, "export": export, "generate": generate}
+SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command}
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,55 @@
+"""`flamingo-edge eval CHECKPOINT_OR_EXPORT`: exact-match accuracy on held-out demo scenes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "exact-match caption and answer accuracy on freshly generated held-out shape scenes (the demo task)"
+BACKENDS = ("pytorch", "onnxruntime")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.demo.evaluate import EVAL_SEED
+
+    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT",
+                        help="a checkpoint folder (pytorch backend) or an export folder (onnxruntime backend)")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default: onnxruntime)")
+    parser.add_argument("--n", type=int, default=200, help="held-out scenes (default: 200)")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED,
+                        help=f"seed of the held-out scenes; training used 0 (default: {EVAL_SEED})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (n, answer_accuracy, "
+                        "caption_accuracy) instead of text")
+
+
+def _answerer(path: Path, backend: str):
+    from flamingo_edge.demo.evaluate import onnxruntime_answerer, pytorch_answerer
+    from flamingo_edge.errors import ExportError
+
+    is_export = (path / "export.json").is_file()
+    if backend == "pytorch":
+        if is_export:
+            raise ExportError(f"{path} is an export; the pytorch backend needs the checkpoint it was exported from "
+                              "(its path is in export.json under 'checkpoint')")
+        return pytorch_answerer(path)
+    if not is_export:
+        raise ExportError(f"{path} is not an export folder (no export.json); export it first: "
+                          f"flamingo-edge export {path} -o OUT, then flamingo-edge eval OUT")
+    return onnxruntime_answerer(path)
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from flamingo_edge.demo.evaluate import evaluate
+
+    answer = _answerer(Path(args.path), args.backend)
+    with tqdm(total=2 * args.n, unit="prompt", desc=f"eval ({args.backend})", disable=args.json) as bar:
+        report = evaluate(answer, n=args.n, seed=args.seed, on_batch=bar.update)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"{args.backend}: {report.n} scenes, answers {report.answer_accuracy:.1%}, "
+              f"captions {report.caption_accuracy:.1%}")
+    return 0

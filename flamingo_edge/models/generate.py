@@ -1,0 +1,54 @@
+"""Greedy generation with the PyTorch reference model and its KV cache (the reference for the runtime's numbers).
+
+Same rules as transformers' IDEFICS `generate` and as `runtime/generation.py`: new tokens attend to the image mask
+of the prompt's last position; finished rows are fed the pad token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flamingo_edge.models.flamingo import FlamingoModel, images_to_rows
+
+
+@torch.no_grad()
+def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_new_tokens: int,
+                    eos_token_id: int | None, pad_token_id: int) -> np.ndarray:
+    """Generate greedily from processor outputs.
+
+    Args:
+        model: the reference model.
+        inputs: `Processor(...)` outputs (numpy): input_ids, attention_mask, pixel_values, image_attention_mask.
+        max_new_tokens: tokens to generate per row.
+        eos_token_id: ends a row (None: never).
+        pad_token_id: fed to finished rows.
+
+    Returns:
+        int64 [B, max_new_tokens], pad after a row's EOS.
+    """
+    ids, mask, image_mask = (torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask",
+                                                                   "image_attention_mask"))
+    pixels = torch.from_numpy(inputs["pixel_values"])
+    batch = ids.shape[0]
+    keys, values = model.cross_attention_kv(model.encode_images(pixels.flatten(0, 1)))
+    keys = [images_to_rows(k, batch) for k in keys]
+    values = [images_to_rows(v, batch) for v in values]
+    past_keys, past_values = model.decoder.empty_cache(batch)
+    logits, past_keys, past_values = model.decoder(ids, mask, past_keys, past_values, keys, values, image_mask)
+    new_image_mask = image_mask[:, -1:]
+    done = torch.zeros(batch, dtype=torch.bool)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = torch.where(done, pad_token_id, logits[:, -1].argmax(-1))
+        tokens.append(token)
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits, past_keys, past_values = model.decoder(token[:, None], mask, past_keys, past_values, keys, values,
+                                                       new_image_mask)
+    out = torch.stack(tokens, dim=1)
+    padding = torch.full((batch, max_new_tokens - out.shape[1]), pad_token_id, dtype=out.dtype)
+    return torch.cat([out, padding], dim=1).numpy()
