@@ -8,7 +8,7 @@ is ignored) until every row has finished.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +87,7 @@ class TextStream:
 def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
              image_attention_mask: np.ndarray, cross: Mapping[str, np.ndarray], cache: SelfAttentionCache,
              sampler: Sampler, stop: StopCondition, *, pad_token_id: int, start: float | None = None,
-             ) -> Iterator[GenerationStep]:
+             on_prefill: Callable[[SelfAttentionCache], None] | None = None) -> Iterator[GenerationStep]:
     """Prefill the prompt, then decode one token at a time, yielding a step per token.
 
     Args:
@@ -95,15 +95,20 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
         tokenizer: for the streamed text.
         input_ids, attention_mask: int64 [B, S] prompt (padded); image_attention_mask: int64 [B, S, M].
         cross: cross_key.i / cross_value.i [B, Hx, M*L, Dh] for the rows' images.
-        cache: an empty self-attention cache with room for S + stop.max_new_tokens tokens.
+        cache: a self-attention cache with room for S + stop.max_new_tokens tokens, empty or already holding the
+            K/V of the prompt's first P tokens (a reused prefix): then only the other S - P are run.
         sampler: picks the next token from logits [B, V] and the history [B, T].
         stop: when rows are done.
         pad_token_id: fed to rows that have finished.
         start: perf_counter() when the work for the first token began (default: now).
+        on_prefill: called with the cache once the prompt is in it (e.g. to keep it as a reusable prefix).
     """
     start = time.perf_counter() if start is None else start
     batch = input_ids.shape[0]
-    logits = run_decoder(decoder, input_ids, attention_mask, cache, cross, image_attention_mask)
+    done = cache.length  # prompt tokens whose K/V are already cached
+    logits = run_decoder(decoder, input_ids[:, done:], attention_mask, cache, cross, image_attention_mask[:, done:])
+    if on_prefill:
+        on_prefill(cache)
     new_image_mask = image_attention_mask[:, -1:, :]  # generated tokens attend as the prompt's last token does
     streams = [TextStream(tokenizer) for _ in range(batch)]
     finished = np.zeros(batch, dtype=bool)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,6 +87,89 @@ class SelfAttentionCache:
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept)."""
         self.length = 0
+
+    def snapshot(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the cached keys and values, one [B, H, P, Dh] per layer."""
+        return ([k[:, :, : self.length].copy() for k in self.keys],
+                [v[:, :, : self.length].copy() for v in self.values])
+
+    def load(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        """Start from stored keys and values ([B, H, P, Dh] per layer, e.g. a prompt prefix), replacing the cache.
+
+        Raises:
+            PromptTooLongError: P exceeds the capacity.
+        """
+        length = keys[0].shape[2]
+        if length > self.capacity:
+            raise PromptTooLongError(f"a cached prefix of {length} tokens does not fit a cache of {self.capacity}")
+        for buffer, stored in (*zip(self.keys, keys), *zip(self.values, values)):
+            buffer[:, :, :length] = stored
+        self.length = length
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A prompt's self-attention K/V (batch of one) and what it depends on: its tokens and its images."""
+
+    token_ids: tuple[int, ...]
+    images: tuple[tuple[int, str], ...]  # (position of the <image> token, content key of the image), in order
+    keys: list[np.ndarray]  # [1, H, P, Dh] per layer
+    values: list[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in (*self.keys, *self.values))
+
+
+class PrefixCache:
+    """Self-attention K/V of earlier prompts, reused when a new prompt begins with the same tokens and images.
+
+    A token's K/V depend only on the tokens before it and the images at or before it, so the longest common prefix
+    of two prompts (same token ids, same image content at every <image> position in it) has the same K/V in both.
+    Least recently used prompts are dropped beyond `max_bytes`.
+    """
+
+    def __init__(self, *, max_bytes: int):
+        if max_bytes < 0:
+            raise UsageError(f"the prefix cache size must be >= 0 bytes (0 = no cache); got {max_bytes}")
+        self.max_bytes, self.hits, self.tokens_reused = max_bytes, 0, 0
+        self._entries: OrderedDict[tuple, CachedPrefix] = OrderedDict()
+
+    def _common(self, entry: CachedPrefix, token_ids: tuple[int, ...], images) -> int:
+        length = 0
+        for ours, theirs in zip(entry.token_ids, token_ids):
+            if ours != theirs:
+                break
+            length += 1
+        for (position, key), (_, other) in zip(entry.images, images):
+            if position < length and key != other:
+                length = position  # the image differs: only the tokens before it can be reused
+        return length
+
+    def lookup(self, token_ids: tuple[int, ...], images: tuple[tuple[int, str], ...]) -> tuple[int, CachedPrefix | None]:
+        """The longest reusable prefix, at most len(token_ids) - 1 tokens (one token must run to give logits)."""
+        best, best_entry = 0, None
+        for key, entry in self._entries.items():
+            length = min(self._common(entry, token_ids, images), len(token_ids) - 1)
+            if length > best:
+                best, best_entry = length, key
+        if best_entry is None:
+            return 0, None
+        self._entries.move_to_end(best_entry)
+        self.hits += 1
+        self.tokens_reused += best
+        return best, self._entries[best_entry]
+
+    def store(self, prefix: CachedPrefix) -> None:
+        if prefix.nbytes > self.max_bytes:
+            return
+        self._entries[(prefix.token_ids, prefix.images)] = prefix
+        self._entries.move_to_end((prefix.token_ids, prefix.images))
+        while sum(entry.nbytes for entry in self._entries.values()) > self.max_bytes:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class CrossAttentionCache:

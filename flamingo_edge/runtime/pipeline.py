@@ -23,7 +23,7 @@ from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, build_graphs, cr
 from flamingo_edge.models.config import FlamingoConfig
 from flamingo_edge.runtime.backend import open_session
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
-from flamingo_edge.runtime.kv_cache import CrossAttentionCache, SelfAttentionCache
+from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
 from flamingo_edge.runtime.processor import Processor
 from flamingo_edge.runtime.sampling import make_sampler
 
@@ -46,17 +46,19 @@ class Pipeline:
     """
 
     def __init__(self, *, config: FlamingoConfig, sessions: dict, processor: Processor, max_context: int,
-                 max_images: int, image_cache_size: int):
+                 max_images: int, image_cache_size: int, prefix_cache_bytes: int):
         self.config, self.sessions, self.processor = config, sessions, processor
         self.max_context, self.max_images = max_context, max_images
         self.image_cache = CrossAttentionCache(capacity=image_cache_size)
+        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
         blocks = range(len(config.decoder.cross_layers))
         self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
 
     @classmethod
     def open(cls, export_dir: str | Path, *, backend: str = "onnxruntime", device: str = "auto",
-             max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64) -> Pipeline:
+             max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64,
+             prefix_cache_bytes: int = 64 << 20) -> Pipeline:
         """Open an export folder written by `flamingo-edge export`.
 
         Args:
@@ -66,6 +68,8 @@ class Pipeline:
             max_context: most tokens (prompt + generated) per sequence; default the model's max positions.
             max_images: most images per prompt.
             image_cache_size: images whose cross-attention K/V are kept (least recently used are dropped).
+            prefix_cache_bytes: memory for the self-attention K/V of earlier single prompts, reused when a prompt
+                begins with the same tokens and images (a fixed few-shot preamble); 0 disables it.
 
         Raises:
             ExportError: the folder is incomplete, modified, or from another contract version.
@@ -82,7 +86,8 @@ class Pipeline:
                     for name in GRAPH_NAMES}
         limit = config.decoder.max_positions if max_context is None else min(max_context, config.decoder.max_positions)
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
-                   max_context=limit, max_images=max_images, image_cache_size=image_cache_size)
+                   max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
+                   prefix_cache_bytes=prefix_cache_bytes)
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -134,8 +139,9 @@ class Pipeline:
                 raise PromptError(f"prompt {row} has {len(row_images)} images; at most {self.max_images} are allowed "
                                   "(Pipeline.open(max_images=...))")
 
-    def _prepare(self, prompts: list, max_new_tokens: int):
-        """Tokenize, check the limits (before any graph runs), gather the rows' cross K/V, size the KV cache."""
+    def _prepare(self, prompts: list, max_new_tokens: int, *, use_prefix: bool = True):
+        """Tokenize, check the limits (before any graph runs), gather the rows' cross K/V, size the KV cache and,
+        for a single prompt, fill it with the longest cached prefix. Returns (batch, cross, cache, on_prefill)."""
         batch = self.processor.tokenize(prompts)
         self._check_limits(batch.input_ids, batch.images, max_new_tokens)
         cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
@@ -143,11 +149,24 @@ class Pipeline:
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
                                    head_dim=text.head_dim, capacity=batch.input_ids.shape[1] + max_new_tokens)
         self.stats["prefill_runs"] += 1
-        return batch, cross, cache
+        if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
+            return batch, cross, cache, None
+        token_ids = tuple(int(t) for t in batch.input_ids[0])
+        positions = np.flatnonzero(batch.input_ids[0] == self.processor.image_token_id)
+        images = tuple((int(p), CrossAttentionCache.key_of(im)) for p, im in zip(positions, batch.images[0]))
+        reused, prefix = self.prefix_cache.lookup(token_ids, images)
+        if prefix is not None:
+            cache.load([k[:, :, :reused] for k in prefix.keys], [v[:, :, :reused] for v in prefix.values])
+            self.stats["prefix_tokens_reused"] += reused
+
+        def keep_prefix(filled: SelfAttentionCache) -> None:
+            self.prefix_cache.store(CachedPrefix(token_ids, images, *filled.snapshot()))
+
+        return batch, cross, cache, keep_prefix
 
     def logits(self, prompts: list) -> np.ndarray:
         """Logits of every prompt position, float32 [B, S, V] (one prefill; for comparisons with a reference)."""
-        batch, cross, cache = self._prepare(prompts, 0)
+        batch, cross, cache, _ = self._prepare(prompts, 0, use_prefix=False)  # every position's logits
         return run_decoder(self.sessions["decoder"], batch.input_ids, batch.attention_mask, cache, cross,
                            batch.image_attention_mask)
 
@@ -171,13 +190,14 @@ class Pipeline:
         start = time.perf_counter()
         sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, seed=seed)
-        batch, cross, cache = self._prepare(prompts, max_new_tokens)
+        batch, cross, cache, keep_prefix = self._prepare(prompts, max_new_tokens)
         tokenizer = self.processor.tokenizer
         stop_ids = [tokenizer.eos_token_id] if stop_token_ids is None else stop_token_ids
         stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
-                             batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start):
+                             batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start,
+                             on_prefill=keep_prefix):
             self.stats["decode_tokens"] += 1
             yield step
 

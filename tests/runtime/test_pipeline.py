@@ -169,3 +169,22 @@ def test_stop_strings_stop_tokens_and_seeded_sampling(pipeline, seed):
                                  repetition_penalty=1.3, stop_token_ids=[])[0].token_ids for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # the same seed gives the same tokens
     assert len(sampled[2]) == 8
+
+
+def test_prefix_cache_reuses_a_few_shot_preamble_with_identical_results(exported, seed):
+    rng = np.random.default_rng(seed)
+    shots = make_prompts("two_images", rng)[0]  # text, image, text, image, text: the fixed preamble
+    queries = [[rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), "what colour is it"] for _ in range(2)]
+    with Pipeline.open(exported[1], prefix_cache_bytes=0) as plain, Pipeline.open(exported[1]) as cached:
+        for query in queries:
+            expected = plain.complete([shots + query], max_new_tokens=10, stop_token_ids=[])[0]
+            actual = cached.complete([shots + query], max_new_tokens=10, stop_token_ids=[])[0]
+            assert actual == expected
+        preamble = len(cached.processor.tokenize([shots]).input_ids[0])
+        # The second query reused (at least) the whole preamble's K/V instead of recomputing it.
+        assert cached.stats["prefix_tokens_reused"] >= preamble and cached.prefix_cache.hits == 1
+        assert plain.stats["prefix_tokens_reused"] == 0
+        # A different image inside the prefix stops the reuse at that image.
+        other = [shots[0], rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), *shots[2:]] + queries[0]
+        assert cached.complete([other], max_new_tokens=10, stop_token_ids=[])[0] == \
+            plain.complete([other], max_new_tokens=10, stop_token_ids=[])[0]
