@@ -38,14 +38,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(tokenizer) -> IdeficsForVisionText2Text:
+def build_model(tokenizer, patch_size: int = 12) -> IdeficsForVisionText2Text:
     config = IdeficsConfig(
         vocab_size=len(tokenizer), additional_vocab_size=0, hidden_size=128, intermediate_size=320,
         num_hidden_layers=3, num_attention_heads=4, cross_layer_interval=1, use_resampler=True,
         freeze_text_layers=False, freeze_vision_layers=False, freeze_lm_head=False, tie_word_embeddings=False,
         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        vision_config=dict(embed_dim=96, image_size=scenes.IMAGE_SIZE, patch_size=12, num_hidden_layers=3,
+        vision_config=dict(embed_dim=96, image_size=scenes.IMAGE_SIZE, patch_size=patch_size, num_hidden_layers=3,
                            num_attention_heads=4, intermediate_size=256, hidden_act="gelu"),
         perceiver_config=dict(resampler_n_latents=16, resampler_depth=2, resampler_n_heads=4, resampler_head_dim=24),
     )
@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=48, help="(default: 48)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and training scenes (default: 0)")
+    parser.add_argument("--patch-size", type=int, default=12, help="ViT patch size in pixels (default: 12)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -91,7 +92,7 @@ def main():
     tokenizer.padding_side = "right"  # training: right padding keeps the answers at the end of the real tokens
     processor = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=scenes.IMAGE_SIZE),
                                  tokenizer=tokenizer)
-    model = build_model(tokenizer).train()
+    model = build_model(tokenizer, args.patch_size).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     budget, start, step, smoothed = args.minutes * 60, time.time(), 0, None
     while (elapsed := time.time() - start) < budget:

@@ -27,6 +27,10 @@ def _answerer(path: Path, backend: str):
     from flamingo_edge.demo.evaluate import onnxruntime_answerer, pytorch_answerer
     from flamingo_edge.errors import ExportError
 
+    from flamingo_edge.models.checkpoint import DEMO, resolve_checkpoint
+
+    if str(path) == DEMO:
+        path = resolve_checkpoint(path)
     is_export = (path / "export.json").is_file()
     if backend == "pytorch":
         if is_export:

@@ -8,10 +8,10 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import export, generate, info
+from flamingo_edge.cli import demo, export, generate, info
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command}
+SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo}
 
 EXIT_USER_ERROR = 2
 

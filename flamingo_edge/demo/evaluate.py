@@ -66,9 +66,11 @@ def evaluate(answer_batch: Callable[[list[list]], list[str]], *, n: int, seed: i
 def pytorch_answerer(checkpoint) -> Callable[[list[list]], list[str]]:
     """Greedy answers from the PyTorch reference model of a checkpoint folder."""
     from flamingo_edge.models import load_checkpoint
+    from flamingo_edge.models.checkpoint import resolve_checkpoint
     from flamingo_edge.models.generate import greedy_generate
     from flamingo_edge.runtime.processor import Processor
 
+    checkpoint = resolve_checkpoint(checkpoint)
     model, processor = load_checkpoint(checkpoint), Processor.from_pretrained(checkpoint)
     tokenizer = processor.tokenizer
 

@@ -26,7 +26,7 @@ from flamingo_edge.errors import CheckpointError, ParityError
 from flamingo_edge.export.checks import check_graph
 from flamingo_edge.export.wrappers import WRAPPERS
 from flamingo_edge.graphs import CONTRACT_VERSION, DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
-from flamingo_edge.models.checkpoint import load_checkpoint
+from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
 
@@ -168,7 +168,7 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFA
         CheckpointError: the checkpoint cannot be loaded.
         GraphContractError, ParityError: a graph fails its checks (nothing is recorded for it).
     """
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = resolve_checkpoint(checkpoint), Path(out_dir)
     model = load_checkpoint(checkpoint)
     specs = build_graphs(model.config)
     out_dir.mkdir(parents=True, exist_ok=True)

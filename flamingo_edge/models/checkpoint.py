@@ -8,6 +8,7 @@ when no safetensors exist, and only with `torch.load(weights_only=True)`, which 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -25,8 +26,28 @@ logger = logging.getLogger(__name__)
 _INDEX = "model.safetensors.index.json"
 
 
+DEMO = "demo"  # wherever a command takes a checkpoint, this word names the bundled demo checkpoint
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
+DEMO_OVERRIDE = "FLAMINGO_EDGE_DEMO_CHECKPOINT"  # names another folder as "demo" (e.g. one you trained)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder a user named: a path, or "demo" for the checkpoint bundled with the package.
+
+    Raises:
+        CheckpointError: "demo" was named but the bundled checkpoint is missing from this installation.
+    """
+    if str(path) != DEMO:
+        return Path(path)
+    folder = Path(os.environ.get(DEMO_OVERRIDE, DEMO_CHECKPOINT))
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"the demo checkpoint is missing ({folder}); train one with: python "
+                              f"samples/train_demo_model.py OUT, then set {DEMO_OVERRIDE}=OUT")
+    return folder
+
+
 def _check_folder(path: str | Path) -> Path:
-    folder = Path(path)
+    folder = resolve_checkpoint(path)
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint folder; pass the folder written by save_pretrained")
     if not folder.is_dir():
@@ -103,7 +124,7 @@ def load_checkpoint(path: str | Path) -> FlamingoModel:
             unexpected or of the wrong shape. The message names the file and the tensor.
     """
     config = load_config(path)
-    folder = Path(path)
+    folder = resolve_checkpoint(path)
     tensors, files = read_tensors(folder)
     with torch.device("meta"):
         expected = {name: p.shape for name, p in FlamingoModel(config=config).state_dict().items()}
