@@ -31,3 +31,9 @@ def test_importing_the_package_and_cli_imports_neither_torch_nor_tensorrt():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_test_file_names_are_unique():
+    """Test folders have no __init__.py, so two test files with one basename break collection of the whole suite."""
+    names = [path.name for path in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
