@@ -105,8 +105,9 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
     """
     start = time.perf_counter() if start is None else start
     batch = input_ids.shape[0]
-    done = cache.length  # prompt tokens whose K/V are already cached
-    logits = run_decoder(decoder, input_ids[:, done:], attention_mask, cache, cross, image_attention_mask[:, done:])
+    cached = cache.length  # prompt tokens whose K/V are already in the cache (a reused prefix)
+    logits = run_decoder(decoder, input_ids[:, cached:], attention_mask, cache, cross,
+                         image_attention_mask[:, cached:])
     if on_prefill:
         on_prefill(cache)
     new_image_mask = image_attention_mask[:, -1:, :]  # generated tokens attend as the prompt's last token does
@@ -116,10 +117,10 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
     for index in range(stop.max_new_tokens):
         tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history)).astype(np.int64)
         texts = ["" if finished[row] else streams[row].push(int(tokens[row])) for row in range(batch)]
-        done = np.isin(tokens, list(stop.token_ids)) | np.array(
+        stopped = np.isin(tokens, list(stop.token_ids)) | np.array(
             [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
         )
-        ending = ~finished & (done | (index + 1 == stop.max_new_tokens))
+        ending = ~finished & (stopped | (index + 1 == stop.max_new_tokens))
         for row in np.flatnonzero(ending):
             texts[row] += streams[row].flush()
         finished |= ending
