@@ -66,6 +66,32 @@ class GraphSpec:
         return next(spec for spec in self.inputs if spec.name == name)
 
 
+def format_dims(dims) -> str:
+    return "[" + ", ".join(str(dim) for dim in dims) + "]"
+
+
+def io_mismatches(kind: str, declared, expected) -> list[str]:
+    """What a graph file declares (TensorSpecs; dims may be None where unknown) vs the contract, for its inputs or
+    its outputs: missing and unexpected names, dtypes, ranks, and fixed dims that differ. Order is not compared."""
+    by_name = {tensor.name: tensor for tensor in declared}
+    names = {tensor.name for tensor in expected}
+    problems = [f"{kind} {tensor.name!r} is missing" for tensor in expected if tensor.name not in by_name]
+    problems += [f"unexpected {kind} {tensor.name!r}" for tensor in declared if tensor.name not in names]
+    for want in expected:
+        have = by_name.get(want.name)
+        if have is None:
+            continue
+        if have.dtype != want.dtype:
+            problems.append(f"{kind} {want.name!r} is {have.dtype}, expected {want.dtype}")
+        if len(have.dims) != len(want.dims):
+            problems.append(f"{kind} {want.name!r} has rank {len(have.dims)} {format_dims(have.dims)}, "
+                            f"expected {len(want.dims)} {format_dims(want.dims)}")
+        elif any(isinstance(w, int) and isinstance(h, int) and w != h for h, w in zip(have.dims, want.dims)):
+            problems.append(f"{kind} {want.name!r} has shape {format_dims(have.dims)}, "
+                            f"expected {format_dims(want.dims)}")
+    return problems
+
+
 def past_key(layer: int) -> str:
     return f"past_key.{layer}"
 

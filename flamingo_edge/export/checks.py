@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 
 from flamingo_edge.errors import GraphContractError
-from flamingo_edge.graphs import GraphSpec
+from flamingo_edge.graphs import GraphSpec, TensorSpec, io_mismatches
 
 # Control flow makes graphs data-dependent and defeats TensorRT's optimisation profiles (DESIGN.md).
 FORBIDDEN_OPS = ("If", "Loop", "Scan")
@@ -17,26 +17,32 @@ _ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "in
                   onnx.TensorProto.BOOL: "bool"}
 
 
-def _io(values) -> list[tuple[str, str, int]]:
-    return [(v.name, _ONNX_TO_NUMPY.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
-             len(v.type.tensor_type.shape.dim)) for v in values]
+def _declared(values) -> list[TensorSpec]:
+    """ONNX graph inputs or outputs as TensorSpecs (dynamic dims by name, unknown dims as None)."""
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in tensor_type.shape.dim)
+        specs.append(TensorSpec(value.name, _ONNX_TO_NUMPY.get(tensor_type.elem_type, str(tensor_type.elem_type)),
+                                dims))
+    return specs
 
 
-def _compare(kind: str, actual: list[tuple[str, str, int]], expected, spec_name: str, path: Path) -> list[str]:
-    wanted = [(t.name, t.dtype, len(t.dims)) for t in expected]
-    if actual == wanted:
-        return []
-    problems = [f"{kind} {i}: graph has {a}, contract says {w}" for i, (a, w) in enumerate(zip(actual, wanted)) if a != w]
-    if len(actual) != len(wanted):
-        problems.append(f"{len(actual)} {kind}s in the graph, {len(wanted)} in the contract")
+def _mismatches(kind: str, values, expected) -> list[str]:
+    """`io_mismatches`, plus the order: the exported graphs keep the contract's order exactly."""
+    declared = _declared(values)
+    problems = io_mismatches(kind, declared, expected)
+    if not problems and [t.name for t in declared] != [t.name for t in expected]:
+        problems.append(f"{kind}s are in the order {[t.name for t in declared]}, "
+                        f"the contract's is {[t.name for t in expected]}")
     return problems
 
 
 def check_graph(path: str | Path, spec: GraphSpec) -> None:
     """Validate an exported graph file against the contract.
 
-    Runs `onnx.checker` with full shape inference, refuses If/Loop/Scan nodes, and compares input and output names,
-    dtypes and ranks (in order) with `spec`.
+    Runs `onnx.checker` with full shape inference, refuses If/Loop/Scan nodes, and compares input and output names
+    (in order), dtypes, ranks and fixed dims with `spec` (`graphs.io_mismatches`, shared with the runtime backends).
 
     Raises:
         GraphContractError: listing every problem found.
@@ -49,8 +55,8 @@ def check_graph(path: str | Path, spec: GraphSpec) -> None:
     model = onnx.load(str(path), load_external_data=False)
     problems = [f"{node.op_type} node {node.name!r} (no control flow allowed)"
                 for node in model.graph.node if node.op_type in FORBIDDEN_OPS]
-    problems += _compare("input", _io(model.graph.input), spec.inputs, spec.name, path)
-    problems += _compare("output", _io(model.graph.output), spec.outputs, spec.name, path)
+    problems += _mismatches("input", model.graph.input, spec.inputs)
+    problems += _mismatches("output", model.graph.output, spec.outputs)
     if problems:
         raise GraphContractError(f"{spec.name}: {path} breaks the graph contract: " + "; ".join(problems)
                                  + "; re-export with this flamingo-edge version")

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from flamingo_edge.errors import FeatureUnavailableError, GraphContractError
-from flamingo_edge.graphs import GraphSpec, TensorSpec
+from flamingo_edge.graphs import GraphSpec, TensorSpec, format_dims, io_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,6 @@ def open_session(path: str | Path, spec: GraphSpec, kind: str | BackendKind = Ba
     return OnnxRuntimeSession(path, spec, device=device)
 
 
-def _dims(shape: Sequence) -> str:
-    return "[" + ", ".join(str(dim) for dim in shape) + "]"
-
-
 def _shape_problems(spec: GraphSpec, tensor: TensorSpec, array: np.ndarray, bound: dict) -> list[str]:
     """Dtype, rank and fixed-dim problems of one input; binds its dynamic dims in `bound` (name -> size, where)."""
     what = f"{spec.name}: input {tensor.name!r}"
@@ -115,7 +111,7 @@ def _shape_problems(spec: GraphSpec, tensor: TensorSpec, array: np.ndarray, boun
     if array.dtype != tensor.np_dtype:
         problems.append(f"{what} has dtype {array.dtype}; expected {tensor.dtype}")
     if array.ndim != len(tensor.dims):
-        return [*problems, f"{what} has shape {array.shape}; expected rank {len(tensor.dims)} {_dims(tensor.dims)}"]
+        return [*problems, f"{what} has shape {array.shape}; expected rank {len(tensor.dims)} {format_dims(tensor.dims)}"]
     for axis, (dim, size) in enumerate(zip(tensor.dims, array.shape)):
         if isinstance(dim, int) and size != dim:
             problems.append(f"{what} has shape {array.shape}; dim {axis} must be {dim}")
@@ -170,26 +166,6 @@ def check_feed(spec: GraphSpec, feed: Mapping[str, np.ndarray]) -> None:
         raise GraphContractError("; ".join(problems))
 
 
-def _io_problems(kind: str, declared: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> list[str]:
-    """Names, dtypes, ranks and fixed dims of a graph file's inputs or outputs vs the contract (order is free)."""
-    by_name = {tensor.name: tensor for tensor in declared}
-    names = {tensor.name for tensor in expected}
-    problems = [f"{kind} {tensor.name!r} is missing" for tensor in expected if tensor.name not in by_name]
-    problems += [f"unexpected {kind} {tensor.name!r}" for tensor in declared if tensor.name not in names]
-    for want in expected:
-        have = by_name.get(want.name)
-        if have is None:
-            continue
-        if have.dtype != want.dtype:
-            problems.append(f"{kind} {want.name!r} is {have.dtype}, expected {want.dtype}")
-        if len(have.dims) != len(want.dims):
-            problems.append(f"{kind} {want.name!r} has rank {len(have.dims)} {_dims(have.dims)}, "
-                            f"expected {len(want.dims)} {_dims(want.dims)}")
-        elif any(isinstance(w, int) and isinstance(h, int) and w != h for h, w in zip(have.dims, want.dims)):
-            problems.append(f"{kind} {want.name!r} has shape {_dims(have.dims)}, expected {_dims(want.dims)}")
-    return problems
-
-
 def check_model_io(spec: GraphSpec, path: str | Path, inputs: Sequence[TensorSpec],
                    outputs: Sequence[TensorSpec]) -> None:
     """Check a graph file's declared inputs and outputs against the contract, when it is opened.
@@ -202,7 +178,7 @@ def check_model_io(spec: GraphSpec, path: str | Path, inputs: Sequence[TensorSpe
     Raises:
         GraphContractError: naming the file and at most five mismatches, and saying to re-export.
     """
-    problems = _io_problems("input", inputs, spec.inputs) + _io_problems("output", outputs, spec.outputs)
+    problems = io_mismatches("input", inputs, spec.inputs) + io_mismatches("output", outputs, spec.outputs)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise GraphContractError(f"{spec.name}: {path} does not match the {spec.name} graph contract: "

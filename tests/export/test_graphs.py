@@ -76,7 +76,8 @@ def test_record_with_unknown_keys_is_refused(exported, tmp_path):
 def test_graph_that_breaks_the_contract_is_named(exported):
     checkpoint, out = exported
     specs = build_graphs(load_checkpoint(checkpoint).config)
-    with pytest.raises(GraphContractError, match=r"vision: .*resampler\.onnx breaks the graph contract: input 0"):
+    expected = r"vision: .*resampler\.onnx breaks the graph contract: input 'pixel_values' is missing"
+    with pytest.raises(GraphContractError, match=expected):
         check_graph(out / "resampler.onnx", specs["vision"])
 
 
@@ -107,3 +108,13 @@ def test_external_data(idefics_checkpoint, tmp_path):
                if name != "resampler" or graph.data_file)
     assert (tmp_path / "decoder.onnx.data").stat().st_size > (tmp_path / "decoder.onnx").stat().st_size
     read_export_record(tmp_path)
+
+
+def test_graph_whose_outputs_are_out_of_order_is_named(exported):
+    import dataclasses
+
+    checkpoint, out = exported
+    spec = build_graphs(load_checkpoint(checkpoint).config)["xattn_kv"]
+    swapped = dataclasses.replace(spec, outputs=(spec.outputs[1], spec.outputs[0], *spec.outputs[2:]))
+    with pytest.raises(GraphContractError, match=r"xattn_kv: .*outputs are in the order \['cross_key\.0'"):
+        check_graph(out / "xattn_kv.onnx", swapped)
