@@ -24,6 +24,7 @@ from flamingo_edge.export.export import export_all
 from flamingo_edge.models.random_idefics import save_random_idefics
 from flamingo_edge.models.summary import summarize
 from flamingo_edge.models import load_config
+from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.pipeline import Pipeline
 
 TEXT = "User: describe the picture in detail, then say what colour the square is and how many circles there are."
@@ -44,7 +45,7 @@ def time_transformers(model, processor, image, new_tokens):
 def time_pipeline(pipeline, image, new_tokens):
     steps = list(pipeline.generate([[TEXT, image, "Assistant:"]], max_new_tokens=new_tokens, stop_token_ids=[]))
     assert len(steps) == new_tokens
-    return steps[0].seconds, (new_tokens - 1) / sum(step.seconds for step in steps[1:])
+    return step_speed(steps)
 
 
 def main():

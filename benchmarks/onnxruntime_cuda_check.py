@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from flamingo_edge.errors import FlamingoEdgeError
+from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.pipeline import Pipeline
 from flamingo_edge.tools.tolerances import relative_error
 
@@ -23,7 +24,7 @@ def run(export_dir, device, prompts, new_tokens):
         logits = pipeline.logits(prompts)
         steps = list(pipeline.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[]))
     tokens = np.stack([s.tokens for s in steps], axis=1)
-    return logits, tokens, steps[0].seconds, (len(steps) - 1) / sum(s.seconds for s in steps[1:])
+    return logits, tokens, *step_speed(steps)
 
 
 def main():

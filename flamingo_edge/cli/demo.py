@@ -16,11 +16,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _generate(pipeline, prompt, max_new_tokens=12):
     """Greedy text, time to first token and decode tokens/s for one prompt."""
-    text, steps = "", list(pipeline.generate([prompt], max_new_tokens=max_new_tokens))
-    for step in steps:
-        text += step.text[0]
-    decode = (len(steps) - 1) / sum(s.seconds for s in steps[1:]) if len(steps) > 1 else float("nan")
-    return text.strip(), steps[0].seconds, decode
+    from flamingo_edge.runtime.generation import step_speed
+
+    steps = list(pipeline.generate([prompt], max_new_tokens=max_new_tokens))
+    return "".join(step.text[0] for step in steps).strip(), *step_speed(steps)
 
 
 def _mark(ok: bool) -> str:

@@ -55,6 +55,12 @@ def run_decoder(session, input_ids, attention_mask, cache, cross, image_attentio
     return outputs["logits"]
 
 
+def step_speed(steps: list[GenerationStep]) -> tuple[float, float]:
+    """Time to first token (s) and decode tokens/s of one generation, from its steps' model time (nan for 1 step)."""
+    decode_seconds = sum(step.seconds for step in steps[1:])
+    return steps[0].seconds, (len(steps) - 1) / decode_seconds if decode_seconds > 0 else float("nan")
+
+
 class TextStream:
     """Incremental detokenization of one row: the text each new token adds.
 
