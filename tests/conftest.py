@@ -70,3 +70,9 @@ def as_pil(prompts: list[list]) -> list[list]:
     from PIL import Image
 
     return [[item if isinstance(item, str) else Image.fromarray(item) for item in prompt] for prompt in prompts]
+
+
+def upstream_inputs(processor, prompts: list[list]) -> dict:
+    """transformers' IdeficsProcessor on our prompts (numpy images): the four model inputs as torch tensors."""
+    batch = processor(text=as_pil(prompts), return_tensors="pt")
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}

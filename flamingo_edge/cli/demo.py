@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
                   f"first token {ttft * 1000:.1f} ms, reused {reused} prompt tokens' K/V and {hits} images' "
                   f"cross-attention K/V")
     print(f"\n4. held-out accuracy on {args.n} new scenes")
-    for name, answerer in (("PyTorch", lambda: pytorch_answerer("demo")), ("ONNX Runtime", lambda: onnxruntime_answerer(export))):
+    backends = (("PyTorch", lambda: pytorch_answerer("demo")), ("ONNX Runtime", lambda: onnxruntime_answerer(export)))
+    for name, answerer in backends:
         with tqdm(total=2 * args.n, unit="prompt", desc=name, leave=False) as bar:
             report = evaluate(answerer(), n=args.n, on_batch=bar.update)
         print(f"   {name:13} answers {report.answer_accuracy:6.1%}   captions {report.caption_accuracy:6.1%}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
-from conftest import PROMPT_CASES, as_pil, make_prompts  # noqa: E402
+from conftest import PROMPT_CASES, make_prompts, upstream_inputs  # noqa: E402
 from flamingo_edge.models import load_checkpoint  # noqa: E402
 from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error  # noqa: E402
 
@@ -26,15 +26,10 @@ def models(idefics_checkpoint):
     return upstream, load_checkpoint(idefics_checkpoint), processor
 
 
-def _inputs(processor, prompts):
-    batch = processor(text=prompts, return_tensors="pt")
-    return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(models, case, seed):
     upstream, ours, processor = models
-    inputs = _inputs(processor, as_pil(make_prompts(case, np.random.default_rng([seed, len(case)]))))
+    inputs = upstream_inputs(processor, make_prompts(case, np.random.default_rng([seed, len(case)])))
     with torch.no_grad():
         expected = upstream(**inputs).logits
         actual = ours(**inputs)
@@ -47,7 +42,7 @@ def test_logits_match_transformers(models, case, seed):
 def test_images_reach_the_logits(models, seed):
     """The comparison above is not vacuous: pixels move the logits after the first image, and only there."""
     _, ours, processor = models
-    inputs = _inputs(processor, as_pil(make_prompts("text_before_first_image", np.random.default_rng(seed))))
+    inputs = upstream_inputs(processor, make_prompts("text_before_first_image", np.random.default_rng(seed)))
     first_image = int((inputs["image_attention_mask"][0].sum(-1) > 0).nonzero()[0])
     with torch.no_grad():
         logits = ours(**inputs)
@@ -77,7 +72,7 @@ def greedy_generate(model, inputs, *, max_new_tokens: int, eos_token_id: int, pa
 
 def test_greedy_generation_matches_transformers(models, seed):
     upstream, ours, processor = models
-    inputs = _inputs(processor, as_pil(make_prompts("batch_of_two_with_padding", np.random.default_rng(seed + 1))))
+    inputs = upstream_inputs(processor, make_prompts("batch_of_two_with_padding", np.random.default_rng(seed + 1)))
     config = upstream.config
     with torch.no_grad():
         expected = upstream.generate(**inputs, max_new_tokens=20, do_sample=False)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PROMPT_CASES, as_pil, make_prompts
+from conftest import PROMPT_CASES, make_prompts, upstream_inputs
 from flamingo_edge.artifacts import read_export_record, sha256_of
 from flamingo_edge.errors import ExportError, GraphContractError, PromptError, PromptTooLongError
 from flamingo_edge.runtime.generation import run_decoder
@@ -39,18 +39,13 @@ def pipeline(exported):
         yield pipeline
 
 
-def _upstream_inputs(processor, prompts):
-    batch = processor(text=as_pil(prompts), return_tensors="pt")
-    return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
-
-
 @pytest.mark.parametrize("case", sorted(PROMPT_CASES))
 def test_greedy_tokens_and_prefill_logits_match_transformers(pipeline, upstream, case, seed):
     import torch
 
     model, processor = upstream
     prompts = make_prompts(case, np.random.default_rng([seed, len(case), 7]))
-    inputs = _upstream_inputs(processor, prompts)
+    inputs = upstream_inputs(processor, prompts)
     with torch.no_grad():
         expected_logits = model(**inputs).logits.numpy()
         expected = model.generate(**inputs, max_new_tokens=20, do_sample=False)[:, inputs["input_ids"].shape[1]:]
