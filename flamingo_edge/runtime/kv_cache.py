@@ -132,7 +132,7 @@ class PrefixCache:
     def __init__(self, *, max_bytes: int):
         if max_bytes < 0:
             raise UsageError(f"the prefix cache size must be >= 0 bytes (0 = no cache); got {max_bytes}")
-        self.max_bytes, self.hits, self.tokens_reused = max_bytes, 0, 0
+        self.max_bytes, self.hits, self.tokens_reused, self.nbytes = max_bytes, 0, 0, 0
         self._entries: OrderedDict[tuple, CachedPrefix] = OrderedDict()
 
     def _common(self, entry: CachedPrefix, token_ids: tuple[int, ...], images) -> int:
@@ -163,10 +163,13 @@ class PrefixCache:
     def store(self, prefix: CachedPrefix) -> None:
         if prefix.nbytes > self.max_bytes:
             return
-        self._entries[(prefix.token_ids, prefix.images)] = prefix
-        self._entries.move_to_end((prefix.token_ids, prefix.images))
-        while sum(entry.nbytes for entry in self._entries.values()) > self.max_bytes:
-            self._entries.popitem(last=False)
+        key = (prefix.token_ids, prefix.images)
+        if key in self._entries:
+            self.nbytes -= self._entries.pop(key).nbytes
+        self._entries[key] = prefix
+        self.nbytes += prefix.nbytes
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
