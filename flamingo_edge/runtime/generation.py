@@ -64,26 +64,24 @@ def step_speed(steps: list[GenerationStep]) -> tuple[float, float]:
 class TextStream:
     """Incremental detokenization of one row: the text each new token adds.
 
-    Text that ends in an incomplete UTF-8 character is held back until the character completes, for at most
-    `MAX_HELD` tokens (a byte-level model can emit bytes that never form a character) or until `flush`.
+    Text that ends in an incomplete UTF-8 character is held back until the character completes or the row ends
+    (`flush`). Releasing it earlier could not be taken back if later bytes complete the character, and the streamed
+    pieces would no longer add up to the decoded tokens.
     """
 
-    MAX_HELD = 4  # the longest UTF-8 character
-
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.text, self.held = tokenizer, [], "", 0
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        self.held += 1
-        if self.held < self.MAX_HELD and self._decoded().endswith("\ufffd"):
+        if self._decoded().endswith("\ufffd"):
             return ""
         return self.flush()
 
     def flush(self) -> str:
         """Release everything decoded so far (at the end of a row)."""
         text = self._decoded()
-        delta, self.text, self.held = text[len(self.text):], text, 0
+        delta, self.text = text[len(self.text):], text
         return delta
 
     def _decoded(self) -> str:
