@@ -25,3 +25,19 @@ def test_scenes_are_reproducible_and_consistent(seed):
 def test_caption_grammar():
     assert scenes.Group("circle", "orange", 1).phrase() == "an orange circle"
     assert scenes.Group("star", "red", 3).phrase() == "three red stars"
+
+
+def test_cells_hold_the_groups_and_no_shape_spills_into_another_cell(seed):
+    rng = np.random.default_rng(seed)
+    cell = scenes.IMAGE_SIZE // scenes.GRID
+    for _ in range(50):
+        scene = scenes.make_scene(rng)
+        assert len(scene.cells) == scenes.GRID ** 2
+        drawn = [c for c in scene.cells if c is not None]
+        assert sorted(drawn) == sorted((g.shape, g.colour) for g in scene.groups for _ in range(g.count))
+        background = scene.image[0, 0].astype(int)
+        for index, content in enumerate(scene.cells):
+            row, col = divmod(index, scenes.GRID)
+            block = scene.image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell].astype(int)
+            inked = np.abs(block - background).sum(-1) > 30
+            assert inked.sum() > 20 if content is not None else not inked.any()  # empty cells get no ink

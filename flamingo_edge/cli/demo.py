@@ -10,7 +10,7 @@ HELP = ("export the bundled demo checkpoint (cached), then caption, answer, run 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=100, help="held-out scenes for the accuracy check (default: 100)")
+    parser.add_argument("--n", type=int, default=500, help="held-out scenes for the accuracy check (default: 500)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the scenes shown (default: 2024)")
 
 

@@ -14,7 +14,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.demo.evaluate import EVAL_SEED
 
     parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT",
-                        help="a checkpoint folder (pytorch backend) or an export folder (onnxruntime backend)")
+                        help="a checkpoint folder (pytorch backend) or an export folder (onnxruntime backend); "
+                        "`demo` names the bundled checkpoint (its cached export for onnxruntime)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default: onnxruntime)")
     parser.add_argument("--n", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED,
@@ -26,11 +27,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _answerer(path: Path, backend: str):
     from flamingo_edge.demo.evaluate import onnxruntime_answerer, pytorch_answerer
     from flamingo_edge.errors import ExportError
-
     from flamingo_edge.models.checkpoint import DEMO, resolve_checkpoint
 
-    if str(path) == DEMO:
-        path = resolve_checkpoint(path)
+    if str(path) == DEMO:  # the bundled checkpoint, or for onnxruntime its cached export
+        if backend == "pytorch":
+            return pytorch_answerer(resolve_checkpoint(path))
+        from flamingo_edge.demo.bundle import demo_export
+
+        return onnxruntime_answerer(demo_export())
     is_export = (path / "export.json").is_file()
     if backend == "pytorch":
         if is_export:

@@ -39,6 +39,7 @@ class Group:
 class Scene:
     image: np.ndarray  # uint8 [H, W, 3] RGB
     groups: tuple[Group, ...]  # in caption order (the order of SHAPES)
+    cells: tuple[tuple[str, str] | None, ...] = ()  # (shape, colour) or None per grid cell, row-major
 
     @property
     def caption(self) -> str:
@@ -82,17 +83,22 @@ def make_scene(rng: np.random.Generator) -> Scene:
     background = rng.integers(225, 256, size=3)
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     image[:] = background
-    cells = rng.permutation(GRID * GRID)[: sum(g.count for g in groups)]
+    order = rng.permutation(GRID * GRID)[: sum(g.count for g in groups)]
     cell = IMAGE_SIZE // GRID
-    placed = iter(cells)
+    cells: list[tuple[str, str] | None] = [None] * (GRID * GRID)
+    placed = iter(order)
     for group in groups:
         for _ in range(group.count):
-            row, col = divmod(int(next(placed)), GRID)
+            index = int(next(placed))
+            cells[index] = (group.shape, group.colour)
+            row, col = divmod(index, GRID)
             size = int(rng.integers(cell // 4, cell // 3 + 1))
-            jitter = rng.integers(-(cell // 2 - size - 1), cell // 2 - size, size=2)
+            # The star reaches 1.3 x size from its centre: keep every shape inside its cell.
+            reach = int(np.ceil(size * 1.3)) + 1
+            jitter = rng.integers(-(cell // 2 - reach), cell // 2 - reach + 1, size=2)
             center = (col * cell + cell // 2 + int(jitter[0]), row * cell + cell // 2 + int(jitter[1]))
             _draw(image, group.shape, COLOURS[group.colour], center, size)
-    return Scene(image, groups)
+    return Scene(image, groups, tuple(cells))
 
 
 def caption_prompt(scene: Scene) -> list:
