@@ -8,10 +8,11 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import demo, export, generate, info
+from flamingo_edge.cli import compare, demo, export, generate, info
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo}
+SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
+               "compare": compare}
 
 EXIT_USER_ERROR = 2
 

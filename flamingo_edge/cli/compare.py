@@ -1,0 +1,181 @@
+"""`flamingo-edge compare CHECKPOINT EXPORT`: parity of an export on a backend with the PyTorch reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = ("compare an export, run by a backend, with the checkpoint's PyTorch reference: per graph, per layer and end "
+        "to end; exits 1 when it leaves the tolerance")
+DEFAULT_PROMPT = "<image>caption:"
+TEXT_ONLY_PROMPT = "question: what colour is the square? answer:"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the checkpoint folder the export was made from (`demo`: the bundled one)")
+    parser.add_argument("export_dir", metavar="EXPORT", help="the export folder (written by flamingo-edge export)")
+    parser.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime", help="(default: onnxruntime)")
+    parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE",
+                        help="images to feed (default: two generated demo scenes)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="one prompt per line, with <image> where each image goes; the images of --images are "
+                             f"used in order (default: {DEFAULT_PROMPT!r} per image, plus one text-only prompt)")
+    parser.add_argument("--new-tokens", type=int, default=12,
+                        help="greedy tokens per prompt for the token comparisons (default: 12)")
+    parser.add_argument("--task-n", type=int, default=100,
+                        help="held-out scenes scored on both sides when the checkpoint is the demo model; 0 skips "
+                             "(default: 100)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (docs/compare.md)")
+    parser.add_argument("--plot", metavar="PATH.png", help="plot the error per graph and per layer (needs matplotlib)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated scenes (default: 0)")
+
+
+def build_prompts(images: list, prompts_file: str | None) -> list:
+    """The prompts: from the file (markers consume the images in order), or one caption prompt per image plus a
+    text-only prompt.
+
+    Raises:
+        PromptError: the markers and the images do not pair up, or the file has no prompt.
+    """
+    from flamingo_edge.cli.generate import IMAGE_MARKER, prompt_items
+    from flamingo_edge.errors import PromptError
+
+    if prompts_file is None:
+        return [prompt_items(DEFAULT_PROMPT, [image]) for image in images] + [[TEXT_ONLY_PROMPT]]
+    lines = [line for line in _read(prompts_file).splitlines() if line.strip()]
+    if not lines:
+        raise PromptError(f"{prompts_file} has no prompt; write one per line")
+    needed = sum(line.count(IMAGE_MARKER) for line in lines)
+    if needed != len(images):
+        raise PromptError(f"{prompts_file} has {needed} '{IMAGE_MARKER}' markers but {len(images)} images were given")
+    prompts, used = [], 0
+    for line in lines:
+        count = line.count(IMAGE_MARKER)
+        prompts.append(prompt_items(line, images[used:used + count]))
+        used += count
+    return prompts
+
+
+def _read(prompts_file: str) -> str:
+    from flamingo_edge.errors import UsageError
+
+    try:
+        return Path(prompts_file).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read the prompts file {prompts_file}: {error}") from None
+
+
+def _default_images(seed: int, prompts_file: str | None) -> list:
+    """Generated demo scenes: two, or as many as the prompts file has markers."""
+    import numpy as np
+
+    from flamingo_edge.cli.generate import IMAGE_MARKER
+    from flamingo_edge.demo import scenes
+
+    count = 2 if prompts_file is None else _read(prompts_file).count(IMAGE_MARKER)
+    rng = np.random.default_rng(seed)
+    return [scenes.make_scene(rng).image for _ in range(count)]
+
+
+def print_report(report) -> None:
+    print(f"{'graph / layer':32} {'max abs':>10} {'max rel':>10} {'cosine':>10}")
+    for name, graph in report.graphs.items():
+        worst = max(graph.outputs.items(), key=lambda item: item[1].max_rel)
+        print(f"{name:32} {worst[1].max_abs:10.3g} {graph.max_rel:10.3g} {worst[1].cosine:10.6f}  "
+              f"{'ok' if graph.passed else 'FAIL'} (worst: {worst[0]})")
+        for layer in graph.layers:
+            print(f"  {layer.name:30} {layer.diff.max_abs:10.3g} {layer.diff.max_rel:10.3g} {layer.diff.cosine:10.6f}")
+    e2e = report.end_to_end
+    print(f"\nend to end: logits max rel {e2e.logits.max_rel:.3g}, cosine {e2e.logits.cosine:.6f}, top-1 agreement "
+          f"{e2e.top1_agreement:.2%}; first divergent token: teacher-forced "
+          f"{_token(e2e.first_divergent_token['teacher_forced'])}, free-running "
+          f"{_token(e2e.first_divergent_token['free_running'])}")
+    if report.task:
+        ref, ours = report.task["reference"], report.task["backend"]
+        print(f"demo task ({report.task['n']} scenes): PyTorch answers {ref['answer_accuracy']:.1%} captions "
+              f"{ref['caption_accuracy']:.1%}; {report.backend} answers {ours['answer_accuracy']:.1%} captions "
+              f"{ours['caption_accuracy']:.1%}")
+    verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
+    print(f"\n{verdict} (tolerance: relative error {report.tolerance['relative_error']:g})")
+
+
+def _token(index) -> str:
+    return "none" if index is None else f"at token {index}"
+
+
+def _pyplot():
+    from flamingo_edge.errors import FeatureUnavailableError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FeatureUnavailableError("--plot needs matplotlib: pip install matplotlib "
+                                      "(or pip install 'flamingo-edge[plot]')") from None
+    return plt
+
+
+def plot_report(report, path: str) -> None:
+    """Bars of the relative error per graph and per layer (log scale) with the tolerance line, as a PNG."""
+    import io
+
+    plt = _pyplot()
+
+    from flamingo_edge.artifacts import atomic_write
+
+    labels, values, colours = [], [], []
+    for name, graph in report.graphs.items():
+        labels.append(name)
+        values.append(graph.max_rel)
+        colours.append("tab:blue" if graph.passed else "tab:red")
+        for layer in graph.layers:
+            labels.append("  " + layer.name)
+            values.append(layer.diff.max_rel)
+            colours.append("tab:gray")
+    labels.append("end to end (logits)")
+    values.append(report.end_to_end.logits.max_rel)
+    colours.append("tab:green")
+    floor = 1e-12  # an exact match still gets a visible bar on the log scale
+    figure, axes = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
+    axes.barh(range(len(labels)), [max(v, floor) for v in values], color=colours)
+    axes.set_yticks(range(len(labels)), labels)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.axvline(report.tolerance["relative_error"], color="black", linestyle="--", label="tolerance")
+    axes.set_xlabel("max |backend - PyTorch| / max |PyTorch|")
+    axes.set_title(f"{report.backend} vs PyTorch ({'pass' if report.passed else 'FAIL'})")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write(path, buffer.getvalue())
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.runtime.processor import load_image
+    from flamingo_edge.tools.compare import compare
+
+    if args.plot:
+        _pyplot()  # before the work: a missing matplotlib fails now, not after the comparison
+    images = [load_image(path) for path in args.images] if args.images else _default_images(args.seed, args.prompts)
+    prompts = build_prompts(images, args.prompts)
+    with tqdm(total=7, desc="compare", unit="stage", leave=False) as bar:
+        def on_stage(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        report = compare(args.checkpoint, args.export_dir, prompts, backend=args.backend,
+                         new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage)
+    print_report(report)
+    if args.json:
+        atomic_write(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0 if report.passed else 1

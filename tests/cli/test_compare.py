@@ -1,0 +1,104 @@
+"""`flamingo-edge compare`: a correct export passes; a graph broken on purpose is named, with its first divergent
+layer, and the command exits non-zero; the JSON report and the plot are written; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from flamingo_edge.artifacts import sha256_of
+from flamingo_edge.cli.main import main
+from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory):
+    from flamingo_edge.export.export import export_all
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(DEMO_OVERRIDE, raising=False)
+        out = tmp_path_factory.mktemp("compare") / "export"
+        export_all("demo", out, seed=0)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def bundled_demo(monkeypatch):
+    monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
+
+
+def break_graph(export, tmp_path, graph: str, scope: str, seed: int):
+    """A copy of the export whose `graph` has one weight read inside `scope` perturbed, with export.json updated to
+    the new file's hash (a self-consistent but wrong export, as an exporter bug would make)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    path = broken / f"{graph}.onnx"
+    model = onnx.load(str(path))
+    readers = {name for node in model.graph.node if node.name.startswith(scope) for name in node.input}
+    weight = next(init for init in model.graph.initializer
+                  if init.name in readers and init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) > 1)
+    array = numpy_helper.to_array(weight)
+    array = array + np.random.default_rng(seed).normal(0, float(np.abs(array).mean()), array.shape).astype(np.float32)
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    onnx.save(model, str(path))
+    record = json.loads((broken / "export.json").read_text())
+    record["graphs"][graph]["sha256"] = sha256_of(path)
+    (broken / "export.json").write_text(json.dumps(record))
+    return broken
+
+
+def test_correct_export_passes_with_json_and_plot(demo_export, tmp_path, capsys):
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "errors.png"
+    assert main(["compare", "demo", str(demo_export), "--task-n", "10", "--json", str(report_path),
+                 "--plot", str(plot_path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["failures"] == [] and report["version"] == 1
+    assert set(report["graphs"]) == {"vision", "resampler", "xattn_kv", "decoder"}
+    for name in ("vision", "resampler", "decoder"):
+        assert report["graphs"][name]["layers"], name  # every repeated block was found in the graph and compared
+    layers = [layer["name"] for layer in report["graphs"]["decoder"]["layers"]]
+    assert layers == ["decoder.cross_blocks.0", "decoder.layers.0", "decoder.cross_blocks.1", "decoder.layers.1",
+                      "decoder.cross_blocks.2", "decoder.layers.2"]
+    assert "logits@decode" in report["graphs"]["decoder"]["outputs"]  # the decode step is compared too
+    e2e = report["end_to_end"]
+    assert e2e["top1_agreement"] == 1.0 and e2e["logits"]["max_rel"] < 1e-4 and e2e["logits"]["cosine"] > 0.999999
+    assert e2e["first_divergent_token"] == {"teacher_forced": None, "free_running": None}
+    assert e2e["generated"]["reference"] == e2e["generated"]["backend"]
+    assert report["task"]["reference"] == report["task"]["backend"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("graph, layer", [("decoder", "decoder.layers.1"), ("vision", "vision.blocks.1"),
+                                          ("resampler", "resampler.blocks.1")])
+def test_a_broken_graph_is_named_with_its_first_divergent_layer(demo_export, tmp_path, capsys, seed, graph, layer):
+    scope = "/" + layer.replace(".blocks.", "/blocks.").replace(".layers.", "/layers.") + "/"
+    broken = break_graph(demo_export, tmp_path, graph, scope, seed)
+    report_path = tmp_path / "report.json"
+    assert main(["compare", "demo", str(broken), "--task-n", "0", "--json", str(report_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL: graph {graph}:" in out and f"first at layer {layer}" in out
+    report = json.loads(report_path.read_text())
+    assert not report["passed"]
+    failing = [name for name, g in report["graphs"].items() if not g["passed"]]
+    assert failing == [graph]  # each graph is fed the reference's inputs, so the error stays where it is made
+    assert report["graphs"][graph]["first_divergent_layer"] == layer
+    earlier = [l for l in report["graphs"][graph]["layers"]][: [l["name"] for l in
+                                                                report["graphs"][graph]["layers"]].index(layer)]
+    assert all(l["diff"]["max_rel"] < 1e-4 for l in earlier)
+
+
+def test_prompts_file_and_bad_input(demo_export, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("<image>caption:\n\nquestion: how many <image> are there?\n")
+    assert main(["compare", "demo", str(demo_export), "--prompts", str(prompts), "--task-n", "0"]) == 0
+    assert main(["compare", "demo", str(demo_export), "--prompts", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read the prompts file" in capsys.readouterr().err
+    assert main(["compare", "demo", str(demo_export), "--prompts", str(prompts), "--images",
+                 str(tmp_path / "missing.png")]) == 2
+    assert main(["compare", "demo", str(tmp_path)]) == 2  # not an export
