@@ -102,3 +102,9 @@ def test_prompts_file_and_bad_input(demo_export, tmp_path, capsys):
     assert main(["compare", "demo", str(demo_export), "--prompts", str(prompts), "--images",
                  str(tmp_path / "missing.png")]) == 2
     assert main(["compare", "demo", str(tmp_path)]) == 2  # not an export
+
+
+def test_correct_idefics_exports_pass(idefics_checkpoint, idefics_export, capsys):
+    assert main(["compare", str(idefics_checkpoint), str(idefics_export), "--new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "decoder.layers.0" in out and "demo task" not in out  # not the demo model: no task

@@ -1,0 +1,81 @@
+"""`flamingo-edge bench EXPORT`: per-stage latency, time to first token, decode tokens/s, memory; with --reference,
+the same workload through transformers and our PyTorch reference in the same run, as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = ("time an export on a backend per stage (preprocess, vision, resampler, xattn_kv, prefill, decode), with "
+        "ratios against transformers and the PyTorch reference measured in the same run")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="EXPORT",
+                        help="the export folder (`demo`: the bundled checkpoint's cached export)")
+    parser.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime", help="(default: onnxruntime)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    parser.add_argument("--reference", metavar="CHECKPOINT",
+                        help="also run the workload through transformers' generate and our PyTorch reference on this "
+                             "checkpoint (`demo`: the bundled one); needs transformers")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
+    parser.add_argument("--images", type=int, default=1, help="images per prompt, new every run (default: 1)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random images (default: 0)")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON (docs/bench.md)")
+
+
+def _ms(spread: dict) -> str:
+    return f"{spread['median'] * 1000:9.2f} ms  ({spread['min'] * 1000:.2f}–{spread['max'] * 1000:.2f})"
+
+
+def print_report(report: dict) -> None:
+    ours = report["backend_result"]
+    load = report["workload"]
+    print(f"{report['backend']} ({report['device']}), {load['images']} image(s), {ours['prompt_tokens']} prompt "
+          f"tokens, {load['new_tokens']} new tokens; median (min–max) of {load['runs']} runs after a warm-up")
+    for stage, spread in ours["stages_s"].items():
+        print(f"  {stage:18} {_ms(spread)}")
+    print(f"  {'time to first token':18} {_ms(ours['ttft_s'])}")
+    decode = ours["decode_tokens_per_s"]
+    print(f"  {'decode':18} {decode['median']:9.1f} tokens/s  ({decode['min']:.1f}–{decode['max']:.1f})")
+    print(f"  {'peak RSS':18} {ours['peak_rss_bytes'] / 2**20:9.1f} MiB")
+    band = report["memory_bandwidth"]
+    print(f"  decode floor: {ours['decode_bytes_per_token'] / 2**20:.2f} MiB read per token at "
+          f"{band['copy_bytes_per_s'] / 1e9:.1f} GB/s copy bandwidth = {band['decode_floor_s'] * 1000:.3f} ms; "
+          f"reached {band['fraction_of_floor_reached']:.1%} of it")
+    if "speedup_vs_transformers" in report:
+        for name, key in (("transformers", "transformers"), ("PyTorch reference", "pytorch_reference")):
+            theirs, ratio = report[key], report[f"speedup_vs_{key}"]
+            print(f"  vs {name:18} TTFT {theirs['ttft_s']['median'] * 1000:.2f} ms, decode "
+                  f"{theirs['decode_tokens_per_s']['median']:.1f} tokens/s -> ours is x{ratio['ttft']:.2f} (TTFT, "
+                  f"theirs / ours), x{ratio['decode']:.2f} (decode, ours / theirs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.errors import UsageError
+    from flamingo_edge.tools.bench import Workload, bench
+
+    for name in ("prompt_tokens", "new_tokens", "images", "runs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.new_tokens < 2:
+        raise UsageError("--new-tokens must be at least 2 to measure decode speed")
+    export_dir = args.export_dir
+    if export_dir == "demo":
+        from flamingo_edge.demo.bundle import demo_export
+
+        export_dir = demo_export()
+    workload = Workload(images=args.images, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                        runs=args.runs)
+    with tqdm(desc="bench", unit="stage", total=4 if args.reference else 2, leave=False) as bar:
+        report = bench(export_dir, workload, backend=args.backend, device=args.device, reference=args.reference,
+                       seed=args.seed, on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+    print_report(report)
+    if args.json:
+        atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    return 0

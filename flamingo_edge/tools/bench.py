@@ -1,0 +1,249 @@
+"""Speed of an export on a backend, per stage, and against the PyTorch references in the same run.
+
+One workload (`Workload`: images, prompt tokens, new tokens) is run `runs` times after a warm-up through the
+backend's Pipeline, whose sessions and preprocessing are wrapped by timers; with a reference checkpoint the same
+workload then runs through transformers' `generate` and through our PyTorch reference. Every image is new in every
+run (no image-cache hits) and every run generates exactly `new_tokens` (end-of-sequence ignored).
+
+Figures: median, min and max over the runs. Time to first token (TTFT) is from the call to the first token, image
+preprocessing, vision, resampler, xattn_kv and prefill included; decode tokens/s counts the tokens after the first.
+For the references, TTFT is `generate(max_new_tokens=1)` and decode is (N - 1) / (t(N) - t(1)).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.artifacts import read_export_record
+from flamingo_edge.errors import PromptTooLongError
+from flamingo_edge.runtime.pipeline import Pipeline
+
+REPORT_VERSION = 1
+STAGES = ("preprocess", "vision", "resampler", "xattn_kv", "prefill", "decode_per_token")
+
+
+@dataclass(frozen=True)
+class Workload:
+    images: int = 1
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    runs: int = 5
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+class _Timed:
+    """Forwards to `inner`, adding each call's seconds to `log[name]` (run() for sessions, __call__ otherwise)."""
+
+    def __init__(self, inner, name: str, log: dict[str, list[float]]):
+        self._inner, self._name, self._log = inner, name, log
+
+    def _timed(self, function, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._log[self._name].append(time.perf_counter() - start)
+
+    def run(self, feed):
+        return self._timed(self._inner.run, feed)
+
+    def __call__(self, *args, **kwargs):
+        return self._timed(self._inner, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def make_prompt(tokenize: Callable[[list], int], images: list[np.ndarray], tokens: int) -> list:
+    """images first, then filler text, so that the prompt is `tokens` tokens long (as close as the tokenizer
+    allows from above)."""
+    words = max(1, tokens // 2)
+    for _ in range(8):
+        prompt = [*images, " ".join(["the"] * words) + " caption:"]
+        count = tokenize(prompt)
+        if count == tokens or words == 1 and count > tokens:
+            break
+        words = max(1, words + tokens - count)
+    return prompt
+
+
+def random_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, size=(240, 320, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
+    """Bytes per second moved by a large numpy copy (read + write), best of `repeats`."""
+    source = np.ones(megabytes << 18, np.float32)
+    target = np.empty_like(source)
+    best = min(_seconds(lambda: np.copyto(target, source)) for _ in range(repeats))
+    return 2 * source.nbytes / best
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def decode_bytes_per_token(export_dir: Path, pipeline: Pipeline, workload: Workload, prompt_tokens: int) -> int:
+    """What one decode step must read at least: the decoder graph's weights (its files' size) plus the self- and
+    cross-attention K/V at the mean context length of the decode steps."""
+    record = read_export_record(export_dir)
+    entry = record.graphs["decoder"]
+    weights = (export_dir / entry.file).stat().st_size
+    if entry.data_file:
+        weights += (export_dir / entry.data_file).stat().st_size
+    text = pipeline.config.decoder
+    context = prompt_tokens + workload.new_tokens / 2
+    self_kv = 2 * text.layers * text.heads * text.head_dim * context * 4
+    cross_kv = (2 * len(text.cross_layers) * text.cross_heads * text.cross_head_dim
+                * workload.images * pipeline.config.visual_tokens_per_image * 4)
+    return int(weights + self_kv + cross_kv)
+
+
+def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
+                   device: str = "auto", seed: int = 0, on_run: Callable[[], None] | None = None) -> dict:
+    """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload`."""
+    export_dir = Path(export_dir)
+    rng = np.random.default_rng(seed)
+    log: dict[str, list[float]] = defaultdict(list)
+    runs = defaultdict(list)
+    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0) as pipeline:
+        processor = pipeline.processor
+        prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1],
+                             random_images(rng, workload.images), workload.prompt_tokens)
+        prompt_tokens = processor.tokenize([prompt]).input_ids.shape[1]
+        if prompt_tokens + workload.new_tokens > pipeline.max_context:
+            raise PromptTooLongError(f"{prompt_tokens} prompt tokens + {workload.new_tokens} new tokens > "
+                                     f"{pipeline.max_context}, the model's context; lower --prompt-tokens or "
+                                     "--new-tokens")
+        pipeline.sessions = {name: _Timed(session, name, log) for name, session in pipeline.sessions.items()}
+        processor.image_preprocessor = _Timed(processor.image_preprocessor, "preprocess", log)
+        processor.tokenize = _Timed(processor.tokenize, "preprocess", log)
+        for run in range(workload.runs + 1):
+            log.clear()
+            prompt = [*random_images(rng, workload.images), prompt[-1]]  # new images: no cache hits
+            start = time.perf_counter()
+            first = None
+            for step in pipeline.generate([prompt], max_new_tokens=workload.new_tokens, stop_token_ids=[]):
+                first = time.perf_counter() - start if first is None else first
+            total = time.perf_counter() - start
+            if run == 0:
+                continue  # warm-up
+            decoder = log["decoder"]
+            runs["ttft_s"].append(first)
+            runs["decode_tokens_per_s"].append((workload.new_tokens - 1) / (total - first))
+            for name in ("preprocess", "vision", "resampler", "xattn_kv"):
+                runs[name].append(sum(log[name]))
+            runs["prefill"].append(decoder[0])
+            runs["decode_per_token"].append(statistics.median(decoder[1:]) if len(decoder) > 1 else float("nan"))
+            if on_run:
+                on_run()
+        bytes_per_token = decode_bytes_per_token(export_dir, pipeline, workload, prompt_tokens)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    report = {name: asdict(Spread.of(values)) for name, values in runs.items()}
+    return {"prompt_tokens": prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
+            "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
+            "peak_rss_bytes": peak_rss, "decode_bytes_per_token": bytes_per_token, "prompt": prompt[-1]}
+
+
+def bench_transformers(checkpoint: Path, prompt_text: str, workload: Workload, seed: int) -> dict:
+    """transformers' IdeficsForVisionText2Text.generate on the same workload."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    model = IdeficsForVisionText2Text.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    rng = np.random.default_rng(seed)
+
+    def generate(images, n):
+        inputs = processor(text=[[*(Image.fromarray(i) for i in images), prompt_text]], return_tensors="pt")
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    return _two_point(generate, rng, workload)
+
+
+def bench_pytorch_reference(checkpoint: Path, prompt_text: str, workload: Workload, seed: int) -> dict:
+    """Our PyTorch reference model (greedy with its KV cache) on the same workload."""
+    from flamingo_edge.models import load_checkpoint
+    from flamingo_edge.models.generate import greedy_generate
+    from flamingo_edge.runtime.processor import Processor
+
+    model, processor = load_checkpoint(checkpoint), Processor.from_pretrained(checkpoint)
+    rng = np.random.default_rng(seed)
+
+    def generate(images, n):
+        greedy_generate(model, processor([[*images, prompt_text]]), max_new_tokens=n, eos_token_id=None,
+                        pad_token_id=0)
+
+    return _two_point(generate, rng, workload)
+
+
+def _two_point(generate, rng, workload: Workload) -> dict:
+    """TTFT = time of 1 token; decode tokens/s = (N - 1) / (t(N) - t(1)); new images every run; one warm-up."""
+    runs = defaultdict(list)
+    for run in range(workload.runs + 1):
+        images = random_images(rng, workload.images)
+        one = _seconds(lambda: generate(images, 1))
+        full = _seconds(lambda: generate(images, workload.new_tokens))
+        if run:
+            runs["ttft_s"].append(one)
+            runs["decode_tokens_per_s"].append((workload.new_tokens - 1) / max(full - one, 1e-9))
+    return {name: asdict(Spread.of(values)) for name, values in runs.items()}
+
+
+def ratios(ours: dict, theirs: dict) -> dict:
+    """{decode: our tokens/s ÷ theirs, ttft: their time to first token ÷ ours} (above 1: we are faster)."""
+    return {"decode": ours["decode_tokens_per_s"]["median"] / theirs["decode_tokens_per_s"]["median"],
+            "ttft": theirs["ttft_s"]["median"] / ours["ttft_s"]["median"]}
+
+
+def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime", device: str = "auto",
+          reference: str | Path | None = None, seed: int = 0, on_stage: Callable[[str], None] | None = None) -> dict:
+    """The whole `flamingo-edge bench` report (docs/bench.md describes every key)."""
+    import os
+
+    stage = on_stage or (lambda name: None)
+    stage("backend")
+    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed)
+    stage("bandwidth")
+    bandwidth = copy_bandwidth()
+    floor = ours["decode_bytes_per_token"] / bandwidth
+    per_token = ours["stages_s"]["decode_per_token"]["median"]
+    report = {"version": REPORT_VERSION, "export": str(export_dir), "backend": backend, "device": device,
+              "workload": asdict(workload), "cpu_count": os.cpu_count(), "backend_result": ours,
+              "memory_bandwidth": {"copy_bytes_per_s": bandwidth, "decode_floor_s": floor,
+                                   "fraction_of_floor_reached": floor / per_token},
+              "gpu_memory_bytes": None}
+    if reference is not None:
+        from flamingo_edge.models.checkpoint import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(reference)
+        stage("transformers")
+        theirs = bench_transformers(checkpoint, ours["prompt"], workload, seed)
+        stage("pytorch reference")
+        torch_ref = bench_pytorch_reference(checkpoint, ours["prompt"], workload, seed)
+        report.update(reference=str(checkpoint), transformers=theirs, pytorch_reference=torch_ref,
+                      speedup_vs_transformers=ratios(ours, theirs),
+                      speedup_vs_pytorch_reference=ratios(ours, torch_ref))
+    return report
