@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.artifacts import read_export_record
-from flamingo_edge.errors import PromptTooLongError
+from flamingo_edge.errors import PromptError, PromptTooLongError
 from flamingo_edge.runtime.pipeline import Pipeline
 
 REPORT_VERSION = 1
@@ -73,16 +73,23 @@ class _Timed:
 
 
 def make_prompt(tokenize: Callable[[list], int], images: list[np.ndarray], tokens: int) -> list:
-    """images first, then filler text, so that the prompt is `tokens` tokens long (as close as the tokenizer
-    allows from above)."""
-    words = max(1, tokens // 2)
-    for _ in range(8):
-        prompt = [*images, " ".join(["the"] * words) + " caption:"]
-        count = tokenize(prompt)
-        if count == tokens or words == 1 and count > tokens:
-            break
-        words = max(1, words + tokens - count)
-    return prompt
+    """images first, then filler text, so that the prompt is `tokens` tokens long, or as close above as the
+    tokenizer allows: a binary search over the filler's length in characters (the token count grows with it)."""
+    def prompt(chars: int) -> list:
+        return [*images, ("a " * (chars // 2 + 1))[:chars] + "caption:"]
+
+    low, high = 0, 2 * tokens
+    while tokenize(prompt(high)) < tokens:
+        if high > 64 * tokens:
+            raise PromptError(f"cannot build a {tokens}-token prompt: the tokenizer makes too few tokens of text")
+        high *= 2
+    while low < high:  # the fewest characters that give at least `tokens` tokens
+        middle = (low + high) // 2
+        if tokenize(prompt(middle)) >= tokens:
+            high = middle
+        else:
+            low = middle + 1
+    return prompt(low)
 
 
 def random_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:

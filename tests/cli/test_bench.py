@@ -39,14 +39,16 @@ def test_bench_with_references_reports_every_stage_and_ratio(tmp_path, capsys):
         assert set(report[key]) == {"decode", "ttft"} and all(v > 0 for v in report[key].values())
 
 
-def test_prompt_has_the_asked_length():
+def test_prompt_has_the_asked_length(idefics_checkpoint):
+    """With the demo's word-level tokenizer and the presets' character-level one."""
     from flamingo_edge.models.checkpoint import resolve_checkpoint
     from flamingo_edge.runtime.processor import Processor
 
-    processor = Processor.from_pretrained(resolve_checkpoint("demo"))
-    for tokens in (6, 17, 40):
-        prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1], [], tokens)
-        assert processor.tokenize([prompt]).input_ids.shape[1] == tokens
+    for folder in (resolve_checkpoint("demo"), idefics_checkpoint):
+        processor = Processor.from_pretrained(folder)
+        for tokens in (6, 17, 40):
+            prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1], [], tokens)
+            assert processor.tokenize([prompt]).input_ids.shape[1] == tokens
 
 
 def test_bad_workloads_exit_2(capsys):
