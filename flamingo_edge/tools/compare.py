@@ -344,20 +344,14 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
 
 
 def _is_demo(checkpoint: Path) -> bool:
-    from flamingo_edge.models.checkpoint import DEMO
-
-    return checkpoint.resolve() == resolve_checkpoint(DEMO).resolve() if _demo_exists() else False
-
-
-def _demo_exists() -> bool:
+    """Whether `checkpoint` is the folder the word `demo` names (there may be none)."""
     from flamingo_edge.errors import CheckpointError
     from flamingo_edge.models.checkpoint import DEMO
 
     try:
-        resolve_checkpoint(DEMO)
+        return checkpoint.resolve() == resolve_checkpoint(DEMO).resolve()
     except CheckpointError:
         return False
-    return True
 
 
 def _task_accuracy(checkpoint: Path, export_dir: Path, backend: str, n: int) -> dict:
