@@ -28,6 +28,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(default: 100)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (docs/compare.md)")
     parser.add_argument("--plot", metavar="PATH.png", help="plot the error per graph and per layer (needs matplotlib)")
+    parser.add_argument("--polygraphy", metavar="DIR",
+                        help="also write each graph's inputs and both sides' outputs as Polygraphy JSON "
+                             "(<graph>_inputs.json, <graph>_outputs.json) to continue in Polygraphy; needs polygraphy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated scenes (default: 0)")
 
 
@@ -118,6 +121,17 @@ def _pyplot():
     return plt
 
 
+def _polygraphy() -> None:
+    from flamingo_edge.errors import FeatureUnavailableError
+
+    try:
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise FeatureUnavailableError("--polygraphy needs Polygraphy: pip install polygraphy "
+                                      "(or pip install 'flamingo-edge[polygraphy]')") from None
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # its own INFO lines would mix with the report
+
+
 def plot_report(report, path: str) -> None:
     """Bars of the relative error per graph and per layer (log scale) with the tolerance line, as a PNG."""
     import io
@@ -164,6 +178,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.plot:
         _pyplot()  # before the work: a missing matplotlib fails now, not after the comparison
+    if args.polygraphy:
+        _polygraphy()
     images = [load_image(path) for path in args.images] if args.images else _default_images(args.seed, args.prompts)
     prompts = build_prompts(images, args.prompts)
     with tqdm(total=7, desc="compare", unit="stage", leave=False) as bar:
@@ -172,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
             bar.update(1)
 
         report = compare(args.checkpoint, args.export_dir, prompts, backend=args.backend,
-                         new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage)
+                         new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage,
+                         polygraphy_dir=args.polygraphy)
     print_report(report)
     if args.json:
         atomic_write(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())

@@ -175,12 +175,24 @@ def _match(expected: np.ndarray, candidates: list[np.ndarray]) -> np.ndarray | N
     return same[-1] if same else None
 
 
+@dataclass
+class GraphRun:
+    """One feed of a graph and what each side made of it."""
+
+    feed: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+    backend: dict[str, np.ndarray]
+
+
 def compare_graph(name: str, reference: TorchSession, backend_session, graph_file: Path | None,
-                  tolerance: float) -> GraphReport:
-    """One graph on the reference's first recorded feed (and each later one, e.g. a decode step)."""
+                  tolerance: float, runs: list[GraphRun] | None = None) -> GraphReport:
+    """One graph on the reference's first recorded feed (and each later one, e.g. a decode step); each feed and
+    both sides' outputs are appended to `runs` when given."""
     outputs: dict[str, TensorDiff] = {}
     for index, feed in enumerate(reference.feeds):
         expected, actual = reference.run(feed), backend_session.run(feed)
+        if runs is not None:
+            runs.append(GraphRun(feed, expected, actual))
         for out in reference.spec.output_names:
             key = out if index == 0 else f"{out}@{'decode' if name == 'decoder' else f'feed{index}'}"
             outputs[key] = TensorDiff.of(actual[out], expected[out])
@@ -299,8 +311,30 @@ def reference_pipeline(checkpoint: Path, export_dir: Path, config: FlamingoConfi
                     prefix_cache_bytes=0)
 
 
+def write_polygraphy(out_dir: Path, graph: str, runs: list[GraphRun], backend: str) -> list[Path]:
+    """`<graph>_inputs.json` (the feeds, for `polygraphy run --load-inputs`) and `<graph>_outputs.json` (a
+    Polygraphy RunResults with one runner per side, for `--load-outputs` or `polygraphy inspect data`)."""
+    try:
+        from polygraphy.comparator import IterationResult, RunResults
+        from polygraphy.json import to_json
+    except ImportError:
+        from flamingo_edge.errors import FeatureUnavailableError
+
+        raise FeatureUnavailableError("--polygraphy needs Polygraphy: pip install polygraphy") from None
+    from flamingo_edge.artifacts import atomic_write
+
+    results = RunResults()
+    for runner, side in (("pytorch", "reference"), (backend, "backend")):
+        results.append((runner, [IterationResult(outputs=getattr(run, side), runner_name=runner) for run in runs]))
+    inputs, outputs = out_dir / f"{graph}_inputs.json", out_dir / f"{graph}_outputs.json"
+    atomic_write(inputs, to_json([run.feed for run in runs]).encode())
+    atomic_write(outputs, to_json(results).encode())
+    return [inputs, outputs]
+
+
 def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, backend: str = "onnxruntime",
-            new_tokens: int = 12, task_n: int = 0, on_stage=None) -> CompareReport:
+            new_tokens: int = 12, task_n: int = 0, on_stage=None,
+            polygraphy_dir: str | Path | None = None) -> CompareReport:
     """Compare an export run by `backend` with the checkpoint's PyTorch reference.
 
     Args:
@@ -311,6 +345,7 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
         new_tokens: greedy tokens generated per prompt for the token comparisons.
         task_n: held-out demo scenes to score on both sides (0: skip); only for the demo checkpoint.
         on_stage: called with a short name as each stage starts (progress).
+        polygraphy_dir: also write each graph's feeds and both sides' outputs here in Polygraphy's formats.
     """
     stage = on_stage or (lambda name: None)
     checkpoint, export_dir = resolve_checkpoint(checkpoint), Path(export_dir)
@@ -327,8 +362,11 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
         for name in GRAPH_NAMES:
             stage(name)
             graph_file = export_dir / record.graphs[name].file if backend == "onnxruntime" else None
+            runs: list[GraphRun] = []
             graphs[name] = compare_graph(name, reference.sessions[name], under_test.sessions[name], graph_file,
-                                         tolerance)
+                                         tolerance, runs)
+            if polygraphy_dir is not None:
+                write_polygraphy(Path(polygraphy_dir), name, runs, backend)
     for name, graph in graphs.items():
         if not graph.passed:
             where = f", first at layer {graph.first_divergent_layer}" if graph.first_divergent_layer else ""

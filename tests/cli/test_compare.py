@@ -108,3 +108,28 @@ def test_correct_idefics_exports_pass(idefics_checkpoint, idefics_export, capsys
     assert main(["compare", str(idefics_checkpoint), str(idefics_export), "--new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "decoder.layers.0" in out and "demo task" not in out  # not the demo model: no task
+
+
+def test_polygraphy_files_continue_in_polygraphy(demo_export, tmp_path):
+    """The files load as Polygraphy data, and `polygraphy run` on the graph with them passes, as a user would run it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    out = tmp_path / "polygraphy"
+    assert main(["compare", "demo", str(demo_export), "--task-n", "0", "--polygraphy", str(out)]) == 0
+    feeds = load_json(str(out / "decoder_inputs.json"))
+    results = RunResults.load(str(out / "decoder_outputs.json"))
+    assert list(results.keys()) == ["pytorch", "onnxruntime"]
+    assert len(feeds) == len(results["pytorch"]) == 2  # prefill and a decode step
+    assert feeds[0]["past_key.0"].shape[2] == 0 and feeds[1]["input_ids"].shape[1] == 1
+    for name in ("vision", "resampler", "xattn_kv"):
+        assert (out / f"{name}_inputs.json").is_file() and (out / f"{name}_outputs.json").is_file()
+    polygraphy = Path(sys.executable).parent / "polygraphy"
+    result = subprocess.run([str(polygraphy), "run", str(demo_export / "vision.onnx"), "--onnxrt", "--load-inputs",
+                             str(out / "vision_inputs.json"), "--load-outputs", str(out / "vision_outputs.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "PASSED" in result.stdout + result.stderr, result.stdout + result.stderr
