@@ -69,6 +69,12 @@ class OnnxRuntimeSession:
                                      "re-run `flamingo-edge export`")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A pipeline runs its sessions one after another, each with its own thread pool. By default a pool's threads
+        # spin-wait after a run and take the cores from the next session: on 2 cores the prefill after vision took
+        # 3x longer and time to first token 2.8x (100m preset, `flamingo-edge bench`). Stop spinning when a run
+        # returns; it restarts with the next run. (A process-wide shared pool would also do, but it forces every
+        # other ONNX Runtime session in the user's process onto it.)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), options, providers=_providers(device))
         except _LOAD_ERRORS as error:

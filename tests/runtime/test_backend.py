@@ -79,6 +79,18 @@ def make_feed(rng, *, batch=2, past=3, new=2, free=5) -> dict[str, np.ndarray]:
     }
 
 
+def test_onnxruntime_threads_stop_spinning_after_each_run(toy_path):
+    """A pipeline runs its sessions one after another; a session whose threads kept spinning would take the cores
+    from the next one (benchmarks/README.md measured 2.8x the time to first token on 2 cores)."""
+    import onnxruntime
+
+    with open_session(toy_path, SPEC) as session:
+        options = session.session.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.use_per_session_threads  # no process-wide pool: other sessions in the process are unaffected
+    onnxruntime.InferenceSession(str(toy_path), providers=["CPUExecutionProvider"])  # the user's own session
+
+
 def test_outputs_by_name_equal_numpy_and_are_not_reused(toy_path, seed):
     rng = np.random.default_rng(seed)
     with open_session(toy_path, SPEC) as session:
