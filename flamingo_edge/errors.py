@@ -49,3 +49,8 @@ class EngineMismatchError(FlamingoEdgeError):
 
 class FeatureUnavailableError(FlamingoEdgeError):
     """A feature needs a package or a version that this machine does not have."""
+
+
+class CalibrationError(FlamingoEdgeError):
+    """Calibration input that cannot be used (no images, an unreadable video), or a calibration folder that is
+    incomplete or belongs to another export."""

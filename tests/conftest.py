@@ -76,3 +76,14 @@ def upstream_inputs(processor, prompts: list[list]) -> dict:
     """transformers' IdeficsProcessor on our prompts (numpy images): the four model inputs as torch tensors."""
     batch = processor(text=as_pil(prompts), return_tensors="pt")
     return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")}
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory):
+    """The bundled demo checkpoint exported once for the session (whatever FLAMINGO_EDGE_DEMO_CHECKPOINT says)."""
+    from flamingo_edge.export.export import export_all
+    from flamingo_edge.models.checkpoint import DEMO_CHECKPOINT
+
+    out = tmp_path_factory.mktemp("demo-export") / "export"
+    export_all(DEMO_CHECKPOINT, out, seed=0)
+    return out

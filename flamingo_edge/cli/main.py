@@ -8,11 +8,11 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import bench, compare, demo, export, generate, info
+from flamingo_edge.cli import bench, calibrate, compare, demo, export, generate, info
 from flamingo_edge.errors import FlamingoEdgeError
 
 SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
-               "compare": compare, "bench": bench}
+               "compare": compare, "bench": bench, "calibrate": calibrate}
 
 EXIT_USER_ERROR = 2
 

@@ -16,17 +16,6 @@ from flamingo_edge.cli.main import main
 from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
 
 
-@pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
-    from flamingo_edge.export.export import export_all
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv(DEMO_OVERRIDE, raising=False)
-        out = tmp_path_factory.mktemp("compare") / "export"
-        export_all("demo", out, seed=0)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def bundled_demo(monkeypatch):
     monkeypatch.delenv(DEMO_OVERRIDE, raising=False)

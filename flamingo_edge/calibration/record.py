@@ -1,0 +1,165 @@
+"""Record what each graph really sees when the fp32 pipeline runs on real images and prompts.
+
+    CALIB/
+      calibration.json        what was used: export and its graph hashes, source, n, seed, prompts, files
+      vision.npz              sample00000/pixel_values, sample00001/pixel_values, ...
+      resampler.npz           sample00000/image_features, ...
+      xattn_kv.npz            sample00000/visual_tokens, ...
+      decoder.npz             prefill and decode-step feeds: sample00000/input_ids, sample00000/past_key.0, ...
+
+Every sample is one feed, exactly as the pipeline passed it to the graph (all of the graph's inputs, by name). The
+folder is written under a temporary name and renamed when complete, so an interrupted run leaves nothing that
+`read_calibration` accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.artifacts import atomic_write, read_export_record, sha256_of
+from flamingo_edge.errors import CalibrationError, UsageError
+from flamingo_edge.graphs import GRAPH_NAMES
+from flamingo_edge.runtime.pipeline import Pipeline
+
+RECORD_FILE = "calibration.json"
+RECORD_VERSION = 1
+DEFAULT_PROMPTS = ("<image>caption:", "<image>question: what colour is the square? answer:")
+
+
+class RecordingSession:
+    """A session that keeps a copy of every feed it runs (forwarding to the real one)."""
+
+    def __init__(self, inner):
+        self.inner, self.spec = inner, inner.spec
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.feeds.append({name: np.array(feed[name]) for name in self.spec.input_names})
+        return self.inner.run(feed)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class CalibrationRecord:
+    version: int
+    export: str
+    export_graphs_sha256: dict[str, str]
+    source: str
+    n_images: int
+    seed: int
+    prompts: list[str]
+    max_new_tokens: int
+    graphs: dict[str, dict]  # name -> {"file", "samples", "sha256"}
+
+
+def calibration_prompts(prompts_file: str | Path | None) -> list[str]:
+    """The prompt templates: one per line with exactly one `<image>`, or the defaults.
+
+    Raises:
+        UsageError: an unreadable file, no prompt, or a line without exactly one `<image>`.
+    """
+    if prompts_file is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        lines = [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read the prompts file {prompts_file}: {error}") from None
+    if not lines:
+        raise UsageError(f"{prompts_file} has no prompt; write one per line, each with one <image>")
+    bad = [number for number, line in enumerate(lines, 1) if line.count("<image>") != 1]
+    if bad:
+        raise UsageError(f"{prompts_file}: line(s) {bad} must have exactly one <image> (where the calibration image "
+                         "goes)")
+    return lines
+
+
+def record_calibration(export_dir: str | Path, images: list[np.ndarray], prompts: list[str], out_dir: str | Path, *,
+                       source: str, seed: int, max_new_tokens: int = 8,
+                       on_image: Callable[[], None] | None = None) -> CalibrationRecord:
+    """Run the export's fp32 pipeline on every image (with the prompts in turn) and save what each graph saw.
+
+    Raises:
+        UsageError: `out_dir` already exists (nothing is overwritten).
+        ExportError: `export_dir` is not a complete export.
+    """
+    from flamingo_edge.cli.generate import prompt_items
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if out_dir.exists():
+        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
+    record = read_export_record(export_dir)
+    with Pipeline.open(export_dir, device="cpu", prefix_cache_bytes=0) as pipeline:
+        pipeline.sessions = {name: RecordingSession(s) for name, s in pipeline.sessions.items()}
+        for index, image in enumerate(images):
+            template = prompts[index % len(prompts)]
+            pipeline.complete([prompt_items(template, [image])], max_new_tokens=max_new_tokens)  # greedy
+            if on_image:
+                on_image()
+        feeds = {name: pipeline.sessions[name].feeds for name in GRAPH_NAMES}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        os.chmod(partial, 0o755)  # mkdtemp's 0700 would make the finished folder private
+        graphs = {}
+        for name, samples in feeds.items():
+            file = partial / f"{name}.npz"
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"sample{i:05d}/{k}": v for i, feed in enumerate(samples) for k, v in feed.items()})
+            atomic_write(file, buffer.getvalue())
+            graphs[name] = {"file": file.name, "samples": len(samples), "sha256": sha256_of(file)}
+        result = CalibrationRecord(RECORD_VERSION, str(export_dir.resolve()),
+                                   {name: g.sha256 for name, g in record.graphs.items()}, source, len(images), seed,
+                                   prompts, max_new_tokens, graphs)
+        atomic_write(partial / RECORD_FILE, (json.dumps(asdict(result), indent=2) + "\n").encode())
+        os.replace(partial, out_dir)  # the folder appears complete or not at all
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return result
+
+
+def read_calibration(folder: str | Path) -> CalibrationRecord:
+    """The record of a complete calibration folder, its files checked against their hashes.
+
+    Raises:
+        CalibrationError: no record, an unknown version, or a missing or modified file.
+    """
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / RECORD_FILE).read_text())
+        record = CalibrationRecord(**data)
+    except (OSError, ValueError, TypeError) as error:
+        raise CalibrationError(f"{folder} is not a complete calibration folder ({error}); run flamingo-edge "
+                               "calibrate") from None
+    if record.version != RECORD_VERSION:
+        raise CalibrationError(f"{folder}: calibration format v{record.version}; this flamingo-edge reads "
+                               f"v{RECORD_VERSION}: run flamingo-edge calibrate again")
+    for name, entry in record.graphs.items():
+        path = folder / entry["file"]
+        if not path.is_file() or sha256_of(path) != entry["sha256"]:
+            raise CalibrationError(f"{folder}: {entry['file']} is missing or was modified; run flamingo-edge "
+                                   "calibrate again")
+    return record
+
+
+def iter_samples(folder: str | Path, graph: str) -> Iterator[dict[str, np.ndarray]]:
+    """The recorded feeds of one graph, in recording order, as {input name: array}."""
+    record = read_calibration(folder)
+    with np.load(Path(folder) / record.graphs[graph]["file"]) as data:
+        samples: dict[str, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            sample, name = key.split("/", 1)
+            samples.setdefault(sample, {})[name] = data[key]
+    for sample in sorted(samples):
+        yield samples[sample]
