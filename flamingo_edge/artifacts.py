@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ class ExportRecord:
     config: dict  # FlamingoConfig.to_dict()
     graphs: dict[str, GraphFile]
     tokenizer_files: list[str]
+    precision: str = "fp32"  # "fp32", "fp16" or "int8" (flamingo-edge quantize)
+    quantization: dict | None = None  # how quantize made it: source export, graphs, method, calibration
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -97,7 +99,8 @@ class ExportRecord:
     @classmethod
     def from_dict(cls, data: dict, source: str) -> ExportRecord:
         names = {f.name for f in fields(cls)}
-        unknown, missing = set(data) - names, names - set(data)
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        unknown, missing = set(data) - names, required - set(data)
         if unknown or missing:
             raise ExportError(f"{source}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; it was "
                               "written by another flamingo-edge version: re-run flamingo-edge export")

@@ -100,7 +100,9 @@ def print_report(report) -> None:
               f"{ref['caption_accuracy']:.1%}; {report.backend} answers {ours['answer_accuracy']:.1%} captions "
               f"{ours['caption_accuracy']:.1%}")
     verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
-    print(f"\n{verdict} (tolerance: relative error {report.tolerance['relative_error']:g})")
+    rules = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in report.tolerance.items()
+                      if report.precision == "fp32" or name != "relative_error")
+    print(f"\n{verdict} ({report.precision} export; judged on: {rules})")
 
 
 def _token(index) -> str:

@@ -8,11 +8,12 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import bench, calibrate, compare, demo, export, generate, info
+from flamingo_edge.cli import bench, calibrate, compare, demo, export, generate, info, quantize
 from flamingo_edge.errors import FlamingoEdgeError
 
 SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
-               "compare": compare, "bench": bench, "calibrate": calibrate}
+               "compare": compare, "bench": bench, "calibrate": calibrate,
+               "quantize": quantize}
 
 EXIT_USER_ERROR = 2
 

@@ -27,7 +27,8 @@ from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
 from flamingo_edge.models.config import FlamingoConfig
 from flamingo_edge.runtime.pipeline import Pipeline
 from flamingo_edge.runtime.processor import Processor
-from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+from flamingo_edge.tools.tolerances import (FP16_TOP1_AGREEMENT, INT8_TASK_METRIC_DROP, LOGITS_REL_TOL,
+                                            relative_error)
 
 logger = logging.getLogger(__name__)
 
@@ -367,18 +368,30 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
                                          tolerance, runs)
             if polygraphy_dir is not None:
                 write_polygraphy(Path(polygraphy_dir), name, runs, backend)
-    for name, graph in graphs.items():
-        if not graph.passed:
-            where = f", first at layer {graph.first_divergent_layer}" if graph.first_divergent_layer else ""
-            failures.append(f"graph {name}: relative error {graph.max_rel:.3g} > {tolerance:g}{where}")
-    if end_to_end.logits.max_rel > tolerance:
-        failures.append(f"end to end: logits relative error {end_to_end.logits.max_rel:.3g} > {tolerance:g}")
     task = None
     if task_n and _is_demo(checkpoint):
         stage("task")
         task = _task_accuracy(checkpoint, export_dir, backend, task_n)
-    return CompareReport(REPORT_VERSION, str(checkpoint), str(export_dir), backend, "fp32",
-                         {"relative_error": tolerance}, graphs, end_to_end, task, not failures, failures)
+    rules = {"relative_error": tolerance}
+    if record.precision == "fp32":  # every tensor within the fp32 tolerance
+        for name, graph in graphs.items():
+            if not graph.passed:
+                where = f", first at layer {graph.first_divergent_layer}" if graph.first_divergent_layer else ""
+                failures.append(f"graph {name}: relative error {graph.max_rel:.3g} > {tolerance:g}{where}")
+        if end_to_end.logits.max_rel > tolerance:
+            failures.append(f"end to end: logits relative error {end_to_end.logits.max_rel:.3g} > {tolerance:g}")
+    elif record.precision == "int8" and task is not None:  # the task metric may drop this much, no more
+        rules["task_metric_drop"] = INT8_TASK_METRIC_DROP
+        for metric in ("answer_accuracy", "caption_accuracy"):
+            drop = task["reference"][metric] - task["backend"][metric]
+            if drop > INT8_TASK_METRIC_DROP:
+                failures.append(f"task: {metric} drops by {drop:.3f} > {INT8_TASK_METRIC_DROP}")
+    else:  # fp16, or int8 without a task to score: top-1 agreement with the fp32 reference
+        rules["top1_agreement"] = FP16_TOP1_AGREEMENT
+        if end_to_end.top1_agreement < FP16_TOP1_AGREEMENT:
+            failures.append(f"end to end: top-1 agreement {end_to_end.top1_agreement:.4f} < {FP16_TOP1_AGREEMENT}")
+    return CompareReport(REPORT_VERSION, str(checkpoint), str(export_dir), backend, record.precision, rules, graphs,
+                         end_to_end, task, not failures, failures)
 
 
 def _is_demo(checkpoint: Path) -> bool:

@@ -1,0 +1,155 @@
+"""FP16 and INT8 (explicit Q/DQ) graphs from an fp32 export, written as a complete export.
+
+- fp16: `onnxruntime.transformers.float16.convert_float_to_float16`, inputs and outputs kept float32 (the graph
+  contract does not change), with the ops that overflow or lose too much in fp16 kept in float32 (`FP16_KEEP_FP32`).
+- int8: `onnxruntime.quantization.quantize_static` in QDQ format: per-channel symmetric int8 weights, per-tensor
+  symmetric int8 activations (what TensorRT's explicit quantization expects), calibrated on the feeds
+  `flamingo-edge calibrate` recorded for that very export. Only the matrix products are quantized
+  (`INT8_OP_TYPES`); normalisation, softmax, gates and residual adds stay in float.
+
+The output folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from flamingo_edge.artifacts import atomic_write, read_export_record, sha256_of
+from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
+from flamingo_edge.graphs import GRAPH_NAMES
+
+PRECISIONS = ("fp16", "int8")
+METHODS = ("minmax", "entropy", "percentile")
+# Kept in float32 in fp16 graphs: LayerNorm and RMSNorm (mean of squares overflows fp16), softmax, and the exp/sqrt
+# behind them.
+FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt",
+                  "Exp")
+INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
+INT8_DEFAULT_GRAPHS = ("vision", "resampler", "xattn_kv")
+
+
+def _fp16(source: Path, target: Path, keep_fp32: tuple[str, ...]) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, op_block_list=list(keep_fp32))
+    atomic_write(target, model.SerializeToString())
+
+
+def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str, ...]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(samples)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory() as scratch:  # quantize_static writes its own files; ours stay atomic
+        out = Path(scratch) / target.name
+        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                        calibrate_method=methods[method], op_types_to_quantize=list(op_types),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        atomic_write(target, out.read_bytes())
+
+
+def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str, *,
+                    calibration: str | Path | None = None, method: str = "minmax", graphs: list[str] | None = None,
+                    exclude_ops: list[str] | None = None, on_graph: Callable[[str], None] | None = None) -> Path:
+    """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
+
+    Args:
+        export_dir: an fp32 export.
+        out_dir: the folder to write; must not exist.
+        precision: "fp16" or "int8".
+        calibration: a `flamingo-edge calibrate` folder of this export (int8 only).
+        method: int8 activation calibration: "minmax", "entropy" or "percentile".
+        graphs: the graphs to convert (default: all four for fp16; vision, resampler, xattn_kv for int8).
+        exclude_ops: op types to keep in float besides the defaults.
+        on_graph: called with each graph's name before it is converted (progress).
+
+    Raises:
+        UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
+            export that is not fp32.
+        CalibrationError: a calibration folder that is incomplete or was recorded on another export.
+    """
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if method not in METHODS:
+        raise UsageError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    graphs = list(graphs or (GRAPH_NAMES if precision == "fp16" else INT8_DEFAULT_GRAPHS))
+    unknown = [g for g in graphs if g not in GRAPH_NAMES]
+    if unknown:
+        raise UsageError(f"unknown graph(s) {unknown}; the graphs are {', '.join(GRAPH_NAMES)}")
+    if out_dir.exists():
+        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
+    record = read_export_record(export_dir)
+    if record.precision != "fp32":
+        raise UsageError(f"{export_dir} is already {record.precision}; quantize the fp32 export it came from")
+    calibration_record = None
+    if precision == "int8":
+        if calibration is None:
+            raise UsageError("int8 needs --calibration CALIB (from flamingo-edge calibrate on this export)")
+        from flamingo_edge.calibration.record import read_calibration
+
+        calibration_record = read_calibration(calibration)
+        if calibration_record.export_graphs_sha256 != {n: g.sha256 for n, g in record.graphs.items()}:
+            raise CalibrationError(f"{calibration} was recorded on another export ({calibration_record.export}); "
+                                   f"run flamingo-edge calibrate {export_dir} again")
+    try:
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as error:
+        raise FeatureUnavailableError(f"quantize needs onnxruntime's quantization tools ({error})") from None
+
+    keep = tuple(dict.fromkeys([*FP16_KEEP_FP32, *(exclude_ops or [])]))
+    op_types = tuple(op for op in INT8_OP_TYPES if op not in (exclude_ops or []))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        os.chmod(partial, 0o755)
+        for name in record.tokenizer_files:
+            shutil.copy2(export_dir / name, partial / name)
+        files = {}
+        for name, entry in record.graphs.items():
+            source, target = export_dir / entry.file, partial / entry.file
+            if name not in graphs:
+                shutil.copy2(source, target)
+                if entry.data_file:
+                    shutil.copy2(export_dir / entry.data_file, partial / entry.data_file)
+                files[name] = entry
+                continue
+            if on_graph:
+                on_graph(name)
+            if precision == "fp16":
+                _fp16(source, target, keep)
+            else:
+                from flamingo_edge.calibration.record import iter_samples
+
+                _int8(source, target, iter_samples(calibration, name), method, op_types)
+            files[name] = replace(entry, sha256=sha256_of(target), data_file=None, data_sha256=None)
+        provenance = {"source_export": str(export_dir.resolve()), "graphs": graphs,
+                      "kept_in_float": list(keep) if precision == "fp16" else
+                      f"every op except {', '.join(op_types)}"}
+        if calibration_record is not None:
+            provenance.update(method=method, calibration=str(Path(calibration).resolve()),
+                              calibration_source=calibration_record.source,
+                              calibration_images=calibration_record.n_images, calibration_seed=calibration_record.seed)
+        new = replace(record, graphs=files, precision=precision, quantization=provenance)
+        atomic_write(partial / "export.json", new.to_json().encode())
+        os.replace(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+

@@ -1,0 +1,92 @@
+"""`flamingo-edge quantize`: fp16 and int8 (Q/DQ) exports of the demo checkpoint that the pipeline, eval and compare
+accept; their accuracy against fp32 on ONNX Runtime CPU (the calibration issue's acceptance); bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from flamingo_edge.artifacts import read_export_record, sha256_of
+from flamingo_edge.cli.main import main
+from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
+
+
+@pytest.fixture(autouse=True)
+def bundled_demo(monkeypatch):
+    monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
+
+
+@pytest.fixture(scope="module")
+def calibration(demo_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "calib"
+    assert main(["calibrate", str(demo_export), "--images", "demo", "--n", "24", "-o", str(out)]) == 0
+    return out
+
+
+def op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def eval_json(export, capsys, n=500) -> dict:
+    assert main(["eval", str(export), "--n", str(n), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_fp16_export_keeps_top1_agreement(demo_export, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(out)]) == 0
+    record = read_export_record(out)
+    assert record.precision == "fp16" and record.quantization["graphs"] == ["vision", "resampler", "xattn_kv",
+                                                                             "decoder"]
+    model = onnx.load(str(out / "decoder.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in model.graph.input)  # contract dtypes
+    report_path = tmp_path / "report.json"
+    capsys.readouterr()
+    assert main(["compare", "demo", str(out), "--task-n", "0", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["precision"] == "fp16" and report["end_to_end"]["top1_agreement"] >= 0.99
+    assert report["tolerance"]["top1_agreement"] == 0.99
+
+
+def test_int8_qdq_export_keeps_task_accuracy_on_500_scenes(demo_export, calibration, tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+                 "--method", "minmax", "-o", str(out)]) == 0
+    record = read_export_record(out)
+    assert record.precision == "int8" and record.quantization["calibration_images"] == 24
+    for graph in ("vision", "resampler", "xattn_kv"):
+        assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(out / f"{graph}.onnx"), graph
+    assert sha256_of(out / "decoder.onnx") == sha256_of(demo_export / "decoder.onnx")  # not asked for: copied
+    capsys.readouterr()
+    fp32, int8 = eval_json(demo_export, capsys), eval_json(out, capsys)
+    for metric in ("answer_accuracy", "caption_accuracy"):
+        assert int8[metric] >= fp32[metric] - 0.01, (metric, fp32, int8)
+    assert main(["compare", "demo", str(out), "--task-n", "50"]) == 0
+    assert "int8 export; judged on: task metric drop 0.01" in capsys.readouterr().out
+
+
+def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, calibration, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(demo_export), "--precision", "int8", "-o", str(out)]) == 2
+    assert "int8 needs --calibration" in capsys.readouterr().err
+    other = tmp_path / "other"  # the same graphs re-saved: another export as far as the hashes go
+    shutil.copytree(demo_export, other)
+    model = onnx.load(str(other / "vision.onnx"))
+    model.producer_name = "someone else"
+    onnx.save(model, str(other / "vision.onnx"))
+    record = json.loads((other / "export.json").read_text())
+    record["graphs"]["vision"]["sha256"] = sha256_of(other / "vision.onnx")
+    (other / "export.json").write_text(json.dumps(record))
+    assert main(["quantize", str(other), "--precision", "int8", "--calibration", str(calibration), "-o",
+                 str(out)]) == 2
+    assert "was recorded on another export" in capsys.readouterr().err
+    assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(out)]) == 0
+    assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["quantize", str(out), "--precision", "fp16", "-o", str(tmp_path / "twice")]) == 2
+    assert "already fp16" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*.partial-*"))
