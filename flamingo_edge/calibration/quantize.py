@@ -65,7 +65,8 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
 
 def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str, *,
                     calibration: str | Path | None = None, method: str = "minmax", graphs: list[str] | None = None,
-                    exclude_ops: list[str] | None = None, on_graph: Callable[[str], None] | None = None) -> Path:
+                    exclude_ops: list[str] | None = None, on_graph: Callable[[str], None] | None = None,
+                    tensorrt_version: str = "10.3") -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
@@ -77,6 +78,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         graphs: the graphs to convert (default: all four for fp16; vision, resampler, xattn_kv for int8).
         exclude_ops: op types to keep in float besides the defaults.
         on_graph: called with each graph's name before it is converted (progress).
+        tensorrt_version: int8: the header of the TensorRT calibration caches written next to the graphs
+            (`<graph>.int8-calib.cache`, for implicit INT8 of the fp32 graphs on TensorRT <= 10; trt_cache.py).
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
@@ -99,6 +102,9 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         raise UsageError(f"{export_dir} is already {record.precision}; quantize the fp32 export it came from")
     calibration_record = None
     if precision == "int8":
+        from flamingo_edge.calibration.trt_cache import header
+
+        header(tensorrt_version)  # a bad version fails now, not after the work
         if calibration is None:
             raise UsageError("int8 needs --calibration CALIB (from flamingo-edge calibrate on this export)")
         from flamingo_edge.calibration.record import read_calibration
@@ -120,7 +126,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         os.chmod(partial, 0o755)
         for name in record.tokenizer_files:
             shutil.copy2(export_dir / name, partial / name)
-        files = {}
+        files, caches = {}, {}
         for name, entry in record.graphs.items():
             source, target = export_dir / entry.file, partial / entry.file
             if name not in graphs:
@@ -136,7 +142,12 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             else:
                 from flamingo_edge.calibration.record import iter_samples
 
+                from flamingo_edge.calibration.trt_cache import activation_amax, write_cache
+
                 _int8(source, target, iter_samples(calibration, name), method, op_types)
+                caches[name] = f"{name}.int8-calib.cache"
+                amax = activation_amax(source, iter_samples(calibration, name), method)
+                atomic_write(partial / caches[name], write_cache(amax, tensorrt_version))
             files[name] = replace(entry, sha256=sha256_of(target), data_file=None, data_sha256=None)
         provenance = {"source_export": str(export_dir.resolve()), "graphs": graphs,
                       "kept_in_float": list(keep) if precision == "fp16" else
@@ -144,7 +155,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         if calibration_record is not None:
             provenance.update(method=method, calibration=str(Path(calibration).resolve()),
                               calibration_source=calibration_record.source,
-                              calibration_images=calibration_record.n_images, calibration_seed=calibration_record.seed)
+                              calibration_images=calibration_record.n_images, calibration_seed=calibration_record.seed,
+                              tensorrt_calibration_caches=caches, tensorrt_cache_version=tensorrt_version)
         new = replace(record, graphs=files, precision=precision, quantization=provenance)
         atomic_write(partial / "export.json", new.to_json().encode())
         os.replace(partial, out_dir)

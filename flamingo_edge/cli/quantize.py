@@ -22,6 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="graphs to convert (default: all for fp16; vision resampler xattn_kv for int8)")
     parser.add_argument("--exclude-ops", nargs="+", default=[], metavar="OP",
                         help="ONNX op types to keep in float besides the defaults (docs/calibration.md)")
+    parser.add_argument("--trt-version", default="10.3",
+                        help="int8: the TensorRT (8.5-10.x) whose implicit INT8 reads the calibration caches written "
+                             "next to the graphs; the cache header must match it (default: 10.3, JetPack 6)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (must not exist)")
 
 
@@ -33,6 +36,7 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(desc=f"quantize ({args.precision})", unit="graph", leave=False) as bar:
         out = quantize_export(args.export_dir, args.output, args.precision, calibration=args.calibration,
                               method=args.method, graphs=args.graphs, exclude_ops=args.exclude_ops,
-                              on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+                              on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
+                              tensorrt_version=args.trt_version)
     print(f"wrote {out} ({args.precision})")
     return 0

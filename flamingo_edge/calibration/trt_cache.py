@@ -1,0 +1,168 @@
+"""TensorRT's INT8 calibration cache, written from our own statistics, for implicit INT8 on TensorRT <= 10.
+
+TensorRT 8.5 (JetPack 5) and 10.x (JetPack 6) can still build implicit INT8 engines with an `IInt8Calibrator`; given
+a cache through `read_calibration_cache`, they skip calibration. So a Jetson can build INT8 from the statistics
+computed here on the CPU, with no calibration loop on the device. TensorRT 11 and TensorRT for RTX dropped implicit
+INT8: they take the Q/DQ graphs of `quantize.py` instead. Both come from the same activation ranges.
+
+The format is plain text. The C++ and Python APIs only call it opaque bytes, so this is the de facto format:
+
+    TRT-8502-EntropyCalibration2
+    pixel_values: 3c898a9d
+    /vision/patch_embed/Conv_output_0: 3f8a3d71
+
+- The first line is `TRT-<NV_TENSORRT_VERSION>-<calibrator>`.
+- Each further line is `<ONNX tensor name>: <hex of the big-endian float32 scale>`, where scale = amax / 127
+  (symmetric int8).
+
+Sources:
+- ONNX Runtime's TensorRT execution provider, `ReadDynamicRange` in tensorrt_execution_provider_utils.h, parses it
+  as "tensor name : scale in 32-bit single precision IEEE754 format" and computes range = scale * 127.
+- NVIDIA ModelOpt's `calib_utils.import_scales_from_calib_cache` skips the header and decodes
+  `struct.unpack("!f", bytes.fromhex(value))`.
+- NV_TENSORRT_VERSION is major*1000 + minor*100 + patch up to TensorRT 8 (8.5.2 -> 8502) and
+  major*10000 + minor*100 + patch from 10 on (10.3.0 -> 100300), per NvInferVersion.h.
+- TensorRT ignores a cache whose header does not match its version and calibrator (NVIDIA/TensorRT#1378), so
+  write the header of the TensorRT the device runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
+
+CALIBRATOR = "EntropyCalibration2"  # the name IInt8EntropyCalibrator2 writes; the one the cache-only calibrator uses
+INT8_MAX = 127.0
+
+
+def header(tensorrt_version: str, calibrator: str = CALIBRATOR) -> str:
+    """`TRT-<NV_TENSORRT_VERSION>-<calibrator>` for a version like "8.5.2" or "10.3" (patch 0 when omitted).
+
+    Raises:
+        UsageError: not a version TensorRT's implicit INT8 exists for (7.x to 10.x).
+    """
+    try:
+        parts = [int(p) for p in tensorrt_version.split(".")[:3]]
+    except ValueError:
+        raise UsageError(f"{tensorrt_version!r} is not a TensorRT version like 8.5.2 or 10.3") from None
+    major, minor, patch = (parts + [0, 0])[:3]
+    if not 7 <= major <= 10:
+        raise UsageError(f"TensorRT {tensorrt_version} has no implicit INT8 calibration (TensorRT 7 to 10 have it; "
+                         "TensorRT 11 and TensorRT for RTX take the Q/DQ graphs instead)")
+    number = major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
+    return f"TRT-{number}-{calibrator}"
+
+
+def activation_amax(onnx_path: str | Path, samples: Iterable[Mapping[str, np.ndarray]],
+                    method: str = "minmax") -> dict[str, float]:
+    """max |value| of every float tensor of the graph over the calibration samples (ONNX Runtime's calibrator, run
+    on the CPU on the recorded feeds; "entropy" and "percentile" clip outliers as ORT's quantizer does)."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(samples)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory() as scratch:
+        calibrator = create_calibrator(Path(onnx_path), None, augmented_model_path=str(Path(scratch) / "aug.onnx"),
+                                       calibrate_method=methods[method], extra_options={"symmetric": True})
+        calibrator.collect_data(Reader())
+        ranges = calibrator.compute_data().data
+    return {name: float(max(np.abs(np.asarray(r.range_value[0])).max(), np.abs(np.asarray(r.range_value[1])).max()))
+            for name, r in ranges.items()}
+
+
+def write_cache(amax: Mapping[str, float], tensorrt_version: str) -> bytes:
+    """The cache text for `amax` (tensor name -> max |value|), scales as float32 amax / 127."""
+    lines = [header(tensorrt_version)]
+    for name, value in amax.items():
+        if ":" in name or "\n" in name:
+            raise CalibrationError(f"tensor name {name!r} cannot be written to a TensorRT calibration cache")
+        lines.append(f"{name}: {struct.pack('!f', np.float32(value / INT8_MAX)).hex()}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def read_cache(data: bytes) -> tuple[str, dict[str, float]]:
+    """(header, tensor name -> scale) of a cache's bytes.
+
+    Raises:
+        CalibrationError: not a TensorRT calibration cache.
+    """
+    try:
+        lines = data.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        raise CalibrationError("not a TensorRT calibration cache: it is not ASCII text") from None
+    if not lines or not lines[0].startswith("TRT-"):
+        raise CalibrationError("not a TensorRT calibration cache: the first line must be TRT-<version>-<calibrator>")
+    scales = {}
+    for number, line in enumerate(lines[1:], 2):
+        name, sep, value = line.rpartition(": ")
+        try:
+            if not sep or len(value) != 8:
+                raise ValueError
+            scales[name] = struct.unpack("!f", bytes.fromhex(value))[0]
+        except ValueError:
+            raise CalibrationError(f"calibration cache line {number} is not '<tensor>: <8 hex digits>': "
+                                   f"{line!r}") from None
+    return lines[0], scales
+
+
+def qdq_scales(onnx_path: str | Path) -> dict[str, float]:
+    """Input tensor -> scale of every QuantizeLinear in a Q/DQ graph (the activations; weights are stored int8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    return {node.input[0]: float(constants[node.input[1]]) for node in model.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[1] in constants}
+
+
+def cache_calibrator(cache: bytes, trt=None):
+    """An `IInt8EntropyCalibrator2` that hands TensorRT `cache` and never calibrates (`get_batch` returns None).
+
+    Use it on TensorRT 8.5/10.x with `BuilderFlag.INT8` and `config.int8_calibrator = cache_calibrator(...)`.
+    TensorRT is imported here, not at module import: the package runs without it.
+
+    Raises:
+        FeatureUnavailableError: no TensorRT with implicit INT8 (none installed, TensorRT 11, TensorRT for RTX).
+    """
+    if trt is None:
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise FeatureUnavailableError("the implicit INT8 calibrator needs TensorRT 8.5-10.x (pip install "
+                                          "tensorrt, or JetPack's python3-libnvinfer)") from None
+    if not hasattr(trt, "IInt8EntropyCalibrator2"):
+        raise FeatureUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} has no implicit INT8 "
+                                      "calibrators; build from the Q/DQ graphs (flamingo-edge quantize) instead")
+
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self):
+            return 1
+
+        def get_batch(self, names):
+            return None  # no data: the cache below is complete
+
+        def read_calibration_cache(self):
+            return cache
+
+        def write_calibration_cache(self, data):
+            pass
+
+    return CacheCalibrator()
