@@ -18,6 +18,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", metavar="CHECKPOINT",
                         help="also run the workload through transformers' generate and our PyTorch reference on this "
                              "checkpoint (`demo`: the bundled one); needs transformers")
+    parser.add_argument("--baseline", metavar="EXPORT",
+                        help="also run the workload on this export (e.g. the fp32 one a quantized export came from) "
+                             "and print the ratios")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
     parser.add_argument("--images", type=int, default=1, help="images per prompt, new every run (default: 1)")
@@ -33,7 +36,7 @@ def _ms(spread: dict) -> str:
 def print_report(report: dict) -> None:
     ours = report["backend_result"]
     load = report["workload"]
-    print(f"{report['backend']} ({report['device']}), {load['images']} image(s), {ours['prompt_tokens']} prompt "
+    print(f"{report['precision']} export, {report['backend']} ({report['device']}), {load['images']} image(s), {ours['prompt_tokens']} prompt "
           f"tokens, {load['new_tokens']} new tokens; median (min–max) of {load['runs']} runs after a warm-up")
     for stage, spread in ours["stages_s"].items():
         print(f"  {stage:18} {_ms(spread)}")
@@ -45,6 +48,11 @@ def print_report(report: dict) -> None:
     print(f"  decode floor: {ours['decode_bytes_per_token'] / 2**20:.2f} MiB read per token at "
           f"{band['copy_bytes_per_s'] / 1e9:.1f} GB/s copy bandwidth = {band['decode_floor_s'] * 1000:.3f} ms; "
           f"reached {band['fraction_of_floor_reached']:.1%} of it")
+    if "speedup_vs_baseline" in report:
+        theirs, ratio = report["baseline_result"], report["speedup_vs_baseline"]
+        print(f"  vs {report['baseline_precision']} baseline   TTFT {theirs['ttft_s']['median'] * 1000:.2f} ms, decode "
+              f"{theirs['decode_tokens_per_s']['median']:.1f} tokens/s -> this {report['precision']} export is "
+              f"x{ratio['ttft']:.2f} (TTFT), x{ratio['decode']:.2f} (decode)")
     if "speedup_vs_transformers" in report:
         for name, key in (("transformers", "transformers"), ("PyTorch reference", "pytorch_reference")):
             theirs, ratio = report[key], report[f"speedup_vs_{key}"]
@@ -72,9 +80,11 @@ def main(args: argparse.Namespace) -> int:
         export_dir = demo_export()
     workload = Workload(images=args.images, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         runs=args.runs)
-    with tqdm(desc="bench", unit="stage", total=4 if args.reference else 2, leave=False) as bar:
+    stages = 2 + 2 * bool(args.reference) + bool(args.baseline)
+    with tqdm(desc="bench", unit="stage", total=stages, leave=False) as bar:
         report = bench(export_dir, workload, backend=args.backend, device=args.device, reference=args.reference,
-                       seed=args.seed, on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+                       baseline=args.baseline, seed=args.seed,
+                       on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     print_report(report)
     if args.json:
         atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())

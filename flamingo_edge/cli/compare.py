@@ -14,7 +14,9 @@ TEXT_ONLY_PROMPT = "question: what colour is the square? answer:"
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="the checkpoint folder the export was made from (`demo`: the bundled one)")
-    parser.add_argument("export_dir", metavar="EXPORT", help="the export folder (written by flamingo-edge export)")
+    parser.add_argument("export_dirs", nargs="+", metavar="EXPORT",
+                        help="the export folder (flamingo-edge export or quantize); several (e.g. fp32, fp16, int8) "
+                             "are compared on the same inputs and summed up side by side")
     parser.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime", help="(default: onnxruntime)")
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE",
                         help="images to feed (default: two generated demo scenes)")
@@ -105,6 +107,21 @@ def print_report(report) -> None:
     print(f"\n{verdict} ({report.precision} export; judged on: {rules})")
 
 
+def print_summary(reports) -> None:
+    """One row per export: precision, worst relative error per graph, logits, top-1, task accuracy, verdict."""
+    from flamingo_edge.graphs import GRAPH_NAMES
+
+    print("\nside by side (max relative error vs PyTorch fp32)")
+    print(f"{'precision':10}" + "".join(f"{name:>11}" for name in GRAPH_NAMES)
+          + f"{'logits':>11}{'top-1':>9}{'answers':>9}{'captions':>9}  verdict")
+    for report in reports:
+        task = report.task["backend"] if report.task else None
+        accuracy = (f"{task['answer_accuracy']:9.1%}{task['caption_accuracy']:9.1%}" if task else f"{'-':>9}{'-':>9}")
+        print(f"{report.precision:10}" + "".join(f"{report.graphs[name].max_rel:11.3g}" for name in GRAPH_NAMES)
+              + f"{report.end_to_end.logits.max_rel:11.3g}{report.end_to_end.top1_agreement:9.2%}{accuracy}  "
+              + ("pass" if report.passed else "FAIL"))
+
+
 def _token(index) -> str:
     return "none" if index is None else f"at token {index}"
 
@@ -175,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.errors import UsageError
     from flamingo_edge.runtime.processor import load_image
     from flamingo_edge.tools.compare import compare
 
@@ -182,19 +200,30 @@ def main(args: argparse.Namespace) -> int:
         _pyplot()  # before the work: a missing matplotlib fails now, not after the comparison
     if args.polygraphy:
         _polygraphy()
+    if len(args.export_dirs) > 1 and (args.plot or args.polygraphy):
+        raise UsageError("--plot and --polygraphy take one export; run compare once per export for them")
     images = [load_image(path) for path in args.images] if args.images else _default_images(args.seed, args.prompts)
     prompts = build_prompts(images, args.prompts)
-    with tqdm(total=7, desc="compare", unit="stage", leave=False) as bar:
-        def on_stage(name: str) -> None:
-            bar.set_postfix_str(name)
-            bar.update(1)
+    reports = []
+    for export_dir in args.export_dirs:
+        with tqdm(total=7, desc="compare", unit="stage", leave=False) as bar:
+            def on_stage(name: str) -> None:
+                bar.set_postfix_str(name)
+                bar.update(1)
 
-        report = compare(args.checkpoint, args.export_dir, prompts, backend=args.backend,
-                         new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage,
-                         polygraphy_dir=args.polygraphy)
-    print_report(report)
+            report = compare(args.checkpoint, export_dir, prompts, backend=args.backend,
+                             new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage,
+                             polygraphy_dir=args.polygraphy)
+        if len(args.export_dirs) > 1:
+            print(f"\n== {export_dir} ({report.precision})")
+        print_report(report)
+        reports.append(report)
+    if len(reports) > 1:
+        print_summary(reports)
     if args.json:
-        atomic_write(args.json, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        data = reports[0].to_dict() if len(reports) == 1 else {"version": reports[0].version,
+                                                                "reports": [r.to_dict() for r in reports]}
+        atomic_write(args.json, (json.dumps(data, indent=2) + "\n").encode())
     if args.plot:
-        plot_report(report, args.plot)
-    return 0 if report.passed else 1
+        plot_report(reports[0], args.plot)
+    return 0 if all(r.passed for r in reports) else 1

@@ -13,15 +13,17 @@ BACKENDS = ("pytorch", "onnxruntime")
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.demo.evaluate import EVAL_SEED
 
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT",
+    parser.add_argument("paths", nargs="+", metavar="CHECKPOINT_OR_EXPORT",
                         help="a checkpoint folder (pytorch backend) or an export folder (onnxruntime backend); "
-                        "`demo` names the bundled checkpoint (its cached export for onnxruntime)")
+                        "`demo` names the bundled checkpoint (its cached export for onnxruntime); several exports "
+                        "(e.g. fp32, fp16, int8) are scored side by side on the same scenes")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default: onnxruntime)")
     parser.add_argument("--n", type=int, default=200, help="held-out scenes (default: 200)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED,
                         help=f"seed of the held-out scenes; training used 0 (default: {EVAL_SEED})")
     parser.add_argument("--json", action="store_true", help="print one JSON object (n, answer_accuracy, "
-                        "caption_accuracy) instead of text")
+                        "caption_accuracy) instead of text; with several paths, a list of them with path and "
+                        "precision")
 
 
 def _answerer(path: Path, backend: str):
@@ -47,17 +49,30 @@ def _answerer(path: Path, backend: str):
     return onnxruntime_answerer(path)
 
 
+def _precision(path: str, backend: str) -> str:
+    from flamingo_edge.artifacts import read_export_record
+
+    if backend == "pytorch" or path == "demo":
+        return "fp32"
+    return read_export_record(path).precision
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flamingo_edge.demo.evaluate import evaluate
 
-    answer = _answerer(Path(args.path), args.backend)
-    with tqdm(total=2 * args.n, unit="prompt", desc=f"eval ({args.backend})", disable=args.json) as bar:
-        report = evaluate(answer, n=args.n, seed=args.seed, on_batch=bar.update)
+    answerers = [(path, _answerer(Path(path), args.backend)) for path in args.paths]  # every path checked first
+    results = []
+    for path, answer in answerers:
+        with tqdm(total=2 * args.n, unit="prompt", desc=f"eval ({args.backend})", disable=args.json) as bar:
+            report = evaluate(answer, n=args.n, seed=args.seed, on_batch=bar.update)
+        results.append({"path": path, "precision": _precision(path, args.backend), **report.to_dict()})
     if args.json:
-        print(json.dumps(report.to_dict()))
-    else:
-        print(f"{args.backend}: {report.n} scenes, answers {report.answer_accuracy:.1%}, "
-              f"captions {report.caption_accuracy:.1%}")
+        single = {k: v for k, v in results[0].items() if k not in ("path", "precision")}
+        print(json.dumps(single if len(results) == 1 else results))
+        return 0
+    for result in results:
+        print(f"{args.backend} {result['precision']:5} {result['n']} scenes, answers {result['answer_accuracy']:6.1%}, "
+              f"captions {result['caption_accuracy']:6.1%}  {result['path']}")
     return 0

@@ -237,7 +237,8 @@ def ratios(ours: dict, theirs: dict) -> dict:
 
 
 def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime", device: str = "auto",
-          reference: str | Path | None = None, seed: int = 0, on_stage: Callable[[str], None] | None = None) -> dict:
+          reference: str | Path | None = None, baseline: str | Path | None = None, seed: int = 0,
+          on_stage: Callable[[str], None] | None = None) -> dict:
     """The whole `flamingo-edge bench` report (docs/bench.md describes every key)."""
     import os
 
@@ -253,6 +254,12 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
               "memory_bandwidth": {"copy_bytes_per_s": bandwidth, "decode_floor_s": floor,
                                    "fraction_of_floor_reached": floor / per_token},
               "gpu_memory_bytes": None}
+    report["precision"] = read_export_record(export_dir).precision
+    if baseline is not None:  # e.g. the fp32 export an fp16/int8 one was made from, same workload and backend
+        stage("baseline")
+        theirs = bench_pipeline(baseline, workload, backend=backend, device=device, seed=seed)
+        report.update(baseline=str(baseline), baseline_precision=read_export_record(baseline).precision,
+                      baseline_result=theirs, speedup_vs_baseline=ratios(ours, theirs))
     if reference is not None:
         from flamingo_edge.models.checkpoint import resolve_checkpoint
 

@@ -90,3 +90,29 @@ def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, calibration,
     assert main(["quantize", str(out), "--precision", "fp16", "-o", str(tmp_path / "twice")]) == 2
     assert "already fp16" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.partial-*"))
+
+
+def test_eval_compare_and_bench_side_by_side(demo_export, calibration, tmp_path, capsys):
+    fp16, int8 = tmp_path / "fp16", tmp_path / "int8"
+    assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(fp16)]) == 0
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+                 "-o", str(int8)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(demo_export), str(fp16), str(int8), "--n", "20", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["precision"] for row in rows] == ["fp32", "fp16", "int8"] and all(row["n"] == 20 for row in rows)
+    report_path = tmp_path / "compare.json"
+    assert main(["compare", "demo", str(demo_export), str(fp16), str(int8), "--task-n", "10",
+                 "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "side by side" in out and all(f"\n{p} " in out for p in ("fp32", "fp16", "int8"))
+    reports = json.loads(report_path.read_text())["reports"]
+    assert [r["precision"] for r in reports] == ["fp32", "fp16", "int8"]
+    assert reports[0]["graphs"]["vision"]["max_rel"] < reports[2]["graphs"]["vision"]["max_rel"]  # int8 is coarser
+    assert main(["compare", "demo", str(demo_export), str(fp16), "--plot", str(tmp_path / "x.png")]) == 2
+    bench_path = tmp_path / "bench.json"
+    assert main(["bench", str(int8), "--baseline", str(demo_export), "--runs", "1", "--new-tokens", "4",
+                 "--prompt-tokens", "8", "--json", str(bench_path)]) == 0
+    bench = json.loads(bench_path.read_text())
+    assert bench["precision"] == "int8" and bench["baseline_precision"] == "fp32"
+    assert set(bench["speedup_vs_baseline"]) == {"decode", "ttft"}
