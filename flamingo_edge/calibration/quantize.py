@@ -42,23 +42,15 @@ def _fp16(source: Path, target: Path, keep_fp32: tuple[str, ...]) -> None:
 
 
 def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str, ...]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.samples = iter(samples)
+    from flamingo_edge.calibration.record import onnxruntime_method, onnxruntime_reader
 
-        def get_next(self):
-            return next(self.samples, None)
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory() as scratch:  # quantize_static writes its own files; ours stay atomic
         out = Path(scratch) / target.name
-        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                        calibrate_method=methods[method], op_types_to_quantize=list(op_types),
+        quantize_static(str(source), str(out), onnxruntime_reader(samples), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                        calibrate_method=onnxruntime_method(method), op_types_to_quantize=list(op_types),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         atomic_write(target, out.read_bytes())
 

@@ -163,3 +163,29 @@ def iter_samples(folder: str | Path, graph: str) -> Iterator[dict[str, np.ndarra
             samples.setdefault(sample, {})[name] = data[key]
     for sample in sorted(samples):
         yield samples[sample]
+
+
+def onnxruntime_reader(samples: Iterator[Mapping[str, np.ndarray]] | list):
+    """The samples as an `onnxruntime.quantization.CalibrationDataReader`.
+
+    One reader for both uses of the recorded feeds: the Q/DQ graphs (`quantize_static`) and the ranges of the
+    TensorRT calibration caches (`create_calibrator`).
+    """
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter(samples)
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    return Reader()
+
+
+def onnxruntime_method(method: str):
+    """"minmax", "entropy" or "percentile" as ONNX Runtime's CalibrationMethod."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]

@@ -64,21 +64,14 @@ def activation_amax(onnx_path: str | Path, samples: Iterable[Mapping[str, np.nda
     on the CPU on the recorded feeds; "entropy" and "percentile" clip outliers as ORT's quantizer does)."""
     import tempfile
 
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import create_calibrator
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.samples = iter(samples)
+    from flamingo_edge.calibration.record import onnxruntime_method, onnxruntime_reader
 
-        def get_next(self):
-            return next(self.samples, None)
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory() as scratch:
         calibrator = create_calibrator(Path(onnx_path), None, augmented_model_path=str(Path(scratch) / "aug.onnx"),
-                                       calibrate_method=methods[method], extra_options={"symmetric": True})
-        calibrator.collect_data(Reader())
+                                       calibrate_method=onnxruntime_method(method), extra_options={"symmetric": True})
+        calibrator.collect_data(onnxruntime_reader(samples))
         ranges = calibrator.compute_data().data
     return {name: float(max(np.abs(np.asarray(r.range_value[0])).max(), np.abs(np.asarray(r.range_value[1])).max()))
             for name, r in ranges.items()}

@@ -246,8 +246,8 @@ def compare_end_to_end(reference: Pipeline, backend: Pipeline, prompts: list, ne
     free = [_first_difference(r.token_ids, b.token_ids) for r, b in zip(ref_gen, back_gen)]
     forced = []
     for prompt, completion in zip(prompts, ref_gen):  # the reference's continuation fed to both
-        length = reference.processor.tokenize([prompt]).input_ids.shape[1]
-        ids = np.concatenate([reference.processor.tokenize([prompt]).input_ids[0], completion.token_ids])
+        prompt_ids = reference.processor.tokenize([prompt]).input_ids[0]
+        length, ids = len(prompt_ids), np.concatenate([prompt_ids, completion.token_ids])
         ref_next = _forced_argmax(reference, prompt, ids)[length - 1:]
         back_next = _forced_argmax(backend, prompt, ids)[length - 1:]
         forced.append(_first_difference(ref_next.tolist(), back_next.tolist()))
