@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flamingo_edge.calibration.trt_cache import (cache_calibrator, header, qdq_scales, read_cache, write_cache)
+from flamingo_edge.calibration.trt_cache import header, int8_calibrator, qdq_scales, read_cache, write_cache
 from flamingo_edge.cli.main import main
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
 
@@ -60,6 +60,8 @@ def test_the_implicit_calibrator_needs_a_tensorrt_that_has_it():
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(FeatureUnavailableError, match="needs TensorRT 8.5-10.x"):
-            cache_calibrator(b"TRT-100300-EntropyCalibration2\n")
+            int8_calibrator(b"TRT-100300-EntropyCalibration2\n")
+        with pytest.raises(UsageError, match="needs a calibration cache or calibration samples"):
+            int8_calibrator()
     else:
         pytest.skip("TensorRT is installed: this test is for machines without it")

@@ -123,15 +123,43 @@ def qdq_scales(onnx_path: str | Path) -> dict[str, float]:
             if node.op_type == "QuantizeLinear" and node.input[1] in constants}
 
 
-def cache_calibrator(cache: bytes, trt=None):
-    """An `IInt8EntropyCalibrator2` that hands TensorRT `cache` and never calibrates (`get_batch` returns None).
+def _cudart():
+    """cuda-python's runtime bindings (module path differs across cuda-python 11/12 and 13)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise FeatureUnavailableError("feeding calibration samples to TensorRT needs cuda-python "
+                                          "(pip install cuda-python); or pass only the cache") from None
+    return cudart
 
-    Use it on TensorRT 8.5/10.x with `BuilderFlag.INT8` and `config.int8_calibrator = cache_calibrator(...)`.
-    TensorRT is imported here, not at module import: the package runs without it.
+
+def _check(result):
+    error, *values = result
+    if int(error) != 0:
+        raise RuntimeError(f"CUDA runtime error {error}")
+    return values[0] if values else None
+
+
+def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
+                    trt=None):
+    """An `IInt8EntropyCalibrator2` for implicit INT8 on TensorRT 8.5/10.x: `config.int8_calibrator = ...` with
+    `BuilderFlag.INT8`.
+
+    With `cache` (from `write_cache`), TensorRT reads it and never asks for data: the way to build INT8 on a Jetson
+    from statistics computed on the CPU. With `samples` (e.g. `iter_samples(CALIB, "vision")`) and no cache,
+    TensorRT calibrates itself on the recorded feeds, one feed per batch, copied to the GPU with cuda-python; the
+    cache it writes is kept in `.written`. TensorRT and cuda-python are imported here only.
 
     Raises:
-        FeatureUnavailableError: no TensorRT with implicit INT8 (none installed, TensorRT 11, TensorRT for RTX).
+        FeatureUnavailableError: no TensorRT with implicit INT8 (none installed, TensorRT 11, TensorRT for RTX), or
+            samples without cuda-python.
+        UsageError: neither a cache nor samples.
     """
+    if cache is None and samples is None:
+        raise UsageError("the calibrator needs a calibration cache or calibration samples")
     if trt is None:
         try:
             import tensorrt as trt
@@ -141,21 +169,48 @@ def cache_calibrator(cache: bytes, trt=None):
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise FeatureUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} has no implicit INT8 "
                                       "calibrators; build from the Q/DQ graphs (flamingo-edge quantize) instead")
+    cudart = _cudart() if samples is not None and cache is None else None
 
-    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
+    class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             trt.IInt8EntropyCalibrator2.__init__(self)
+            self.samples = iter(samples or ())
+            self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+            self.written: bytes | None = None
 
         def get_batch_size(self):
-            return 1
+            return 1  # every recorded feed is one batch, its own batch dimension included
 
         def get_batch(self, names):
-            return None  # no data: the cache below is complete
+            if cudart is None:
+                return None  # the cache is complete
+            sample = next(self.samples, None)
+            if sample is None:
+                self.free()
+                return None
+            pointers = []
+            for name in names:
+                array = np.ascontiguousarray(sample[name])
+                pointer, size = self.buffers.get(name, (None, 0))
+                if size < array.nbytes:
+                    if pointer is not None:
+                        _check(cudart.cudaFree(pointer))
+                    pointer, size = _check(cudart.cudaMalloc(array.nbytes)), array.nbytes
+                    self.buffers[name] = (pointer, size)
+                _check(cudart.cudaMemcpy(pointer, array.ctypes.data, array.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+                pointers.append(int(pointer))
+            return pointers
+
+        def free(self):
+            for pointer, _ in self.buffers.values():
+                _check(cudart.cudaFree(pointer))
+            self.buffers.clear()
 
         def read_calibration_cache(self):
             return cache
 
         def write_calibration_cache(self, data):
-            pass
+            self.written = bytes(data)
 
-    return CacheCalibrator()
+    return Calibrator()
