@@ -116,3 +116,16 @@ def test_eval_compare_and_bench_side_by_side(demo_export, calibration, tmp_path,
     bench = json.loads(bench_path.read_text())
     assert bench["precision"] == "int8" and bench["baseline_precision"] == "fp32"
     assert set(bench["speedup_vs_baseline"]) == {"decode", "ttft"}
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_other_calibration_methods(demo_export, calibration, tmp_path, capsys, method):
+    out = tmp_path / method
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+                 "--method", method, "-o", str(out)]) == 0
+    assert read_export_record(out).quantization["method"] == method
+    assert "QuantizeLinear" in op_types(out / "vision.onnx")
+    capsys.readouterr()
+    fp32, int8 = eval_json(demo_export, capsys, n=100), eval_json(out, capsys, n=100)
+    assert int8["answer_accuracy"] >= fp32["answer_accuracy"] - 0.01
+    assert int8["caption_accuracy"] >= fp32["caption_accuracy"] - 0.01
