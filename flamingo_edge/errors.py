@@ -54,3 +54,7 @@ class FeatureUnavailableError(FlamingoEdgeError):
 class CalibrationError(FlamingoEdgeError):
     """Calibration input that cannot be used (no images, an unreadable video), or a calibration folder that is
     incomplete or belongs to another export."""
+
+
+class EngineBuildError(FlamingoEdgeError):
+    """TensorRT could not parse a graph or build an engine for the target asked for."""

@@ -8,12 +8,12 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import bench, calibrate, compare, demo, export, generate, info, quantize
+from flamingo_edge.cli import bench, build, calibrate, compare, demo, export, generate, info, quantize
 from flamingo_edge.errors import FlamingoEdgeError
 
 SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
                "compare": compare, "bench": bench, "calibrate": calibrate,
-               "quantize": quantize}
+               "quantize": quantize, "build": build}
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,95 @@
+"""Every difference between the TensorRT flavours and versions we build with, in one place.
+
+TensorRT 8.5 (JetPack 5), 10.3 (JetPack 6), 10.x/11.x (datacenter, Thor) and TensorRT for RTX 1.x share the ONNX
+parser, the builder, optimization profiles and `build_serialized_network`. What differs (measured and sourced in the
+project's notes, shared/notes/tensorrt.md) is decided here by feature tests on the imported module, not by version
+strings alone:
+
+- network creation: TensorRT 8.x needs the EXPLICIT_BATCH flag for ONNX; 10.x ignores it; RTX lacks it.
+- typing: RTX and TensorRT 11 are strongly typed only; 10.x can be asked for STRONGLY_TYPED; 8.5 is weakly typed.
+- precision: weakly typed builds take the FP16/INT8 builder flags; strongly typed builds take the precision from
+  the ONNX (fp16 graphs, Q/DQ) and have no flags to set.
+- implicit INT8 calibrators exist up to TensorRT 10 only.
+- target GPU: only RTX can build for a named compute capability without that GPU (CPU-only AOT); the others build
+  for the GPU they run on.
+
+TensorRT is imported by `load()` only; the package imports and the CPU suite run without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+from flamingo_edge.errors import FeatureUnavailableError
+
+FLAVOURS = ("tensorrt", "tensorrt_rtx")
+FLAVOUR_ENV = "FLAMINGO_EDGE_TENSORRT"  # "tensorrt" or "tensorrt_rtx": which one `load("auto")` takes
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """An imported TensorRT and what it can do."""
+
+    module: ModuleType
+    flavour: str  # "tensorrt" or "tensorrt_rtx"
+    version: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def strongly_typed_only(self) -> bool:
+        return self.flavour == "tensorrt_rtx" or self.major >= 11
+
+    @property
+    def can_strongly_type(self) -> bool:
+        return hasattr(self.module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+
+    @property
+    def precision_flags(self) -> bool:
+        """Weak typing with BuilderFlag.FP16/INT8 (TensorRT <= 10)."""
+        return hasattr(self.module.BuilderFlag, "FP16") and not self.strongly_typed_only
+
+    @property
+    def implicit_int8(self) -> bool:
+        return hasattr(self.module, "IInt8EntropyCalibrator2")
+
+    @property
+    def targets_compute_capability(self) -> bool:
+        """Can build for a named GPU architecture on a machine without it (TensorRT for RTX's CPU-only AOT)."""
+        return hasattr(self.module, "ComputeCapability")
+
+    def network_flags(self, strongly_typed: bool) -> int:
+        flags = 0
+        creation = self.module.NetworkDefinitionCreationFlag
+        if self.major < 10 and self.flavour == "tensorrt" and hasattr(creation, "EXPLICIT_BATCH"):
+            flags |= 1 << int(creation.EXPLICIT_BATCH)
+        if strongly_typed and self.can_strongly_type and self.flavour == "tensorrt":
+            flags |= 1 << int(creation.STRONGLY_TYPED)
+        return flags
+
+
+def load(flavour: str = "auto") -> TensorRT:
+    """Import TensorRT ("tensorrt"), TensorRT for RTX ("tensorrt_rtx"), or whichever is installed ("auto": the one
+    $FLAMINGO_EDGE_TENSORRT names, else full TensorRT first).
+
+    Raises:
+        FeatureUnavailableError: the flavour asked for is not installed, or none is.
+    """
+    if flavour == "auto":
+        flavour = os.environ.get(FLAVOUR_ENV, "auto")
+    candidates = FLAVOURS if flavour == "auto" else (flavour,)
+    if any(c not in FLAVOURS for c in candidates):
+        raise FeatureUnavailableError(f"unknown TensorRT flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
+    for name in candidates:
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        return TensorRT(module, name, str(module.__version__))
+    raise FeatureUnavailableError(
+        "no TensorRT is installed: on a Jetson, JetPack's python3-libnvinfer; on a datacenter GPU, pip install "
+        "tensorrt (from NVIDIA's index); for RTX GPUs and CPU-only builds, pip install tensorrt-rtx")
