@@ -6,11 +6,14 @@ import hashlib
 import json
 import os
 import tempfile
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from flamingo_edge.errors import CheckpointError, ExportError
+from flamingo_edge.errors import CheckpointError, ExportError, UsageError
 
 EXPORT_RECORD = "export.json"
 
@@ -41,6 +44,38 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_new_folder(path: str | Path) -> Path:
+    """`path`, which must not exist yet: outputs never overwrite anything.
+
+    Raises:
+        UsageError: it exists.
+    """
+    path = Path(path)
+    if path.exists():
+        raise UsageError(f"{path} already exists; remove it or pick another output folder")
+    return path
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `path` to fill; on success it is renamed to `path`, on any error (or an
+    interrupt) it is removed. Readers see the whole folder or none. `path` must not exist.
+
+    Raises:
+        UsageError: `path` exists.
+    """
+    path = check_new_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        os.chmod(partial, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: str | Path, data: bytes) -> Path:

@@ -12,14 +12,13 @@ The output folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from flamingo_edge.artifacts import atomic_write, read_export_record, sha256_of
+from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES
 
@@ -87,8 +86,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown:
         raise UsageError(f"unknown graph(s) {unknown}; the graphs are {', '.join(GRAPH_NAMES)}")
-    if out_dir.exists():
-        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
+    check_new_folder(out_dir)
     record = read_export_record(export_dir)
     if record.precision != "fp32":
         raise UsageError(f"{export_dir} is already {record.precision}; quantize the fp32 export it came from")
@@ -112,10 +110,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
 
     keep = tuple(dict.fromkeys([*FP16_KEEP_FP32, *(exclude_ops or [])]))
     op_types = tuple(op for op in INT8_OP_TYPES if op not in (exclude_ops or []))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        os.chmod(partial, 0o755)
+    with atomic_folder(out_dir) as partial:
         for name in record.tokenizer_files:
             shutil.copy2(export_dir / name, partial / name)
         files, caches = {}, {}
@@ -151,9 +146,5 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                               tensorrt_calibration_caches=caches, tensorrt_cache_version=tensorrt_version)
         new = replace(record, graphs=files, precision=precision, quantization=provenance)
         atomic_write(partial / "export.json", new.to_json().encode())
-        os.replace(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out_dir
 

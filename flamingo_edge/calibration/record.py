@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from flamingo_edge.artifacts import atomic_write, read_export_record, sha256_of
+from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES
 from flamingo_edge.runtime.pipeline import Pipeline
@@ -95,9 +92,7 @@ def record_calibration(export_dir: str | Path, images: list[np.ndarray], prompts
     """
     from flamingo_edge.cli.generate import prompt_items
 
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    if out_dir.exists():
-        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
+    export_dir, out_dir = Path(export_dir), check_new_folder(out_dir)
     record = read_export_record(export_dir)
     with Pipeline.open(export_dir, device="cpu", prefix_cache_bytes=0) as pipeline:
         pipeline.sessions = {name: RecordingSession(s) for name, s in pipeline.sessions.items()}
@@ -107,10 +102,7 @@ def record_calibration(export_dir: str | Path, images: list[np.ndarray], prompts
             if on_image:
                 on_image()
         feeds = {name: pipeline.sessions[name].feeds for name in GRAPH_NAMES}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        os.chmod(partial, 0o755)  # mkdtemp's 0700 would make the finished folder private
+    with atomic_folder(out_dir) as partial:  # the folder appears complete or not at all
         graphs = {}
         for name, samples in feeds.items():
             file = partial / f"{name}.npz"
@@ -122,10 +114,6 @@ def record_calibration(export_dir: str | Path, images: list[np.ndarray], prompts
                                    {name: g.sha256 for name, g in record.graphs.items()}, source, len(images), seed,
                                    prompts, max_new_tokens, graphs)
         atomic_write(partial / RECORD_FILE, (json.dumps(asdict(result), indent=2) + "\n").encode())
-        os.replace(partial, out_dir)  # the folder appears complete or not at all
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return result
 
 

@@ -73,11 +73,9 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.new_tokens < 2:
         raise UsageError("--new-tokens must be at least 2 to measure decode speed")
-    export_dir = args.export_dir
-    if export_dir == "demo":
-        from flamingo_edge.demo.bundle import demo_export
+    from flamingo_edge.demo.bundle import resolve_export
 
-        export_dir = demo_export()
+    export_dir = resolve_export(args.export_dir)
     workload = Workload(images=args.images, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         runs=args.runs)
     stages = 2 + 2 * bool(args.reference) + bool(args.baseline)

@@ -24,22 +24,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from tqdm import tqdm
 
-    from flamingo_edge.artifacts import read_export_record
+    from flamingo_edge.artifacts import check_new_folder, read_export_record
     from flamingo_edge.calibration.record import calibration_prompts, record_calibration
     from flamingo_edge.calibration.sources import load_images
-    from flamingo_edge.errors import UsageError
+    from flamingo_edge.demo.bundle import resolve_export
 
-    if Path(args.output).exists():  # before any work
-        raise UsageError(f"{args.output} already exists; remove it or pick another output folder")
-    export_dir = args.export_dir
-    if export_dir == "demo":
-        from flamingo_edge.demo.bundle import demo_export
-
-        export_dir = demo_export()
+    check_new_folder(args.output)  # before any work
+    export_dir = resolve_export(args.export_dir)
     read_export_record(export_dir)
     prompts = calibration_prompts(args.prompts)
     images = load_images(args.images, args.n, args.seed)

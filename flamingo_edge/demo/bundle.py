@@ -37,3 +37,8 @@ def demo_export(on_graph=None) -> Path:
 
     export_all(checkpoint, folder, seed=0, on_graph=on_graph)
     return folder
+
+
+def resolve_export(path: str | Path) -> Path:
+    """An export folder a user named: a path, or "demo" for the bundled checkpoint's cached export."""
+    return demo_export() if str(path) == DEMO else Path(path)

@@ -10,15 +10,12 @@ The folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flamingo_edge.artifacts import atomic_write, read_export_record, sha256_of
+from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
 from flamingo_edge.engines.trt_compat import TensorRT, load
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
@@ -129,8 +126,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         raise UsageError(f"unknown target {target_name!r}; choose one of {', '.join(TARGETS)}")
     target = TARGETS[target_name]
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    if out_dir.exists():
-        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
+    check_new_folder(out_dir)
     record = read_export_record(export_dir)
     config = FlamingoConfig.from_dict(record.config)
     if limits is None:  # the board's defaults, within the model's positions
@@ -146,10 +142,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), record.precision,
                         {"flavour": trt.flavour, "version": trt.version}, target_name,
                         target.compute_capability or "the build GPU", asdict(limits), workspace_mib, [])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        os.chmod(partial, 0o755)
+    with atomic_folder(out_dir) as partial:
         for name in GRAPH_NAMES:
             if on_graph:
                 on_graph(name)
@@ -166,10 +159,6 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             manifest.engines[name] = asdict(EngineEntry(file.name, sha256_of(file), record.graphs[name].sha256,
                                                         len(plan), round(seconds, 3)))
         atomic_write(partial / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
-        os.replace(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return manifest
 
 
