@@ -127,6 +127,7 @@ class ExportRecord:
     tokenizer_files: list[str]
     precision: str = "fp32"  # "fp32", "fp16" or "int8" (flamingo-edge quantize)
     quantization: dict | None = None  # how quantize made it: source export, graphs, method, calibration
+    layer_norm: str = "onnx"  # "onnx" (LayerNormalization nodes) or "decomposed" (primitives, for TensorRT 8.5)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

@@ -123,26 +123,6 @@ def qdq_scales(onnx_path: str | Path) -> dict[str, float]:
             if node.op_type == "QuantizeLinear" and node.input[1] in constants}
 
 
-def _cudart():
-    """cuda-python's runtime bindings (module path differs across cuda-python 11/12 and 13)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise FeatureUnavailableError("feeding calibration samples to TensorRT needs cuda-python "
-                                          "(pip install cuda-python); or pass only the cache") from None
-    return cudart
-
-
-def _check(result):
-    error, *values = result
-    if int(error) != 0:
-        raise RuntimeError(f"CUDA runtime error {error}")
-    return values[0] if values else None
-
-
 def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
                     trt=None):
     """An `IInt8EntropyCalibrator2` for implicit INT8 on TensorRT 8.5/10.x: `config.int8_calibrator = ...` with
@@ -169,7 +149,12 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise FeatureUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} has no implicit INT8 "
                                       "calibrators; build from the Q/DQ graphs (flamingo-edge quantize) instead")
-    cudart = _cudart() if samples is not None and cache is None else None
+    if samples is not None and cache is None:
+        from flamingo_edge.runtime.cuda import call, runtime_module
+
+        cudart = runtime_module()
+    else:
+        cudart = None
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
@@ -194,17 +179,17 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
                 pointer, size = self.buffers.get(name, (None, 0))
                 if size < array.nbytes:
                     if pointer is not None:
-                        _check(cudart.cudaFree(pointer))
-                    pointer, size = _check(cudart.cudaMalloc(array.nbytes)), array.nbytes
+                        call(cudart, "cudaFree", pointer)
+                    pointer, size = call(cudart, "cudaMalloc", array.nbytes), array.nbytes
                     self.buffers[name] = (pointer, size)
-                _check(cudart.cudaMemcpy(pointer, array.ctypes.data, array.nbytes,
-                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+                call(cudart, "cudaMemcpy", pointer, array.ctypes.data, array.nbytes,
+                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
                 pointers.append(int(pointer))
             return pointers
 
         def free(self):
             for pointer, _ in self.buffers.values():
-                _check(cudart.cudaFree(pointer))
+                call(cudart, "cudaFree", pointer)
             self.buffers.clear()
 
         def read_calibration_cache(self):

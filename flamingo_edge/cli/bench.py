@@ -11,9 +11,11 @@ HELP = ("time an export on a backend per stage (preprocess, vision, resampler, x
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.backends import add_backend_arguments
+
     parser.add_argument("export_dir", metavar="EXPORT",
                         help="the export folder (`demo`: the bundled checkpoint's cached export)")
-    parser.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime", help="(default: onnxruntime)")
+    add_backend_arguments(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     parser.add_argument("--reference", metavar="CHECKPOINT",
                         help="also run the workload through transformers' generate and our PyTorch reference on this "
@@ -65,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.cli.backends import pipeline_options
     from flamingo_edge.errors import UsageError
     from flamingo_edge.tools.bench import Workload, bench
 
@@ -80,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                         runs=args.runs)
     stages = 2 + 2 * bool(args.reference) + bool(args.baseline)
     with tqdm(desc="bench", unit="stage", total=stages, leave=False) as bar:
-        report = bench(export_dir, workload, backend=args.backend, device=args.device, reference=args.reference,
+        report = bench(export_dir, workload, **pipeline_options(args), device=args.device, reference=args.reference,
                        baseline=args.baseline, seed=args.seed,
                        on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     print_report(report)

@@ -11,14 +11,38 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.engines.build import TARGETS
 
     parser.add_argument("export_dir", metavar="EXPORT", help="an export folder (fp32, fp16 or int8)")
-    parser.add_argument("-o", "--output", required=True, metavar="ENGINES", help="folder to write (must not exist)")
-    parser.add_argument("--target", required=True, choices=TARGETS,
+    parser.add_argument("-o", "--output", metavar="ENGINES", help="folder to write (must not exist)")
+    parser.add_argument("--target", choices=TARGETS,
                         help="; ".join(f"{name}: {t.note}" for name, t in TARGETS.items()))
     for name, default_help in (("max-batch", "sequences per run"), ("max-prompt", "tokens in one prefill"),
                                ("max-context", "prompt + generated tokens"), ("max-images", "images per sequence")):
         parser.add_argument(f"--{name}", type=int, help=f"{default_help} (default: the target's preset, within the "
                                                         "model's positions)")
     parser.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace cap (default: the target's)")
+    parser.add_argument("--dla-core", type=int, metavar="N",
+                        help="Jetson Orin: build the vision graph for DLA core N with GPU fallback (fp16/int8 exports)")
+    parser.add_argument("--timing-cache", metavar="PATH",
+                        help="TensorRT timing cache: read if present, written after the build (faster rebuilds on "
+                             "the same GPU and TensorRT; ignored by TensorRT for RTX)")
+    parser.add_argument("--check-ops", metavar="VERSION",
+                        help="only check every graph against the ONNX operators and opset TensorRT VERSION imports "
+                             "(e.g. 8.5 for JetPack 5, 10.3 for JetPack 6); exit 1 if one cannot be imported")
+    parser.add_argument("--int8-calibration", metavar="INT8_EXPORT",
+                        help="TensorRT <= 10: implicit INT8 of this fp32 export with the calibration caches of the "
+                             "int8 export flamingo-edge quantize made from it")
+
+
+def check_ops(export_dir: str, version: str) -> int:
+    from flamingo_edge.engines.operators import check_export, support_for
+
+    support = support_for(version)
+    problems = check_export(export_dir, version)
+    for name, found in problems.items():
+        print(f"  {name:10} " + ("ok" if not found else "; ".join(found)))
+    refused = [name for name, found in problems.items() if found]
+    print(f"TensorRT {version} (operator list of {support.version}, opset <= {support.max_opset}): "
+          + (f"cannot import {', '.join(refused)}" if refused else "every graph imports"))
+    return 1 if refused else 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,6 +51,12 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flamingo_edge.engines.build import TARGETS, build_engines
+    from flamingo_edge.errors import UsageError
+
+    if args.check_ops:
+        return check_ops(args.export_dir, args.check_ops)
+    if not args.output or not args.target:
+        raise UsageError("flamingo-edge build needs -o ENGINES and --target (or only --check-ops VERSION)")
 
     limits = None
     given = {k: getattr(args, k) for k in ("max_batch", "max_prompt", "max_context", "max_images")
@@ -35,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
         limits = replace(TARGETS[args.target].limits, **given)
     with tqdm(total=4, desc=f"build ({args.target})", unit="graph") as bar:
         manifest = build_engines(args.export_dir, args.output, args.target, limits=limits,
-                                 workspace_mib=args.workspace,
+                                 workspace_mib=args.workspace, dla_core=args.dla_core,
+                                 int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     for name, entry in manifest.engines.items():
         print(f"  {name:10} {entry['bytes'] / 2**20:8.2f} MiB  built in {entry['build_seconds']:.1f} s")

@@ -13,11 +13,13 @@ TEXT_ONLY_PROMPT = "question: what colour is the square? answer:"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.backends import add_backend_arguments
+
     parser.add_argument("checkpoint", help="the checkpoint folder the export was made from (`demo`: the bundled one)")
     parser.add_argument("export_dirs", nargs="+", metavar="EXPORT",
                         help="the export folder (flamingo-edge export or quantize); several (e.g. fp32, fp16, int8) "
                              "are compared on the same inputs and summed up side by side")
-    parser.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime", help="(default: onnxruntime)")
+    add_backend_arguments(parser)
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE",
                         help="images to feed (default: two generated demo scenes)")
     parser.add_argument("--prompts", metavar="FILE",
@@ -192,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.cli.backends import pipeline_options
     from flamingo_edge.errors import UsageError
     from flamingo_edge.runtime.processor import load_image
     from flamingo_edge.tools.compare import compare
@@ -211,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(name)
                 bar.update(1)
 
-            report = compare(args.checkpoint, export_dir, prompts, backend=args.backend,
+            report = compare(args.checkpoint, export_dir, prompts, **pipeline_options(args),
                              new_tokens=args.new_tokens, task_n=args.task_n, on_stage=on_stage,
                              polygraphy_dir=args.polygraphy)
         if len(args.export_dirs) > 1:

@@ -32,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
     from flamingo_edge.demo import scenes
     from flamingo_edge.demo.bundle import demo_export
-    from flamingo_edge.demo.evaluate import evaluate, onnxruntime_answerer, pytorch_answerer
+    from flamingo_edge.demo.evaluate import evaluate, pipeline_answerer, pytorch_answerer
     from flamingo_edge.runtime.pipeline import Pipeline
 
     with tqdm(total=4, unit="graph", desc="export (cached)", leave=False) as bar:
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
                   f"first token {ttft * 1000:.1f} ms, reused {reused} prompt tokens' K/V and {hits} images' "
                   f"cross-attention K/V")
     print(f"\n4. held-out accuracy on {args.n} new scenes")
-    backends = (("PyTorch", lambda: pytorch_answerer("demo")), ("ONNX Runtime", lambda: onnxruntime_answerer(export)))
+    backends = (("PyTorch", lambda: pytorch_answerer("demo")), ("ONNX Runtime", lambda: pipeline_answerer(export)))
     for name, answerer in backends:
         with tqdm(total=2 * args.n, unit="prompt", desc=name, leave=False) as bar:
             report = evaluate(answerer(), n=args.n, on_batch=bar.update)

@@ -27,7 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _answerer(path: Path, backend: str):
-    from flamingo_edge.demo.evaluate import onnxruntime_answerer, pytorch_answerer
+    from flamingo_edge.demo.evaluate import pipeline_answerer, pytorch_answerer
     from flamingo_edge.errors import ExportError
     from flamingo_edge.models.checkpoint import DEMO, resolve_checkpoint
 
@@ -36,7 +36,7 @@ def _answerer(path: Path, backend: str):
             return pytorch_answerer(resolve_checkpoint(path))
         from flamingo_edge.demo.bundle import demo_export
 
-        return onnxruntime_answerer(demo_export())
+        return pipeline_answerer(demo_export())
     is_export = (path / "export.json").is_file()
     if backend == "pytorch":
         if is_export:
@@ -46,7 +46,7 @@ def _answerer(path: Path, backend: str):
     if not is_export:
         raise ExportError(f"{path} is not an export folder (no export.json); export it first: "
                           f"flamingo-edge export {path} -o OUT, then flamingo-edge eval OUT")
-    return onnxruntime_answerer(path)
+    return pipeline_answerer(path)
 
 
 def _precision(path: str, backend: str) -> str:

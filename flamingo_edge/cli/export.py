@@ -14,6 +14,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out-dir", required=True, help="export folder to write (created; replaced if present)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default: {DEFAULT_OPSET}, the newest TensorRT 8.5 parses)")
+    parser.add_argument("--decompose-layernorm", action="store_true",
+                        help="write LayerNormalization with primitive ops: TensorRT 8.5 (JetPack 5) cannot import it")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random check inputs (default: fresh)")
 
 
@@ -29,7 +31,8 @@ def main(args: argparse.Namespace) -> int:
                 bar.update(1)
             bar.set_postfix_str(name)
 
-        record = export_all(args.checkpoint, args.out_dir, opset=args.opset, seed=args.seed, on_graph=on_graph)
+        record = export_all(args.checkpoint, args.out_dir, opset=args.opset, seed=args.seed, on_graph=on_graph,
+                            decompose_layernorm=args.decompose_layernorm)
         bar.update(bar.total - bar.n)
     for name, graph in record.graphs.items():
         print(f"{name:<10} {args.out_dir}/{graph.file}  sha256 {graph.sha256[:16]}")

@@ -7,11 +7,14 @@ import json
 import sys
 import time
 
-HELP = "generate text from an export with ONNX Runtime; '<image>' in the prompt marks where each --image goes"
+HELP = ("generate text from an export (ONNX Runtime, or its TensorRT engines); '<image>' in the prompt marks where "
+        "each --image goes")
 IMAGE_MARKER = "<image>"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.backends import add_backend_arguments
+
     parser.add_argument("export_dir", help="a folder written by flamingo-edge export")
     parser.add_argument("--prompt", required=True,
                         help="the prompt; each '<image>' is replaced, in order, by the next --image")
@@ -25,7 +28,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh)")
     parser.add_argument("--stop", action="append", default=[], dest="stop_strings", metavar="TEXT",
                         help="stop once this text is generated (repeatable; default: stop at EOS only)")
-    parser.add_argument("--backend", default="onnxruntime", help="runtime backend (default: onnxruntime)")
+    add_backend_arguments(parser)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, token_ids, timings) instead of streaming text")
@@ -50,14 +53,16 @@ def prompt_items(prompt: str, images: list) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
+    from flamingo_edge.cli.backends import pipeline_options
     from flamingo_edge.runtime.pipeline import Pipeline
     from flamingo_edge.runtime.processor import load_image
 
+    options = pipeline_options(args)
     prompt = prompt_items(args.prompt, [load_image(path) for path in args.images])
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                     stop_strings=tuple(args.stop_strings))
-    with Pipeline.open(args.export_dir, backend=args.backend, device=args.device) as pipeline:
+    with Pipeline.open(args.export_dir, device=args.device, **options) as pipeline:
         text, ids, first, start = "", [], None, time.perf_counter()
         for step in pipeline.generate([prompt], **settings):
             first = first if first is not None else step.seconds

@@ -82,11 +82,12 @@ def pytorch_answerer(checkpoint) -> Callable[[list[list]], list[str]]:
     return answer
 
 
-def onnxruntime_answerer(export_dir, device: str = "auto") -> Callable[[list[list]], list[str]]:
-    """Greedy answers from the ONNX Runtime pipeline of an export folder."""
+def pipeline_answerer(export_dir, **open_options) -> Callable[[list[list]], list[str]]:
+    """Greedy answers from the pipeline of an export folder (`Pipeline.open` options: backend, engines, device...;
+    default ONNX Runtime)."""
     from flamingo_edge.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.open(export_dir, device=device)
+    pipeline = Pipeline.open(export_dir, **open_options)
 
     def answer(prompts: list[list]) -> list[str]:
         return [c.text for c in pipeline.complete(prompts, max_new_tokens=MAX_ANSWER_TOKENS)]

@@ -4,27 +4,33 @@
       manifest.json        what each engine was built from and for (the compatibility key)
       vision.engine  resampler.engine  xattn_kv.engine  decoder.engine
 
+Precision comes from the export: fp32, fp16 graphs, or Q/DQ INT8 (strongly typed where TensorRT can, FP16/INT8 builder
+flags where it is weakly typed). On TensorRT <= 10, `int8_calibration` adds the other INT8 path: implicit
+quantization of fp32 graphs with the FP16/INT8 flags and our calibration caches (calibration/trt_cache.py).
+
 The folder is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
+from flamingo_edge.engines.manifest import MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
-from flamingo_edge.engines.trt_compat import TensorRT, load
+from flamingo_edge.engines.trt_compat import TensorRT, collecting_logger, load
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
 from flamingo_edge.models.config import FlamingoConfig
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-
+logger = logging.getLogger(__name__)
+# Graphs a Jetson DLA may take (with GPU fallback for the layers it cannot run): the convolutional vision stem.
+DLA_GRAPHS = ("vision",)
 
 @dataclass(frozen=True)
 class Target:
@@ -47,80 +53,155 @@ TARGETS = {
 }
 
 
-@dataclass
-class EngineEntry:
-    file: str
-    sha256: str
-    onnx_sha256: str
-    bytes: int
-    build_seconds: float
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str  # the export's: "fp32", "fp16" or "int8" (Q/DQ)
+    target: Target
+    workspace_mib: int | None = None
+    dla_core: int | None = None  # Jetson DLA core for DLA_GRAPHS (GPU fallback for what it cannot run)
+    int8_caches: dict[str, bytes] | None = None  # graph -> TensorRT calibration cache, for implicit INT8
 
 
-@dataclass
-class Manifest:
-    version: int
-    export: str
-    precision: str
-    tensorrt: dict  # {"flavour", "version"}
-    target: str
-    compute_capability: str
-    limits: dict
-    workspace_mib: int | None
-    build_flags: list[str]
-    profiles: dict = field(default_factory=dict)  # graph -> [{input: [min, opt, max]}]
-    engines: dict = field(default_factory=dict)  # graph -> EngineEntry
-
-
-def _configure_precision(trt: TensorRT, config, precision: str) -> list[str]:
-    """Weakly typed TensorRT (<= 10 without STRONGLY_TYPED) needs builder flags for what the ONNX holds."""
-    if not trt.precision_flags or trt.can_strongly_type:
-        return []  # strongly typed: the precision is the graph's
-    flags = {"fp16": ["FP16"], "int8": ["INT8", "FP16"]}.get(precision, [])
+def _configure_precision(trt: TensorRT, config, precision: str, *, strongly_typed: bool, implicit_int8: bool) \
+        -> list[str]:
+    """Weakly typed TensorRT (8.5, or 10.x asked for implicit INT8) needs builder flags for what it should use."""
+    if strongly_typed or not trt.precision_flags:
+        return []  # the precision is the graph's
+    flags = ["INT8", "FP16"] if implicit_int8 else {"fp16": ["FP16"], "int8": ["INT8", "FP16"]}.get(precision, [])
     for name in flags:
         config.set_flag(getattr(trt.module.BuilderFlag, name))
     return flags
 
 
-def build_graph(trt: TensorRT, onnx_path: Path, profiles, *, precision: str, target: Target,
-                workspace_mib: int | None) -> tuple[bytes, list[str]]:
-    """One serialized engine, and the builder flags that were set."""
+def _configure_dla(trt: TensorRT, config, core: int) -> list[str]:
     module = trt.module
-    logger = module.Logger(module.Logger.ERROR)
-    builder = module.Builder(logger)
-    network = builder.create_network(trt.network_flags(strongly_typed=True))
-    parser = module.OnnxParser(network, logger)
+    config.default_device_type = module.DeviceType.DLA
+    config.DLA_core = core
+    config.set_flag(module.BuilderFlag.GPU_FALLBACK)
+    return [f"DLA:{core}", "GPU_FALLBACK"]
+
+
+def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions, *, name: str,
+                timing_cache: dict | None = None) -> tuple[bytes, list[str]]:
+    """One serialized engine, and the builder flags that were set.
+
+    `timing_cache` is {"data": bytes} on the first graph; the ITimingCache made from it is kept there under "cache"
+    and shared by the following graphs.
+    """
+    module = trt.module
+    log = collecting_logger(module)
+    builder = module.Builder(log)
+    int8_cache = (options.int8_caches or {}).get(name)
+    strongly_typed = int8_cache is None and (trt.can_strongly_type or trt.strongly_typed_only)
+    network = builder.create_network(trt.network_flags(strongly_typed=strongly_typed))
+    parser = module.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise EngineBuildError(f"{trt.flavour} {trt.version} cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     for profile in profiles:
         optimization = builder.create_optimization_profile()
-        for name, (low, opt, high) in profile.items():
-            optimization.set_shape(name, low, opt, high)
+        for input_name, (low, opt, high) in profile.items():
+            optimization.set_shape(input_name, low, opt, high)
         config.add_optimization_profile(optimization)
-    if workspace_mib:
-        config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    flags = _configure_precision(trt, config, precision)
-    if target.compute_capability:
+    if options.workspace_mib:
+        config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    flags = _configure_precision(trt, config, options.precision, strongly_typed=strongly_typed,
+                                 implicit_int8=int8_cache is not None)
+    if int8_cache is not None:
+        from flamingo_edge.calibration.trt_cache import int8_calibrator
+
+        config.int8_calibrator = int8_calibrator(cache=int8_cache, trt=module)
+        flags.append("int8_calibrator")
+    if options.dla_core is not None and name in DLA_GRAPHS:
+        flags += _configure_dla(trt, config, options.dla_core)
+    if options.target.compute_capability:
         config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(module.ComputeCapability, target.compute_capability), 0)
+        config.set_compute_capability(getattr(module.ComputeCapability, options.target.compute_capability), 0)
+    if timing_cache is not None:
+        if "cache" not in timing_cache:
+            timing_cache["cache"] = config.create_timing_cache(timing_cache["data"])
+        config.set_timing_cache(timing_cache["cache"], False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
+        said = "; ".join(log.errors[-3:]) or "no message"
         raise EngineBuildError(f"{trt.flavour} {trt.version} could not build {onnx_path.name} for "
-                               f"{target.compute_capability or 'this GPU'} ({precision}); run with -v for "
-                               "TensorRT's log")
+                               f"{options.target.compute_capability or 'this GPU'} ({options.precision}): {said}")
     return bytes(plan), flags
 
 
+def _check_options(trt: TensorRT, options: BuildOptions, precision: str) -> None:
+    """Refuse, before any build, what this TensorRT cannot do.
+
+    Raises:
+        FeatureUnavailableError, UsageError.
+    """
+    target = options.target
+    if target.compute_capability and not trt.targets_compute_capability:
+        raise FeatureUnavailableError(f"{trt.flavour} {trt.version} cannot build for {target.compute_capability} "
+                                      "without that GPU")
+    if options.int8_caches is not None:
+        if not (trt.implicit_int8 and trt.precision_flags):
+            raise FeatureUnavailableError(
+                f"{trt.flavour} {trt.version} has no implicit INT8 calibration (TensorRT 8.5-10.x has); build the "
+                "Q/DQ int8 export (flamingo-edge quantize --precision int8) instead")
+        if precision != "fp32":
+            raise UsageError(f"implicit INT8 quantizes the fp32 graphs; this export is {precision}")
+    if options.dla_core is not None:
+        if trt.flavour != "tensorrt" or not hasattr(trt.module, "DeviceType"):
+            raise FeatureUnavailableError(f"{trt.flavour} {trt.version} has no DLA; DLA cores are on Jetson Orin "
+                                          "(TensorRT 8.5-10.7, or 11.4.1+)")
+        if precision == "fp32" and options.int8_caches is None:
+            raise UsageError("the DLA runs fp16 and int8 only: build an fp16 or int8 export for --dla-core")
+        cores = trt.module.Builder(trt.module.Logger(trt.module.Logger.ERROR)).num_DLA_cores
+        if options.dla_core >= cores:
+            raise FeatureUnavailableError(f"--dla-core {options.dla_core}: this device has {cores} DLA core(s)")
+
+
+def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, bytes]:
+    """The TensorRT calibration caches `flamingo-edge quantize --precision int8` wrote next to its graphs, for
+    implicit INT8 of the fp32 export they were computed from.
+
+    Raises:
+        UsageError: not an int8 export of `export_dir`, or no caches in it.
+    """
+    calibration = Path(calibration)
+    record = read_export_record(calibration)
+    provenance = record.quantization or {}
+    caches = provenance.get("tensorrt_calibration_caches") or {}
+    if record.precision != "int8" or not caches:
+        raise UsageError(f"{calibration} holds no TensorRT calibration caches; give the int8 export that "
+                         "flamingo-edge quantize --precision int8 wrote")
+    if Path(provenance["source_export"]).resolve() != export_dir.resolve():
+        raise UsageError(f"the caches in {calibration} were computed for {provenance['source_export']}, not "
+                         f"{export_dir}")
+    return {name: (calibration / file).read_bytes() for name, file in caches.items()}
+
+
 def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str, *,
-                  limits: ShapeLimits | None = None, workspace_mib: int | None = None,
+                  limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
+                  int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
                   on_graph: Callable[[str], None] | None = None) -> Manifest:
     """Build every graph of an export for a target and write the engines and the manifest.
 
+    Args:
+        export_dir: an export folder (fp32, fp16 or int8).
+        out_dir: the engines folder to write (must not exist).
+        target_name: a key of TARGETS.
+        limits: shape limits (default: the target's preset, within the model's positions).
+        workspace_mib: builder workspace cap (default: the target's).
+        dla_core: build DLA_GRAPHS for this Jetson DLA core, with GPU fallback (TensorRT on Orin only).
+        int8_calibration: an int8 export whose TensorRT calibration caches quantize this fp32 export implicitly
+            (TensorRT 8.5-10.x only).
+        timing_cache: a TensorRT timing cache file, read if present and written back after the build (builds of
+            the same graphs on the same GPU and TensorRT then skip most tactic timing; TensorRT for RTX ignores it).
+        on_graph: called with each graph's name before it is built (progress display).
+
     Raises:
         UsageError: an unknown target, bad limits, or an existing `out_dir`.
-        FeatureUnavailableError: the target's TensorRT is not installed, or cannot target it from here.
-        EngineBuildError: TensorRT refused a graph.
+        FeatureUnavailableError: the target's TensorRT is not installed, or cannot do what was asked from here.
+        EngineBuildError: TensorRT refused a graph (its own error messages are quoted).
     """
     if target_name not in TARGETS:
         raise UsageError(f"unknown target {target_name!r}; choose one of {', '.join(TARGETS)}")
@@ -133,15 +214,35 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         context = min(target.limits.max_context, config.decoder.max_positions)
         limits = replace(target.limits, max_context=context, max_prompt=min(target.limits.max_prompt, context))
     limits.check(config.decoder.max_positions)
-    workspace_mib = workspace_mib if workspace_mib is not None else target.workspace_mib
+    options = BuildOptions(
+        record.precision, target, workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
+        read_int8_caches(int8_calibration, export_dir) if int8_calibration is not None else None)
     trt = load(target.flavour)
-    if target.compute_capability and not trt.targets_compute_capability:
-        raise FeatureUnavailableError(f"{trt.flavour} {trt.version} cannot build for {target.compute_capability} "
-                                      "without that GPU")
+    _check_options(trt, options, record.precision)
+    if trt.flavour == "tensorrt":  # TensorRT for RTX's parser is newer than any list; it is its own check
+        from flamingo_edge.engines.operators import check_export
+
+        refused = {name: found for name, found in check_export(export_dir, trt.version).items() if found}
+        if refused:
+            raise EngineBuildError(f"TensorRT {trt.version} cannot import " + "; ".join(
+                f"{name}: {', '.join(found)}" for name, found in refused.items()))
+    compute_capability, device = target.compute_capability, None
+    if compute_capability is None:  # full TensorRT builds for the GPU it runs on
+        from flamingo_edge.runtime.cuda import device_info
+
+        info = device_info()
+        compute_capability, device = info.compute_capability, info.name
+    timing = None
+    if timing_cache is not None:
+        if trt.flavour == "tensorrt_rtx":
+            logger.warning("TensorRT for RTX ignores timing caches; %s is left as it is", timing_cache)
+        else:
+            timing = {"data": Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""}
     specs = build_graphs(config)
-    manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), record.precision,
-                        {"flavour": trt.flavour, "version": trt.version}, target_name,
-                        target.compute_capability or "the build GPU", asdict(limits), workspace_mib, [])
+    precision = "int8-implicit" if options.int8_caches else record.precision
+    manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), precision,
+                        {"flavour": trt.flavour, "version": trt.version}, target_name, compute_capability,
+                        asdict(limits), options.workspace_mib, {}, device=device, dla_core=dla_core)
     with atomic_folder(out_dir) as partial:
         for name in GRAPH_NAMES:
             if on_graph:
@@ -149,41 +250,15 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             profiles = graph_profiles(specs[name], limits, config.visual_tokens_per_image)
             onnx_path = export_dir / record.graphs[name].file
             start = time.perf_counter()
-            plan, flags = build_graph(trt, onnx_path, profiles, precision=record.precision, target=target,
-                                      workspace_mib=workspace_mib)
+            plan, flags = build_graph(trt, onnx_path, profiles, options, name=name, timing_cache=timing)
             seconds = time.perf_counter() - start
             file = partial / f"{name}.engine"
             atomic_write(file, plan)
-            manifest.build_flags = sorted(set(manifest.build_flags) | set(flags))
+            manifest.build_flags[name] = flags
             manifest.profiles[name] = [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles]
             manifest.engines[name] = asdict(EngineEntry(file.name, sha256_of(file), record.graphs[name].sha256,
                                                         len(plan), round(seconds, 3)))
         atomic_write(partial / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
-    return manifest
-
-
-def read_manifest(engines_dir: str | Path, export_dir: str | Path | None = None) -> Manifest:
-    """The manifest of an engines folder, every engine checked against its hash, and (given the export) every
-    engine's ONNX against the export's current graph.
-
-    Raises:
-        EngineBuildError: no manifest, a missing or modified engine, or an export whose graphs changed since the build.
-    """
-    engines_dir = Path(engines_dir)
-    try:
-        manifest = Manifest(**json.loads((engines_dir / MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise EngineBuildError(f"{engines_dir} is not a complete engines folder ({error}); run flamingo-edge build") \
-            from None
-    for name, entry in manifest.engines.items():
-        path = engines_dir / entry["file"]
-        if not path.is_file() or sha256_of(path) != entry["sha256"]:
-            raise EngineBuildError(f"{path} is missing or was modified; run flamingo-edge build again")
-    if export_dir is not None:
-        record = read_export_record(export_dir)
-        stale = [n for n, e in manifest.engines.items() if record.graphs[n].sha256 != e["onnx_sha256"]]
-        if stale:
-            raise EngineBuildError(f"the engines for {stale} were built from other ONNX graphs than {export_dir} "
-                                   f"holds now; rebuild: flamingo-edge build {export_dir} -o {engines_dir} "
-                                   f"--target {manifest.target}")
+    if timing is not None and "cache" in timing:
+        atomic_write(Path(timing_cache), bytes(timing["cache"].serialize()))
     return manifest

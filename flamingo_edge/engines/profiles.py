@@ -1,7 +1,7 @@
 """Optimization profiles from shape limits (torch-free, TensorRT-free): min/opt/max per input of every graph.
 
-The decoder gets two profiles: prefill (S from 1 to the longest prompt, P from 0, for a reused prefix) and decode
-(S = 1, P from 0 to the context). P = 0 is always allowed: a prefill with no past.
+The decoder gets two profiles: prefill (S from 1 to the longest prompt, P from 0 to the context, for a reused prompt
+prefix of any length) and decode (S = 1, P from 0 to the context). P = 0 is always allowed: a prefill with no past.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def graph_profiles(spec: GraphSpec, limits: ShapeLimits, latents: int) -> list[P
     low = {**base, "B": 1, "S": 1, "P": 0, "M": 1}
     high_p = limits.max_context - 1
     prefill = _profile(spec, low, {**base, "B": 1, "S": min(32, limits.max_prompt), "P": 0, "M": 1},
-                       {**base, "B": limits.max_batch, "S": limits.max_prompt, "P": limits.max_context - limits.max_prompt,
+                       {**base, "B": limits.max_batch, "S": limits.max_prompt, "P": high_p,
                         "M": limits.max_images})
     decode = _profile(spec, low, {**base, "B": 1, "S": 1, "P": limits.max_context // 2, "M": 1},
                       {**base, "B": limits.max_batch, "S": 1, "P": high_p, "M": limits.max_images})

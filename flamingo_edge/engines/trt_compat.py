@@ -18,11 +18,14 @@ TensorRT is imported by `load()` only; the package imports and the CPU suite run
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from types import ModuleType
 
 from flamingo_edge.errors import FeatureUnavailableError
+
+logger = logging.getLogger(__name__)
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 FLAVOUR_ENV = "FLAMINGO_EDGE_TENSORRT"  # "tensorrt" or "tensorrt_rtx": which one `load("auto")` takes
@@ -93,3 +96,23 @@ def load(flavour: str = "auto") -> TensorRT:
     raise FeatureUnavailableError(
         "no TensorRT is installed: on a Jetson, JetPack's python3-libnvinfer; on a datacenter GPU, pip install "
         "tensorrt (from NVIDIA's index); for RTX GPUs and CPU-only builds, pip install tensorrt-rtx")
+
+
+def collecting_logger(module):
+    """A TensorRT logger that keeps the errors (for our exception) and sends the rest to `logging`."""
+
+    class CollectingLogger(module.ILogger):
+        def __init__(self):
+            module.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, message):
+            if int(severity) <= int(module.ILogger.Severity.ERROR):
+                self.errors.append(message)
+                logger.debug("TensorRT error: %s", message)
+            elif int(severity) == int(module.ILogger.Severity.WARNING):
+                logger.info("TensorRT: %s", message)
+            else:
+                logger.debug("TensorRT: %s", message)
+
+    return CollectingLogger()

@@ -22,7 +22,7 @@ from torch import nn
 
 from flamingo_edge import __version__
 from flamingo_edge.artifacts import EXPORT_RECORD, ExportRecord, GraphFile, atomic_write, sha256_of
-from flamingo_edge.errors import CheckpointError, ParityError
+from flamingo_edge.errors import CheckpointError, ExportError, ParityError
 from flamingo_edge.export.checks import check_graph
 from flamingo_edge.export.wrappers import WRAPPERS
 from flamingo_edge.graphs import CONTRACT_VERSION, DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
@@ -66,8 +66,61 @@ def fold_initializer_tanh(graph: onnx.ModelProto) -> int:
     return len(folded)
 
 
+def decompose_layer_norm(graph: onnx.ModelProto) -> int:
+    """Rewrite every LayerNormalization (last axis) with ReduceMean, Sub, Mul, Add, Sqrt and Div, in place.
+
+    TensorRT 8.5 (JetPack 5) has no LayerNormalization importer; these primitives import everywhere. The graph is
+    still checked against PyTorch afterwards. Returns how many nodes were rewritten.
+
+    Raises:
+        ExportError: a LayerNormalization over other than the last axis, or one whose mean/inv-std outputs are used.
+    """
+    opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    nodes, count = [], 0
+    for node in graph.graph.node:
+        if node.op_type != "LayerNormalization":
+            nodes.append(node)
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attributes.get("axis", -1) != -1 or any(name for name in node.output[1:]):
+            raise ExportError(f"{node.name}: only a LayerNormalization over the last axis with one output can be "
+                              "decomposed")
+        x, scale, bias = node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else ""
+        name = f"{node.name or f'LayerNorm{count}'}/decomposed"
+        epsilon = onnx.numpy_helper.from_array(np.array(attributes.get("epsilon", 1e-5), np.float32), f"{name}/eps")
+        graph.graph.initializer.append(epsilon)
+
+        def reduce_mean(source: str, out: str) -> onnx.NodeProto:
+            if opset >= 18:  # axes became an input
+                axes = onnx.numpy_helper.from_array(np.array([-1], np.int64), f"{out}/axes")
+                graph.graph.initializer.append(axes)
+                return onnx.helper.make_node("ReduceMean", [source, axes.name], [out], keepdims=1)
+            return onnx.helper.make_node("ReduceMean", [source], [out], axes=[-1], keepdims=1)
+
+        normalized = f"{name}/normalized" if bias or scale else node.output[0]
+        nodes += [
+            reduce_mean(x, f"{name}/mean"),
+            onnx.helper.make_node("Sub", [x, f"{name}/mean"], [f"{name}/centered"]),
+            onnx.helper.make_node("Mul", [f"{name}/centered", f"{name}/centered"], [f"{name}/squared"]),
+            reduce_mean(f"{name}/squared", f"{name}/variance"),
+            onnx.helper.make_node("Add", [f"{name}/variance", epsilon.name], [f"{name}/variance_eps"]),
+            onnx.helper.make_node("Sqrt", [f"{name}/variance_eps"], [f"{name}/std"]),
+            onnx.helper.make_node("Div", [f"{name}/centered", f"{name}/std"], [normalized]),
+        ]
+        if bias:
+            nodes.append(onnx.helper.make_node("Mul", [normalized, scale], [f"{name}/scaled"]))
+            nodes.append(onnx.helper.make_node("Add", [f"{name}/scaled", bias], [node.output[0]]))
+        else:
+            nodes.append(onnx.helper.make_node("Mul", [normalized, scale], [node.output[0]]))
+        count += 1
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    return count
+
+
 def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray], out_dir: Path, *,
-                 opset: int = DEFAULT_OPSET, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphFile:
+                 opset: int = DEFAULT_OPSET, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                 decompose_layernorm: bool = False) -> GraphFile:
     """Export one graph to OUT/<name>.onnx, checked against the contract, written atomically.
 
     Args:
@@ -77,6 +130,7 @@ def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray]
         out_dir: destination folder.
         opset: ONNX opset.
         external_data_threshold: graphs whose weights exceed this many bytes keep them in <name>.onnx.data.
+        decompose_layernorm: write LayerNormalization with primitive ops (for TensorRT 8.5).
 
     Returns:
         The GraphFile entry for export.json.
@@ -98,6 +152,8 @@ def export_graph(spec: GraphSpec, module: nn.Module, feed: dict[str, np.ndarray]
             )
         graph = onnx.load(str(traced))
         fold_initializer_tanh(graph)
+        if decompose_layernorm:
+            decompose_layer_norm(graph)
         external = sum(t.ByteSize() for t in graph.graph.initializer) > external_data_threshold
         data_name = f"{spec.name}.onnx.data" if external else None
         onnx.save_model(graph, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -150,7 +206,8 @@ def _copy_tokenizer_files(checkpoint: Path, out_dir: Path) -> list[str]:
 
 def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, seed: int | None = None,
                on_graph: Callable[[str], None] | None = None,
-               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportRecord:
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, decompose_layernorm: bool = False,
+               ) -> ExportRecord:
     """Export the four graphs of a checkpoint, check each against PyTorch, and write OUT/export.json.
 
     Args:
@@ -160,6 +217,7 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFA
         seed: seed of the random check inputs (default: fresh).
         on_graph: called with each graph's name before it is exported (progress display).
         external_data_threshold: see `export_graph`.
+        decompose_layernorm: write LayerNormalization with primitive ops, for TensorRT 8.5 (JetPack 5).
 
     Returns:
         The record written to OUT/export.json.
@@ -182,7 +240,8 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFA
         module = WRAPPERS[name](model).eval()
         trace = example_feed(specs[name], _sizes(model, TRACE_SIZES), rng=rng, vocab_size=vocab)
         graphs[name] = export_graph(specs[name], module, trace, out_dir, opset=opset,
-                                    external_data_threshold=external_data_threshold)
+                                    external_data_threshold=external_data_threshold,
+                                    decompose_layernorm=decompose_layernorm)
         checks = [example_feed(specs[name], _sizes(model, sizes), rng=rng, vocab_size=vocab) for sizes in CHECK_SIZES]
         error = verify_graph(out_dir / graphs[name].file, specs[name], module, checks)
         logger.info("%s: exported, ONNX Runtime vs PyTorch relative error %.2e", name, error)
@@ -190,6 +249,7 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFA
         contract_version=CONTRACT_VERSION, opset=opset, flamingo_edge_version=__version__,
         checkpoint=str(checkpoint.resolve()), config=model.config.to_dict(), graphs=graphs,
         tokenizer_files=_copy_tokenizer_files(checkpoint, out_dir),
+        layer_norm="decomposed" if decompose_layernorm else "onnx",
     )
     atomic_write(out_dir / EXPORT_RECORD, record.to_json().encode())
     return record

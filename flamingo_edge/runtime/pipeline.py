@@ -3,7 +3,8 @@
     image --preprocess--> vision --> resampler --> xattn_kv --> cross K/V per image (cached by content)
     prompt --tokenize--> decoder prefill --> decoder step* (self-attention KV cache) --> streamed text
 
-No torch, no transformers: an export folder, a backend (ONNX Runtime today), numpy, OpenCV and tokenizers.
+No torch, no transformers: an export folder (and for TensorRT its engines folder), a backend, numpy, OpenCV and
+tokenizers.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.artifacts import read_export_record
-from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError
+from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, build_graphs, cross_key, cross_value
 from flamingo_edge.models.config import FlamingoConfig
-from flamingo_edge.runtime.backend import open_session
+from flamingo_edge.runtime.backend import BackendKind, open_session, parse_choice
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
 from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
 from flamingo_edge.runtime.processor import Processor
@@ -46,9 +47,11 @@ class Pipeline:
     """
 
     def __init__(self, *, config: FlamingoConfig, sessions: dict, processor: Processor, max_context: int,
-                 max_images: int, image_cache_size: int, prefix_cache_bytes: int):
+                 max_images: int, image_cache_size: int, prefix_cache_bytes: int, max_prompt: int | None = None,
+                 max_batch: int | None = None):
         self.config, self.sessions, self.processor = config, sessions, processor
         self.max_context, self.max_images = max_context, max_images
+        self.max_prompt, self.max_batch = max_prompt, max_batch  # TensorRT engines' limits (None: unlimited)
         self.image_cache = CrossAttentionCache(capacity=image_cache_size)
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
@@ -57,16 +60,19 @@ class Pipeline:
 
     @classmethod
     def open(cls, export_dir: str | Path, *, backend: str = "onnxruntime", device: str = "auto",
-             max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64,
-             prefix_cache_bytes: int = 64 << 20) -> Pipeline:
+             engines: str | Path | None = None, cuda_graph: bool = False, max_context: int | None = None,
+             max_images: int = 16, image_cache_size: int = 64, prefix_cache_bytes: int = 64 << 20) -> Pipeline:
         """Open an export folder written by `flamingo-edge export`.
 
         Args:
-            export_dir: the folder with export.json.
-            backend: "onnxruntime" (TensorRT comes with the engines).
+            export_dir: the folder with export.json (tokenizer, config; the graphs for onnxruntime).
+            backend: "onnxruntime" or "tensorrt".
             device: "auto", "cpu" or "cuda".
-            max_context: most tokens (prompt + generated) per sequence; default the model's max positions.
-            max_images: most images per prompt.
+            engines: (tensorrt) the folder `flamingo-edge build` wrote from this export.
+            cuda_graph: (tensorrt) replay decode steps as CUDA graphs, one per input shape.
+            max_context: most tokens (prompt + generated) per sequence; default the model's max positions (and with
+                engines, at most what they were built for).
+            max_images: most images per prompt (with engines, at most what they were built for).
             image_cache_size: images whose cross-attention K/V are kept (least recently used are dropped).
             prefix_cache_bytes: memory for the self-attention K/V of earlier single prompts, reused when a prompt
                 begins with the same tokens and images (a fixed few-shot preamble); 0 disables it.
@@ -74,6 +80,9 @@ class Pipeline:
         Raises:
             ExportError: the folder is incomplete, modified, or from another contract version.
             GraphContractError: a graph does not match the contract.
+            EngineMismatchError: (tensorrt) engines built from other graphs, or for another TensorRT or GPU.
+            FeatureUnavailableError: (tensorrt) no TensorRT, cuda-python or GPU here.
+            UsageError: tensorrt without `engines`.
         """
         export_dir = Path(export_dir)
         record = read_export_record(export_dir)
@@ -82,12 +91,24 @@ class Pipeline:
                               f"flamingo-edge reads v{CONTRACT_VERSION}: re-run flamingo-edge export")
         config = FlamingoConfig.from_dict(record.config)
         specs = build_graphs(config)
-        sessions = {name: open_session(export_dir / record.graphs[name].file, specs[name], backend, device=device)
-                    for name in GRAPH_NAMES}
         limit = config.decoder.max_positions if max_context is None else min(max_context, config.decoder.max_positions)
+        engine_limits = {}
+        if parse_choice(BackendKind, backend, "runtime backend") is BackendKind.TENSORRT:
+            if engines is None:
+                raise UsageError("the tensorrt backend runs the engines flamingo-edge build wrote from this export: "
+                                 "give their folder (--engines ENGINES)")
+            from flamingo_edge.runtime.tensorrt_backend import open_engines
+
+            manifest, sessions = open_engines(engines, export_dir, specs, cuda_graph=cuda_graph)
+            engine_limits = manifest.limits
+            limit, max_images = min(limit, engine_limits["max_context"]), min(max_images, engine_limits["max_images"])
+        else:
+            sessions = {name: open_session(export_dir / record.graphs[name].file, specs[name], backend, device=device)
+                        for name in GRAPH_NAMES}
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
                    max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
-                   prefix_cache_bytes=prefix_cache_bytes)
+                   prefix_cache_bytes=prefix_cache_bytes, max_prompt=engine_limits.get("max_prompt"),
+                   max_batch=engine_limits.get("max_batch"))
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -128,6 +149,12 @@ class Pipeline:
                 for name, value in rows.items()}
 
     def _check_limits(self, input_ids: np.ndarray, images: list[list[np.ndarray]], max_new_tokens: int) -> None:
+        if self.max_prompt is not None and input_ids.shape[1] > self.max_prompt:
+            raise PromptTooLongError(f"the prompt has {input_ids.shape[1]} tokens; the engines take at most "
+                                     f"{self.max_prompt} (rebuild them with a larger --max-prompt)")
+        if self.max_batch is not None and len(images) > self.max_batch:
+            raise PromptError(f"{len(images)} prompts in one batch; the engines take at most {self.max_batch} "
+                              "(rebuild them with a larger --max-batch)")
         needed = input_ids.shape[1] + max_new_tokens
         if needed > self.max_context:
             raise PromptTooLongError(

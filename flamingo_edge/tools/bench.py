@@ -138,13 +138,16 @@ def decode_bytes_per_token(export_dir: Path, pipeline: Pipeline, workload: Workl
 
 
 def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
-                   device: str = "auto", seed: int = 0, on_run: Callable[[], None] | None = None) -> dict:
-    """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload`."""
+                   device: str = "auto", seed: int = 0, on_run: Callable[[], None] | None = None,
+                   **open_options) -> dict:
+    """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload`
+    (`open_options`: more `Pipeline.open` arguments, e.g. the TensorRT engines)."""
     export_dir = Path(export_dir)
     rng = np.random.default_rng(seed)
     log: dict[str, list[float]] = defaultdict(list)
     runs = defaultdict(list)
-    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0) as pipeline:
+    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0,
+                       **open_options) as pipeline:
         processor = pipeline.processor
         prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1],
                              random_images(rng, workload.images), workload.prompt_tokens)
@@ -238,18 +241,23 @@ def ratios(ours: dict, theirs: dict) -> dict:
 
 def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime", device: str = "auto",
           reference: str | Path | None = None, baseline: str | Path | None = None, seed: int = 0,
-          on_stage: Callable[[str], None] | None = None) -> dict:
-    """The whole `flamingo-edge bench` report (docs/bench.md describes every key)."""
+          on_stage: Callable[[str], None] | None = None, engines: str | Path | None = None,
+          cuda_graph: bool = False) -> dict:
+    """The whole `flamingo-edge bench` report (docs/bench.md describes every key). With backend "tensorrt",
+    `engines` is the engines folder of `export_dir` (the baseline, if any, runs on ONNX Runtime: its engines are
+    not known)."""
     import os
 
     stage = on_stage or (lambda name: None)
     stage("backend")
-    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed)
+    engine_options = {"engines": engines, "cuda_graph": cuda_graph} if backend == "tensorrt" else {}
+    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed, **engine_options)
     stage("bandwidth")
     bandwidth = copy_bandwidth()
     floor = ours["decode_bytes_per_token"] / bandwidth
     per_token = ours["stages_s"]["decode_per_token"]["median"]
     report = {"version": REPORT_VERSION, "export": str(export_dir), "backend": backend, "device": device,
+              "engines": str(engines) if engines else None,
               "workload": asdict(workload), "cpu_count": os.cpu_count(), "backend_result": ours,
               "memory_bandwidth": {"copy_bytes_per_s": bandwidth, "decode_floor_s": floor,
                                    "fraction_of_floor_reached": floor / per_token},
@@ -257,7 +265,8 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
     report["precision"] = read_export_record(export_dir).precision
     if baseline is not None:  # e.g. the fp32 export an fp16/int8 one was made from, same workload and backend
         stage("baseline")
-        theirs = bench_pipeline(baseline, workload, backend=backend, device=device, seed=seed)
+        theirs = bench_pipeline(baseline, workload, backend="onnxruntime" if engines else backend, device=device,
+                                seed=seed)
         report.update(baseline=str(baseline), baseline_precision=read_export_record(baseline).precision,
                       baseline_result=theirs, speedup_vs_baseline=ratios(ours, theirs))
     if reference is not None:

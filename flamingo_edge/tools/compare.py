@@ -334,15 +334,16 @@ def write_polygraphy(out_dir: Path, graph: str, runs: list[GraphRun], backend: s
 
 
 def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, backend: str = "onnxruntime",
-            new_tokens: int = 12, task_n: int = 0, on_stage=None,
-            polygraphy_dir: str | Path | None = None) -> CompareReport:
+            new_tokens: int = 12, task_n: int = 0, on_stage=None, polygraphy_dir: str | Path | None = None,
+            engines: str | Path | None = None, cuda_graph: bool = False) -> CompareReport:
     """Compare an export run by `backend` with the checkpoint's PyTorch reference.
 
     Args:
         checkpoint: the checkpoint folder (or "demo").
         export_dir: its export folder.
         prompts: prompts as the Processor takes them (lists of text and uint8 RGB images).
-        backend: the runtime backend that runs the export.
+        backend: the runtime backend that runs the export ("onnxruntime" or "tensorrt").
+        engines, cuda_graph: with "tensorrt", the export's engines folder, and whether decode steps replay CUDA graphs.
         new_tokens: greedy tokens generated per prompt for the token comparisons.
         task_n: held-out demo scenes to score on both sides (0: skip); only for the demo checkpoint.
         on_stage: called with a short name as each stage starts (progress).
@@ -356,7 +357,10 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
     failures = []
     stage("reference")
     reference = reference_pipeline(checkpoint, export_dir, config)
-    with Pipeline.open(export_dir, backend=backend, prefix_cache_bytes=0) as under_test:
+    open_options = {"backend": backend}
+    if backend == "tensorrt":
+        open_options.update(engines=engines, cuda_graph=cuda_graph)
+    with Pipeline.open(export_dir, prefix_cache_bytes=0, **open_options) as under_test:
         stage("end to end")
         end_to_end = compare_end_to_end(reference, under_test, prompts, new_tokens)
         graphs = {}
@@ -371,7 +375,7 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
     task = None
     if task_n and _is_demo(checkpoint):
         stage("task")
-        task = _task_accuracy(checkpoint, export_dir, backend, task_n)
+        task = _task_accuracy(checkpoint, export_dir, open_options, task_n)
     rules = {"relative_error": tolerance}
     if record.precision == "fp32":  # every tensor within the fp32 tolerance
         for name, graph in graphs.items():
@@ -405,9 +409,9 @@ def _is_demo(checkpoint: Path) -> bool:
         return False
 
 
-def _task_accuracy(checkpoint: Path, export_dir: Path, backend: str, n: int) -> dict:
-    from flamingo_edge.demo.evaluate import evaluate, onnxruntime_answerer, pytorch_answerer
+def _task_accuracy(checkpoint: Path, export_dir: Path, open_options: dict, n: int) -> dict:
+    from flamingo_edge.demo.evaluate import evaluate, pipeline_answerer, pytorch_answerer
 
     reference = evaluate(pytorch_answerer(checkpoint), n=n).to_dict()
-    ours = evaluate(onnxruntime_answerer(export_dir), n=n).to_dict()
+    ours = evaluate(pipeline_answerer(export_dir, **open_options), n=n).to_dict()
     return {"n": n, "reference": reference, "backend": ours}

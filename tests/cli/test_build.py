@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flamingo_edge.cli.main import main
-from flamingo_edge.engines.build import read_manifest
+from flamingo_edge.engines.manifest import read_manifest
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
 from flamingo_edge.errors import EngineBuildError
 from flamingo_edge.graphs import build_graphs
@@ -52,7 +52,9 @@ def test_decoder_profiles_allow_an_empty_past_and_fill_the_context(demo_export):
     prefill, decode = graph_profiles(spec, ShapeLimits(2, 16, 40, 3), config.visual_tokens_per_image)
     assert prefill["past_key.0"][0][2] == 0 and decode["past_key.0"][0][2] == 0  # P = 0 allowed
     assert prefill["input_ids"][2] == (2, 16) and decode["input_ids"] == ((1, 1), (1, 1), (2, 1))
-    assert decode["attention_mask"][2] == (2, 40) and prefill["attention_mask"][2] == (2, 40)
+    assert decode["attention_mask"][2] == (2, 40)
+    # a prefill after a reused prompt prefix of any length up to the context
+    assert prefill["past_key.0"][2][2] == 39 and prefill["attention_mask"][2] == (2, 39 + 16)
     latents = config.visual_tokens_per_image
     assert decode["cross_key.0"][2][2] == 3 * latents and decode["image_attention_mask"][2] == (2, 1, 3)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 from flamingo_edge.cli.main import main
-from flamingo_edge.demo.evaluate import held_out_prompts, onnxruntime_answerer, pytorch_answerer
+from flamingo_edge.demo.evaluate import held_out_prompts, pipeline_answerer, pytorch_answerer
 
 
 def test_both_backends_give_the_same_answers(idefics_checkpoint, idefics_export):
     prompts = [prompt for _, prompt, _ in held_out_prompts(3, seed=5)]
-    assert pytorch_answerer(idefics_checkpoint)(prompts) == onnxruntime_answerer(idefics_export)(prompts)
+    assert pytorch_answerer(idefics_checkpoint)(prompts) == pipeline_answerer(idefics_export)(prompts)
 
 
 def test_eval_json(idefics_export, capsys):

@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from flamingo_edge.errors import FeatureUnavailableError, GraphContractError, UsageError
+from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
 from flamingo_edge.runtime.backend import check_feed, open_session
 
@@ -184,8 +184,10 @@ def test_missing_or_corrupt_graph_file(tmp_path):
 def test_unknown_and_unimplemented_backends_and_devices(toy_path):
     with pytest.raises(FeatureUnavailableError, match=r"unknown runtime backend 'tflite'; .*'onnxruntime', 'tensor"):
         open_session(toy_path, SPEC, "tflite")
-    with pytest.raises(FeatureUnavailableError, match="TensorRT runtime backend is not implemented yet"):
+    with pytest.raises(EngineBuildError, match="is not a complete engines folder"):  # an .onnx is no engine
         open_session(toy_path, SPEC, "tensorrt")
+    with pytest.raises(FeatureUnavailableError, match="TensorRT engines run on the GPU only"):
+        open_session(toy_path, SPEC, "tensorrt", device="cpu")
     with pytest.raises(FeatureUnavailableError, match=r"unknown device 'gpu'; .*'auto', 'cpu', 'cuda'"):
         open_session(toy_path, SPEC, device="gpu")
 

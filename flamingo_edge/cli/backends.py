@@ -1,0 +1,35 @@
+"""The runtime-backend options every running subcommand shares: --backend, --engines, --cuda-graph."""
+
+from __future__ import annotations
+
+import argparse
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="onnxruntime runs the export's ONNX graphs; tensorrt runs the engines of --engines on "
+                             "an NVIDIA GPU (default: onnxruntime)")
+    parser.add_argument("--engines", metavar="ENGINES",
+                        help="with --backend tensorrt: the folder flamingo-edge build wrote from this export")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="with --backend tensorrt: replay decode steps as CUDA graphs (one per input shape)")
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """`Pipeline.open` keyword arguments from the parsed options.
+
+    Raises:
+        UsageError: --engines or --cuda-graph without --backend tensorrt, or tensorrt without --engines.
+    """
+    from flamingo_edge.errors import UsageError
+
+    if args.backend != "tensorrt" and (args.engines or args.cuda_graph):
+        raise UsageError("--engines and --cuda-graph go with --backend tensorrt")
+    if args.backend == "tensorrt" and not args.engines:
+        raise UsageError("--backend tensorrt needs --engines ENGINES (a folder flamingo-edge build wrote)")
+    options = {"backend": args.backend}
+    if args.backend == "tensorrt":
+        options.update(engines=args.engines, cuda_graph=args.cuda_graph)
+    return options

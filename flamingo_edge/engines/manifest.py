@@ -1,0 +1,133 @@
+"""`manifest.json`: what each engine of an engines folder was built from and for, and the checks made before an
+engine is deserialized (TensorRT- and GPU-free, so the CPU suite tests them on real manifests).
+
+A TensorRT engine runs only with the TensorRT flavour and version that built it, and only on the GPU architecture it
+was built for (TensorRT for RTX: the compute capabilities named at build time; TensorRT: the GPU the build ran on).
+Deserializing anything else fails deep inside TensorRT or, worse, runs wrong; the manifest lets us refuse first,
+with an error that names both sides and the command that rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flamingo_edge.artifacts import read_export_record, sha256_of
+from flamingo_edge.errors import EngineBuildError, EngineMismatchError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# RTX compute capability -> the build target for it (engines/build.py TARGETS).
+RTX_TARGETS = {"SM80": "rtx-sm80", "SM86": "rtx-sm86", "SM89": "rtx-sm89"}
+
+
+@dataclass
+class EngineEntry:
+    file: str
+    sha256: str
+    onnx_sha256: str
+    bytes: int
+    build_seconds: float
+
+
+@dataclass
+class Manifest:
+    version: int
+    export: str
+    precision: str
+    tensorrt: dict  # {"flavour", "version"}
+    target: str
+    compute_capability: str  # "SM86"
+    limits: dict
+    workspace_mib: int | None
+    build_flags: dict  # graph -> the builder flags set for it
+    profiles: dict = field(default_factory=dict)  # graph -> [{input: [min, opt, max]}]
+    engines: dict = field(default_factory=dict)  # graph -> EngineEntry
+    device: str | None = None  # the GPU a TensorRT (not RTX) build ran on
+    dla_core: int | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeKey:
+    """What is about to deserialize the engines: the TensorRT that is imported and the GPU it runs on."""
+
+    flavour: str
+    version: str
+    compute_capability: str  # "SM86"
+    device: str  # the GPU's name
+
+    def describe(self) -> str:
+        return f"{self.flavour} {self.version} on {self.device} ({self.compute_capability})"
+
+
+def read_manifest(engines_dir: str | Path, export_dir: str | Path | None = None) -> Manifest:
+    """The manifest of an engines folder, every engine checked against its hash, and (given the export) every
+    engine's ONNX against the export's current graph.
+
+    Raises:
+        EngineBuildError: no manifest, or a missing or modified engine.
+        EngineMismatchError: the export's graphs changed since the build.
+    """
+    engines_dir = Path(engines_dir)
+    try:
+        manifest = Manifest(**json.loads((engines_dir / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise EngineBuildError(f"{engines_dir} is not a complete engines folder ({error}); run flamingo-edge build") \
+            from None
+    for entry in manifest.engines.values():
+        path = engines_dir / entry["file"]
+        if not path.is_file() or sha256_of(path) != entry["sha256"]:
+            raise EngineBuildError(f"{path} is missing or was modified; run flamingo-edge build again")
+    if export_dir is not None:
+        record = read_export_record(export_dir)
+        stale = [n for n, e in manifest.engines.items() if n not in record.graphs
+                 or record.graphs[n].sha256 != e["onnx_sha256"]]
+        if stale:
+            raise EngineMismatchError(
+                f"the engines for {stale} in {engines_dir} were built from other ONNX graphs than {export_dir} holds "
+                f"now; rebuild: {rebuild_command(manifest, export_dir, engines_dir)}")
+    return manifest
+
+
+def rebuild_command(manifest: Manifest, export_dir: str | Path, engines_dir: str | Path,
+                    key: RuntimeKey | None = None) -> str:
+    """The `flamingo-edge build` command that makes engines for `key` (default: the manifest's own target)."""
+    target = manifest.target
+    if key is not None and key.flavour == "tensorrt_rtx":
+        target = RTX_TARGETS.get(key.compute_capability, "rtx-sm86")
+    limits = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in manifest.limits.items())
+    suffix = f"-{key.compute_capability.lower()}" if key is not None else "-new"
+    return (f"flamingo-edge build {export_dir} -o {Path(engines_dir).name}{suffix} --target {target} {limits}"
+            + (" (on this machine)" if key is not None and key.flavour == "tensorrt" else ""))
+
+
+def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
+                  export_dir: str | Path | None = None) -> None:
+    """Refuse engines that `key` cannot run, before TensorRT sees them.
+
+    Rules: the same TensorRT flavour (RTX and TensorRT plans are different formats); the same version, exactly (a
+    standard engine is tied to major, minor, patch and build; we hold RTX plans to the same rule, unverified
+    otherwise); and the compute capability the engines were built for.
+
+    Raises:
+        EngineMismatchError: naming what the engines were built with and for, what this machine has, and the
+            command that rebuilds.
+    """
+    built = manifest.tensorrt
+    problems = []
+    if built["flavour"] != key.flavour:
+        problems.append(f"they are {built['flavour']} engines and this process loaded {key.flavour}")
+    elif built["version"] != key.version:
+        problems.append(f"they were built with {built['flavour']} {built['version']} and this machine has "
+                        f"{key.version}")
+    if manifest.compute_capability != key.compute_capability:
+        where = f" ({manifest.device})" if manifest.device else ""
+        problems.append(f"they were built for {manifest.compute_capability}{where} and this GPU, {key.device}, is "
+                        f"{key.compute_capability}")
+    if problems:
+        export_dir = export_dir or manifest.export
+        raise EngineMismatchError(
+            f"{engines_dir} cannot run here: " + "; ".join(problems) + f". Engines were built with "
+            f"{built['flavour']} {built['version']} for {manifest.compute_capability}; this machine has "
+            f"{key.describe()}. Rebuild: {rebuild_command(manifest, export_dir, engines_dir, key)}")
