@@ -203,8 +203,8 @@ def main(args: argparse.Namespace) -> int:
         _pyplot()  # before the work: a missing matplotlib fails now, not after the comparison
     if args.polygraphy:
         _polygraphy()
-    if len(args.export_dirs) > 1 and (args.plot or args.polygraphy):
-        raise UsageError("--plot and --polygraphy take one export; run compare once per export for them")
+    if len(args.export_dirs) > 1 and (args.plot or args.polygraphy or args.engines):
+        raise UsageError("--plot, --polygraphy and --engines take one export; run compare once per export for them")
     images = [load_image(path) for path in args.images] if args.images else _default_images(args.seed, args.prompts)
     prompts = build_prompts(images, args.prompts)
     reports = []

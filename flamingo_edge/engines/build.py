@@ -214,11 +214,13 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         context = min(target.limits.max_context, config.decoder.max_positions)
         limits = replace(target.limits, max_context=context, max_prompt=min(target.limits.max_prompt, context))
     limits.check(config.decoder.max_positions)
-    options = BuildOptions(
-        record.precision, target, workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
-        read_int8_caches(int8_calibration, export_dir) if int8_calibration is not None else None)
+    options = BuildOptions(record.precision, target,
+                           workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
+                           {} if int8_calibration is not None else None)
     trt = load(target.flavour)
     _check_options(trt, options, record.precision)
+    if int8_calibration is not None:
+        options = replace(options, int8_caches=read_int8_caches(int8_calibration, export_dir))
     if trt.flavour == "tensorrt":  # TensorRT for RTX's parser is newer than any list; it is its own check
         from flamingo_edge.engines.operators import check_export
 

@@ -93,13 +93,14 @@ def read_manifest(engines_dir: str | Path, export_dir: str | Path | None = None)
 def rebuild_command(manifest: Manifest, export_dir: str | Path, engines_dir: str | Path,
                     key: RuntimeKey | None = None) -> str:
     """The `flamingo-edge build` command that makes engines for `key` (default: the manifest's own target)."""
-    target = manifest.target
-    if key is not None and key.flavour == "tensorrt_rtx":
-        target = RTX_TARGETS.get(key.compute_capability, "rtx-sm86")
+    target, on_device = manifest.target, key is not None and key.flavour == "tensorrt"
+    if key is not None and key.flavour == "tensorrt_rtx":  # TensorRT for RTX has targets for some GPUs only
+        target = RTX_TARGETS.get(key.compute_capability, "datacenter")
+        on_device = target == "datacenter"
     limits = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in manifest.limits.items())
     suffix = f"-{key.compute_capability.lower()}" if key is not None else "-new"
     return (f"flamingo-edge build {export_dir} -o {Path(engines_dir).name}{suffix} --target {target} {limits}"
-            + (" (on this machine)" if key is not None and key.flavour == "tensorrt" else ""))
+            + (" (on this machine, with TensorRT)" if on_device else ""))
 
 
 def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,

@@ -100,7 +100,8 @@ def open_session(path: str | Path, spec: GraphSpec, kind: str | BackendKind = Ba
     device = parse_choice(Device, device, "device")
     if kind is BackendKind.TENSORRT:
         if device is Device.CPU:
-            raise FeatureUnavailableError("TensorRT engines run on the GPU only; use backend 'onnxruntime' for the CPU")
+            raise FeatureUnavailableError("TensorRT engines run on the GPU only; use backend 'onnxruntime' for "
+                                          "the CPU")
         from flamingo_edge.runtime.tensorrt_backend import open_engines
 
         return open_engines(Path(path).parent, None, {spec.name: spec})[1][spec.name]
