@@ -24,6 +24,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-cache", metavar="PATH",
                         help="TensorRT timing cache: read if present, written after the build (faster rebuilds on "
                              "the same GPU and TensorRT; ignored by TensorRT for RTX)")
+    parser.add_argument("--version-compatible", action="store_true",
+                        help="TensorRT 8.6+: engines that later TensorRT runtimes load (may be slower)")
+    parser.add_argument("--hardware-compatible", action="store_true",
+                        help="TensorRT 8.6+, --target datacenter: engines every Ampere-or-newer discrete GPU runs")
     parser.add_argument("--check-ops", metavar="VERSION",
                         help="only check every graph against the ONNX operators and opset TensorRT VERSION imports "
                              "(e.g. 8.5 for JetPack 5, 10.3 for JetPack 6); exit 1 if one cannot be imported")
@@ -67,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
         manifest = build_engines(args.export_dir, args.output, args.target, limits=limits,
                                  workspace_mib=args.workspace, dla_core=args.dla_core,
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
+                                 version_compatible=args.version_compatible,
+                                 hardware_compatible=args.hardware_compatible,
                                  on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     for name, entry in manifest.engines.items():
         print(f"  {name:10} {entry['bytes'] / 2**20:8.2f} MiB  built in {entry['build_seconds']:.1f} s")

@@ -39,16 +39,20 @@ class Target:
     workspace_mib: int | None  # default workspace cap (Jetson boards share memory with the CPU)
     limits: ShapeLimits  # default shape limits for the board
     note: str
+    jetson: bool = False
 
 
 TARGETS = {
     "rtx-sm80": Target("tensorrt_rtx", "SM80", None, ShapeLimits(), "TensorRT for RTX, Ampere A100-class (CPU build)"),
     "rtx-sm86": Target("tensorrt_rtx", "SM86", None, ShapeLimits(), "TensorRT for RTX, RTX 30xx (CPU build)"),
     "rtx-sm89": Target("tensorrt_rtx", "SM89", None, ShapeLimits(), "TensorRT for RTX, RTX 40xx (CPU build)"),
-    "orin-nano": Target("tensorrt", None, 1024, ShapeLimits(1, 128, 256, 2), "Jetson Orin Nano 8 GB, on the device"),
-    "orin-nx": Target("tensorrt", None, 2048, ShapeLimits(1, 256, 512, 4), "Jetson Orin NX 16 GB, on the device"),
-    "agx-orin": Target("tensorrt", None, 4096, ShapeLimits(2, 512, 1024, 8), "Jetson AGX Orin 32/64 GB, on the device"),
-    "thor": Target("tensorrt", None, 8192, ShapeLimits(4, 1024, 2048, 8), "Jetson Thor, on the device"),
+    "orin-nano": Target("tensorrt", None, 1024, ShapeLimits(1, 128, 256, 2), "Jetson Orin Nano 8 GB, on the device",
+                        jetson=True),
+    "orin-nx": Target("tensorrt", None, 2048, ShapeLimits(1, 256, 512, 4), "Jetson Orin NX 16 GB, on the device",
+                      jetson=True),
+    "agx-orin": Target("tensorrt", None, 4096, ShapeLimits(2, 512, 1024, 8), "Jetson AGX Orin 32/64 GB, on the device",
+                       jetson=True),
+    "thor": Target("tensorrt", None, 8192, ShapeLimits(4, 1024, 2048, 8), "Jetson Thor, on the device", jetson=True),
     "datacenter": Target("tensorrt", None, None, ShapeLimits(8, 1024, 2048, 16), "a datacenter GPU, on that GPU"),
 }
 
@@ -61,6 +65,8 @@ class BuildOptions:
     workspace_mib: int | None = None
     dla_core: int | None = None  # Jetson DLA core for DLA_GRAPHS (GPU fallback for what it cannot run)
     int8_caches: dict[str, bytes] | None = None  # graph -> TensorRT calibration cache, for implicit INT8
+    version_compatible: bool = False  # TensorRT 8.6+: later runtimes load the engines (the lean runtime is inside)
+    hardware_compatible: bool = False  # TensorRT 8.6+: every Ampere-or-newer discrete GPU runs the engines
 
 
 def _configure_precision(trt: TensorRT, config, precision: str, *, strongly_typed: bool, implicit_int8: bool) \
@@ -116,6 +122,12 @@ def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions,
         flags.append("int8_calibrator")
     if options.dla_core is not None and name in DLA_GRAPHS:
         flags += _configure_dla(trt, config, options.dla_core)
+    if options.version_compatible:
+        config.set_flag(module.BuilderFlag.VERSION_COMPATIBLE)
+        flags.append("VERSION_COMPATIBLE")
+    if options.hardware_compatible:
+        config.hardware_compatibility_level = module.HardwareCompatibilityLevel.AMPERE_PLUS
+        flags.append("AMPERE_PLUS")
     if options.target.compute_capability:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(module.ComputeCapability, options.target.compute_capability), 0)
@@ -148,6 +160,16 @@ def _check_options(trt: TensorRT, options: BuildOptions, precision: str) -> None
                 "Q/DQ int8 export (flamingo-edge quantize --precision int8) instead")
         if precision != "fp32":
             raise UsageError(f"implicit INT8 quantizes the fp32 graphs; this export is {precision}")
+    if options.version_compatible and not trt.version_compatible:
+        raise FeatureUnavailableError(f"{trt.flavour} {trt.version} cannot build version-compatible engines (TensorRT "
+                                      "8.6+ can; TensorRT for RTX engines are tied to their release)")
+    if options.hardware_compatible:
+        if not trt.hardware_compatible:
+            raise FeatureUnavailableError(f"{trt.flavour} {trt.version} cannot build hardware-compatible engines "
+                                          "(TensorRT 8.6+ can, for discrete GPUs)")
+        if target.jetson:
+            raise UsageError("hardware-compatible engines are for Ampere-or-newer discrete GPUs, not JetPack: use "
+                             "--target datacenter")
     if options.dla_core is not None:
         if trt.flavour != "tensorrt" or not hasattr(trt.module, "DeviceType"):
             raise FeatureUnavailableError(f"{trt.flavour} {trt.version} has no DLA; DLA cores are on Jetson Orin "
@@ -182,6 +204,7 @@ def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, byt
 def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str, *,
                   limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
                   int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
+                  version_compatible: bool = False, hardware_compatible: bool = False,
                   on_graph: Callable[[str], None] | None = None) -> Manifest:
     """Build every graph of an export for a target and write the engines and the manifest.
 
@@ -196,6 +219,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             (TensorRT 8.5-10.x only).
         timing_cache: a TensorRT timing cache file, read if present and written back after the build (builds of
             the same graphs on the same GPU and TensorRT then skip most tactic timing; TensorRT for RTX ignores it).
+        version_compatible: engines later TensorRT runtimes load (TensorRT 8.6+; may be slower).
+        hardware_compatible: engines every Ampere-or-newer discrete GPU runs (TensorRT 8.6+, target datacenter).
         on_graph: called with each graph's name before it is built (progress display).
 
     Raises:
@@ -216,7 +241,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     limits.check(config.decoder.max_positions)
     options = BuildOptions(record.precision, target,
                            workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
-                           {} if int8_calibration is not None else None)
+                           {} if int8_calibration is not None else None, version_compatible, hardware_compatible)
     trt = load(target.flavour)
     _check_options(trt, options, record.precision)
     if int8_calibration is not None:
@@ -244,7 +269,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     precision = "int8-implicit" if options.int8_caches else record.precision
     manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), precision,
                         {"flavour": trt.flavour, "version": trt.version}, target_name, compute_capability,
-                        asdict(limits), options.workspace_mib, {}, device=device, dla_core=dla_core)
+                        asdict(limits), options.workspace_mib, {}, device=device, dla_core=dla_core,
+                        version_compatible=version_compatible, hardware_compatible=hardware_compatible)
     with atomic_folder(out_dir) as partial:
         for name in GRAPH_NAMES:
             if on_graph:

@@ -46,6 +46,8 @@ class Manifest:
     engines: dict = field(default_factory=dict)  # graph -> EngineEntry
     device: str | None = None  # the GPU a TensorRT (not RTX) build ran on
     dla_core: int | None = None
+    version_compatible: bool = False  # later TensorRT runtimes may load the engines
+    hardware_compatible: bool = False  # any Ampere-or-newer GPU may run them
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,30 @@ def rebuild_command(manifest: Manifest, export_dir: str | Path, engines_dir: str
             + (" (on this machine, with TensorRT)" if on_device else ""))
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def runtime_can_load(manifest: Manifest, version: str) -> bool:
+    """Whether TensorRT `version` loads engines the manifest's TensorRT built: the same version, or for
+    version-compatible engines (8.6+) a later one up to the next major release (8 -> 9 and 10, 10 -> 11)."""
+    built = manifest.tensorrt["version"]
+    if version == built:
+        return True
+    if not manifest.version_compatible:
+        return False
+    have, was = _version(version), _version(built)
+    return have > was and have[0] <= was[0] + (2 if was[0] == 8 else 1)
+
+
 def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
                   export_dir: str | Path | None = None) -> None:
     """Refuse engines that `key` cannot run, before TensorRT sees them.
 
     Rules: the same TensorRT flavour (RTX and TensorRT plans are different formats); the same version, exactly (a
-    standard engine is tied to major, minor, patch and build; we hold RTX plans to the same rule, unverified
-    otherwise); and the compute capability the engines were built for.
+    standard engine is tied to major, minor, patch and build; so is an RTX engine), or a later one for
+    version-compatible engines; and the compute capability the engines were built for (any from SM80 on for
+    hardware-compatible engines).
 
     Raises:
         EngineMismatchError: naming what the engines were built with and for, what this machine has, and the
@@ -119,10 +138,12 @@ def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
     problems = []
     if built["flavour"] != key.flavour:
         problems.append(f"they are {built['flavour']} engines and this process loaded {key.flavour}")
-    elif built["version"] != key.version:
-        problems.append(f"they were built with {built['flavour']} {built['version']} and this machine has "
-                        f"{key.version}")
-    if manifest.compute_capability != key.compute_capability:
+    elif not runtime_can_load(manifest, key.version):
+        kind = "version-compatible " if manifest.version_compatible else ""
+        problems.append(f"they are {kind}engines built with {built['flavour']} {built['version']} and this machine "
+                        f"has {key.version}")
+    ampere_plus = manifest.hardware_compatible and _version(key.compute_capability[2:])[0] >= 80
+    if manifest.compute_capability != key.compute_capability and not ampere_plus:
         where = f" ({manifest.device})" if manifest.device else ""
         problems.append(f"they were built for {manifest.compute_capability}{where} and this GPU, {key.device}, is "
                         f"{key.compute_capability}")

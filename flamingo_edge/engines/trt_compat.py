@@ -12,6 +12,8 @@ strings alone:
 - implicit INT8 calibrators exist up to TensorRT 10 only.
 - target GPU: only RTX can build for a named compute capability without that GPU (CPU-only AOT); the others build
   for the GPU they run on.
+- portable engines: TensorRT 8.6+ can build version-compatible engines (later runtimes load them) and
+  hardware-compatible ones (any Ampere-or-newer discrete GPU); RTX engines are tied to their release.
 
 TensorRT is imported by `load()` only; the package imports and the CPU suite run without it.
 """
@@ -59,6 +61,17 @@ class TensorRT:
     @property
     def implicit_int8(self) -> bool:
         return hasattr(self.module, "IInt8EntropyCalibrator2")
+
+    @property
+    def version_compatible(self) -> bool:
+        """Can build engines that later TensorRT runtimes load (8.6+, with the lean runtime inside the plan; RTX
+        engines are tied to their release)."""
+        return self.flavour == "tensorrt" and hasattr(self.module.BuilderFlag, "VERSION_COMPATIBLE")
+
+    @property
+    def hardware_compatible(self) -> bool:
+        """Can build engines for every Ampere-or-newer discrete GPU (8.6+; not on JetPack)."""
+        return self.flavour == "tensorrt" and hasattr(self.module, "HardwareCompatibilityLevel")
 
     @property
     def targets_compute_capability(self) -> bool:

@@ -69,7 +69,8 @@ class TensorRTSession:
     `run` returns fresh arrays on every call; they belong to the caller.
     """
 
-    def __init__(self, path: str | Path, spec: GraphSpec, trt, stream, *, cuda_graph: bool = False):
+    def __init__(self, path: str | Path, spec: GraphSpec, trt, stream, *, cuda_graph: bool = False,
+                 host_code_allowed: bool = False):
         """Deserialize `path` (already checked against this machine by `open_engines`).
 
         Args:
@@ -79,6 +80,8 @@ class TensorRTSession:
             stream: the runtime.cuda.Stream every session of a pipeline shares.
             cuda_graph: capture the decode profile's runs into CUDA graphs, one per input shape (a camera loop with
                 a fixed prompt repeats the same shapes every frame).
+            host_code_allowed: the engine is version-compatible and carries its lean runtime (trusted: its sha256
+                was checked against our manifest).
 
         Raises:
             EngineMismatchError: TensorRT refuses the engine.
@@ -91,6 +94,8 @@ class TensorRTSession:
         module = trt.module
         self.log = collecting_logger(module)
         self.runtime = module.Runtime(self.log)
+        if host_code_allowed:
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineMismatchError(f"{spec.name}: {trt.flavour} {trt.version} cannot deserialize {self.path} ("
@@ -249,7 +254,7 @@ def open_engines(engines_dir: str | Path, export_dir: str | Path | None, specs: 
     try:
         for name, spec in specs.items():
             sessions[name] = TensorRTSession(Path(engines_dir) / manifest.engines[name]["file"], spec, trt, stream,
-                                             cuda_graph=cuda_graph)
+                                             cuda_graph=cuda_graph, host_code_allowed=manifest.version_compatible)
     except BaseException:
         for session in sessions.values():
             session.close()

@@ -111,6 +111,10 @@ def test_options_this_tensorrt_cannot_do_fail_before_building(demo_export, tmp_p
     assert main(["build", str(demo_export), "-o", str(out), "--target", "rtx-sm86", "--int8-calibration",
                  str(demo_export)]) == 2
     assert "has no implicit INT8 calibration" in capsys.readouterr().err
+    assert main(["build", str(demo_export), "-o", str(out), "--target", "rtx-sm86", "--version-compatible"]) == 2
+    assert "TensorRT for RTX engines are tied to their release" in capsys.readouterr().err
+    assert main(["build", str(demo_export), "-o", str(out), "--target", "rtx-sm86", "--hardware-compatible"]) == 2
+    assert "cannot build hardware-compatible engines" in capsys.readouterr().err
     assert not out.exists()
     cache = tmp_path / "timing.cache"
     assert main(["build", str(demo_export), "-o", str(out), "--target", "rtx-sm86", "--timing-cache", str(cache),

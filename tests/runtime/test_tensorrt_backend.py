@@ -53,6 +53,29 @@ def test_engines_run_only_where_they_were_built_for(engines, demo_export):
                                      device="Orin"), engines)
 
 
+def test_portable_engines_run_on_later_tensorrt_and_other_ampere_gpus(engines):
+    """Version-compatible engines load on a later TensorRT up to the next major release (8 -> 9, 10; 10 -> 11), never
+    an older one; hardware-compatible engines run on any GPU from SM80 on. (The manifest is a real build's, with the
+    flavour and flags changed as a TensorRT 10.3 build with those options would write them.)"""
+    from dataclasses import replace
+
+    built = read_manifest(engines)
+    full = replace(built, tensorrt={"flavour": "tensorrt", "version": "10.3.0.26"}, compute_capability="SM86")
+    key = RuntimeKey("tensorrt", "10.3.0.26", "SM86", "NVIDIA A10")
+    check_runtime(full, key, engines)
+    with pytest.raises(EngineMismatchError, match=r"they are engines built with tensorrt 10\.3\.0\.26 and this machine "
+                                                  r"has 10\.8\.0\.43"):
+        check_runtime(full, replace(key, version="10.8.0.43"), engines)
+    portable = replace(full, version_compatible=True, hardware_compatible=True)
+    for version in ("10.3.0.26", "10.8.0.43", "11.1.0.5"):
+        check_runtime(portable, replace(key, version=version, compute_capability="SM90", device="H100"), engines)
+    for version in ("10.2.0.19", "12.0.0.1"):
+        with pytest.raises(EngineMismatchError, match="they are version-compatible engines built with tensorrt 10.3"):
+            check_runtime(portable, replace(key, version=version), engines)
+    with pytest.raises(EngineMismatchError, match="this GPU, T4, is SM75"):
+        check_runtime(portable, replace(key, compute_capability="SM75", device="T4"), engines)
+
+
 def test_engines_of_other_onnx_graphs_are_refused(engines, demo_export, tmp_path):
     other = tmp_path / "fp16"
     assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(other)]) == 0
