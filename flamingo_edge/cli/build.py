@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
     from flamingo_edge.engines.build import TARGETS, build_engines
     from flamingo_edge.errors import UsageError
+    from flamingo_edge.graphs import GRAPH_NAMES
 
     if args.check_ops:
         return check_ops(args.export_dir, args.check_ops)
@@ -67,13 +68,22 @@ def main(args: argparse.Namespace) -> int:
              if getattr(args, k) is not None}
     if given:
         limits = replace(TARGETS[args.target].limits, **given)
-    with tqdm(total=4, desc=f"build ({args.target})", unit="graph") as bar:
+    with tqdm(total=len(GRAPH_NAMES), desc=f"build ({args.target})", unit="graph") as bar:
+        current = []  # the graph being built
+
+        def on_graph(name: str) -> None:  # a bar step per finished graph, the one being built named
+            if current:
+                bar.update(1)
+            current[:] = [name]
+            bar.set_postfix_str(name)
+
         manifest = build_engines(args.export_dir, args.output, args.target, limits=limits,
                                  workspace_mib=args.workspace, dla_core=args.dla_core,
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  version_compatible=args.version_compatible,
-                                 hardware_compatible=args.hardware_compatible,
-                                 on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)))
+                                 hardware_compatible=args.hardware_compatible, on_graph=on_graph,
+                                 on_progress=lambda phase: bar.set_postfix_str(f"{current[0]}: {phase}"))
+        bar.update(bar.total - bar.n)
     for name, entry in manifest.engines.items():
         print(f"  {name:10} {entry['bytes'] / 2**20:8.2f} MiB  built in {entry['build_seconds']:.1f} s")
     print(f"wrote {args.output}: {manifest.precision} engines for {manifest.compute_capability} with "

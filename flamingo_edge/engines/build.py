@@ -23,7 +23,7 @@ from pathlib import Path
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.engines.manifest import MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
-from flamingo_edge.engines.trt_compat import TensorRT, collecting_logger, load
+from flamingo_edge.engines.trt_compat import TensorRT, collecting_logger, load, progress_monitor
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
 from flamingo_edge.models.config import FlamingoConfig
@@ -89,8 +89,10 @@ def _configure_dla(trt: TensorRT, config, core: int) -> list[str]:
 
 
 def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions, *, name: str,
-                timing_cache: dict | None = None) -> tuple[bytes, list[str]]:
-    """One serialized engine, and the builder flags that were set.
+                timing_cache: dict | None = None, on_progress: Callable[[str], None] | None = None,
+                ) -> tuple[bytes, list[str]]:
+    """One serialized engine, and the builder flags that were set. `on_progress` gets TensorRT's optimizer phases
+    ("Building engine 3/7"; TensorRT 10+ and RTX).
 
     `timing_cache` is {"data": bytes} on the first graph; the ITimingCache made from it is kept there under "cache"
     and shared by the following graphs.
@@ -135,6 +137,9 @@ def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions,
         if "cache" not in timing_cache:
             timing_cache["cache"] = config.create_timing_cache(timing_cache["data"])
         config.set_timing_cache(timing_cache["cache"], False)
+    monitor = progress_monitor(module, on_progress) if on_progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         said = "; ".join(log.errors[-3:]) or "no message"
@@ -205,7 +210,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
                   limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
                   int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
                   version_compatible: bool = False, hardware_compatible: bool = False,
-                  on_graph: Callable[[str], None] | None = None) -> Manifest:
+                  on_graph: Callable[[str], None] | None = None,
+                  on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Build every graph of an export for a target and write the engines and the manifest.
 
     Args:
@@ -222,6 +228,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         version_compatible: engines later TensorRT runtimes load (TensorRT 8.6+; may be slower).
         hardware_compatible: engines every Ampere-or-newer discrete GPU runs (TensorRT 8.6+, target datacenter).
         on_graph: called with each graph's name before it is built (progress display).
+        on_progress: called with TensorRT's optimizer phase within a graph's build (TensorRT 10+ and RTX).
 
     Raises:
         UsageError: an unknown target, bad limits, or an existing `out_dir`.
@@ -278,7 +285,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             profiles = graph_profiles(specs[name], limits, config.visual_tokens_per_image)
             onnx_path = export_dir / record.graphs[name].file
             start = time.perf_counter()
-            plan, flags = build_graph(trt, onnx_path, profiles, options, name=name, timing_cache=timing)
+            plan, flags = build_graph(trt, onnx_path, profiles, options, name=name, timing_cache=timing,
+                                      on_progress=on_progress)
             seconds = time.perf_counter() - start
             file = partial / f"{name}.engine"
             atomic_write(file, plan)

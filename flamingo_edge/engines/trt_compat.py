@@ -129,3 +129,34 @@ def collecting_logger(module):
                 logger.debug("TensorRT: %s", message)
 
     return CollectingLogger()
+
+
+def progress_monitor(module, report):
+    """A TensorRT progress monitor (TensorRT 10+ and RTX; None before) that calls `report(text)` with the phase being
+    optimized and its step, e.g. "Building engine 3/7". TensorRT may call it from several threads."""
+    if not hasattr(module, "IProgressMonitor"):
+        return None
+    import threading
+
+    class Monitor(module.IProgressMonitor):
+        def __init__(self):
+            module.IProgressMonitor.__init__(self)
+            self.lock, self.steps = threading.Lock(), {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:  # the top-level phases only: nested ones come and go too fast to read
+                with self.lock:
+                    self.steps[phase_name] = num_steps
+                    report(f"{phase_name} 0/{num_steps}")
+
+        def step_complete(self, phase_name, step):
+            with self.lock:
+                if phase_name in self.steps:
+                    report(f"{phase_name} {step + 1}/{self.steps[phase_name]}")
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            with self.lock:
+                self.steps.pop(phase_name, None)
+
+    return Monitor()

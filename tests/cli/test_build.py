@@ -156,3 +156,13 @@ def test_bad_builds_fail_clearly(demo_export, tmp_path, capsys):
     except ImportError:  # Jetson and datacenter targets build on the device, with full TensorRT
         assert main(["build", str(demo_export), "-o", str(tmp_path / "j"), "--target", "orin-nano"]) == 2
         assert "no TensorRT is installed" in capsys.readouterr().err
+
+
+def test_a_build_reports_tensorrt_phases(demo_export, tmp_path):
+    from flamingo_edge.engines.build import build_engines
+
+    graphs, phases = [], []
+    build_engines(demo_export, tmp_path / "e", "rtx-sm89", limits=ShapeLimits(1, 8, 16, 1), on_graph=graphs.append,
+                  on_progress=phases.append)
+    assert graphs == ["vision", "resampler", "xattn_kv", "decoder"]
+    assert any(phase.startswith("Building engine") for phase in phases), phases[:5]
