@@ -156,6 +156,8 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
     else:
         cudart = None
 
+    narrow_int64 = int(str(getattr(trt, "__version__", "10")).split(".")[0]) < 10
+
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             trt.IInt8EntropyCalibrator2.__init__(self)
@@ -176,6 +178,8 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
             pointers = []
             for name in names:
                 array = np.ascontiguousarray(sample[name])
+                if array.dtype == np.int64 and narrow_int64:  # TensorRT 8.x imports int64 inputs as int32
+                    array = array.astype(np.int32)
                 pointer, size = self.buffers.get(name, (None, 0))
                 if size < array.nbytes:
                     if pointer is not None:

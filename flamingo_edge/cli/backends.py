@@ -14,7 +14,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", metavar="ENGINES",
                         help="with --backend tensorrt: the folder flamingo-edge build wrote from this export")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="with --backend tensorrt: replay decode steps as CUDA graphs (one per input shape)")
+                        help="with --backend tensorrt: replay decode steps from a CUDA graph (decoding with a "
+                             "fixed-size past so that every step has the same shapes)")
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

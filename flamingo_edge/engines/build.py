@@ -135,8 +135,13 @@ def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions,
         config.set_compute_capability(getattr(module.ComputeCapability, options.target.compute_capability), 0)
     if timing_cache is not None:
         if "cache" not in timing_cache:
-            timing_cache["cache"] = config.create_timing_cache(timing_cache["data"])
-        config.set_timing_cache(timing_cache["cache"], False)
+            cache = config.create_timing_cache(timing_cache["data"])
+            if cache is None and timing_cache["data"]:  # another TensorRT's or a damaged file: start afresh
+                logger.warning("TensorRT cannot read the timing cache; starting a new one")
+                cache = config.create_timing_cache(b"")
+            timing_cache["cache"] = cache
+        if not config.set_timing_cache(timing_cache["cache"], False):
+            logger.warning("TensorRT did not take the timing cache (built on another GPU?); building without it")
     monitor = progress_monitor(module, on_progress) if on_progress else None
     if monitor is not None:
         config.progress_monitor = monitor
@@ -283,6 +288,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             if on_graph:
                 on_graph(name)
             profiles = graph_profiles(specs[name], limits, config.visual_tokens_per_image)
+            if dla_core is not None and name in DLA_GRAPHS:  # the DLA takes static shapes only: one image a run
+                profiles = [{tensor: (low, low, low) for tensor, (low, _, _) in p.items()} for p in profiles]
             onnx_path = export_dir / record.graphs[name].file
             start = time.perf_counter()
             plan, flags = build_graph(trt, onnx_path, profiles, options, name=name, timing_cache=timing,

@@ -86,7 +86,8 @@ class Stream:
 
     def __init__(self):
         self.runtime = runtime_module()
-        self.handle = call(self.runtime, "cudaStreamCreate")
+        # Non-blocking: no implicit synchronization with the legacy default stream, which would also break capture.
+        self.handle = call(self.runtime, "cudaStreamCreateWithFlags", self.runtime.cudaStreamNonBlocking)
         self.users = 1
 
     def acquire(self) -> Stream:
@@ -147,29 +148,35 @@ class PinnedBuffer:
 def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
     runtime = stream.runtime
     call(runtime, "cudaMemcpyAsync", dst.ptr, src.ptr, nbytes, runtime.cudaMemcpyKind.cudaMemcpyHostToDevice,
-          stream.handle)
+         stream.handle)
 
 
 def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
     runtime = stream.runtime
     call(runtime, "cudaMemcpyAsync", dst.ptr, src.ptr, nbytes, runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-          stream.handle)
+         stream.handle)
 
 
 class CudaGraph:
     """A captured sequence of launches on a stream, replayed with one call."""
 
     def __init__(self, stream: Stream, enqueue):
-        """Capture what `enqueue()` puts on `stream` (it must only enqueue work, never synchronize)."""
+        """Capture what `enqueue()` puts on `stream` (it must only enqueue work, never synchronize; an exception
+        from it ends the capture and is raised).
+
+        Raises:
+            CudaError: the capture or the instantiation failed.
+        """
         runtime = self.runtime = stream.runtime
+        self.graph = self.exec = None
         call(runtime, "cudaStreamBeginCapture", stream.handle,
-              runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+             runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         try:
             enqueue()
         finally:
-            graph = call(runtime, "cudaStreamEndCapture", stream.handle)
-        self.graph = graph
-        self.exec = call(runtime, "cudaGraphInstantiate", graph, 0)
+            self.graph = call(runtime, "cudaStreamEndCapture", stream.handle)
+        # cudaGraphInstantiateWithFlags has one signature in cuda-python 11 to 13 (cudaGraphInstantiate has not).
+        self.exec = call(runtime, "cudaGraphInstantiateWithFlags", self.graph, 0)
 
     def launch(self, stream: Stream) -> None:
         call(self.runtime, "cudaGraphLaunch", self.exec, stream.handle)
@@ -177,5 +184,6 @@ class CudaGraph:
     def close(self) -> None:
         if self.exec is not None:
             call(self.runtime, "cudaGraphExecDestroy", self.exec)
+        if self.graph is not None:
             call(self.runtime, "cudaGraphDestroy", self.graph)
-            self.exec = self.graph = None
+        self.exec = self.graph = None

@@ -40,18 +40,32 @@ class StopCondition:
 
 
 def decoder_feed(spec: GraphSpec, input_ids: np.ndarray, attention_mask: np.ndarray, cache: SelfAttentionCache,
-                 cross: Mapping[str, np.ndarray], image_attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The decoder's inputs by name: new tokens [B, S], mask [B, P+S], past K/V, cross K/V, image mask [B, S, M]."""
+                 cross: Mapping[str, np.ndarray], image_attention_mask: np.ndarray, padded_to: int | None = None,
+                 ) -> dict[str, np.ndarray]:
+    """The decoder's inputs by name: new tokens [B, S], mask [B, P+S], past K/V, cross K/V, image mask [B, S, M].
+
+    With `padded_to`, the past has that fixed length P (`SelfAttentionCache.feed`), and the mask is rebuilt to match:
+    the cached tokens' mask, zeros for the unused slots, then the new tokens' mask. The decoder takes positions from
+    the mask, so the result is the same as without padding.
+    """
+    if padded_to is not None:
+        past, new = cache.length, input_ids.shape[1]
+        mask = np.zeros((attention_mask.shape[0], padded_to + new), attention_mask.dtype)
+        mask[:, :past] = attention_mask[:, :past]
+        mask[:, padded_to:] = attention_mask[:, past : past + new]
+        attention_mask = mask
     feed = {"input_ids": input_ids, "attention_mask": attention_mask, "image_attention_mask": image_attention_mask}
-    feed.update(cache.feed())
+    feed.update(cache.feed(padded_to))
     feed.update(cross)
     return {name: feed[name] for name in spec.input_names}
 
 
-def run_decoder(session, input_ids, attention_mask, cache, cross, image_attention_mask) -> np.ndarray:
-    """Run S new tokens, append their K/V to the cache, return logits [B, S, V]."""
-    outputs = session.run(decoder_feed(session.spec, input_ids, attention_mask, cache, cross, image_attention_mask))
-    cache.update(outputs, input_ids.shape[1])
+def run_decoder(session, input_ids, attention_mask, cache, cross, image_attention_mask, *,
+                padded_to: int | None = None) -> np.ndarray:
+    """Run S new tokens, append their K/V to the cache, return logits [B, S, V] (`padded_to`: see decoder_feed)."""
+    outputs = session.run(decoder_feed(session.spec, input_ids, attention_mask, cache, cross, image_attention_mask,
+                                       padded_to))
+    cache.update(outputs, input_ids.shape[1], past=padded_to)
     return outputs["logits"]
 
 
@@ -91,7 +105,8 @@ class TextStream:
 def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
              image_attention_mask: np.ndarray, cross: Mapping[str, np.ndarray], cache: SelfAttentionCache,
              sampler: Sampler, stop: StopCondition, *, pad_token_id: int, start: float | None = None,
-             on_prefill: Callable[[SelfAttentionCache], None] | None = None) -> Iterator[GenerationStep]:
+             on_prefill: Callable[[SelfAttentionCache], None] | None = None,
+             static_past: int | None = None) -> Iterator[GenerationStep]:
     """Prefill the prompt, then decode one token at a time, yielding a step per token.
 
     Args:
@@ -106,6 +121,8 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
         pad_token_id: fed to rows that have finished.
         start: perf_counter() when the work for the first token began (default: now).
         on_prefill: called with the cache once the prompt is in it (e.g. to keep it as a reusable prefix).
+        static_past: decode steps feed a past of this fixed length (masked padding after the cached tokens), so
+            every step has the same shapes (a CUDA graph replays them); needs a cache of at least this capacity.
     """
     start = time.perf_counter() if start is None else start
     batch = input_ids.shape[0]
@@ -134,4 +151,5 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
         start = time.perf_counter()
         history = np.concatenate([history, tokens[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits = run_decoder(decoder, tokens[:, None], attention_mask, cache, cross, new_image_mask)
+        logits = run_decoder(decoder, tokens[:, None], attention_mask, cache, cross, new_image_mask,
+                             padded_to=static_past)

@@ -42,27 +42,36 @@ class SelfAttentionCache:
         self.keys = [np.zeros(shape, dtype) for _ in range(layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(layers)]
 
-    def feed(self) -> dict[str, np.ndarray]:
-        """The decoder's past inputs: `past_key.{l}` / `past_value.{l}` [B, H, P, Dh], contiguous copies."""
+    def feed(self, padded_to: int | None = None) -> dict[str, np.ndarray]:
+        """The decoder's past inputs: `past_key.{l}` / `past_value.{l}` [B, H, P, Dh], contiguous copies.
+
+        With `padded_to`, P is that fixed length: the cached tokens first, then unused slots that the caller's
+        attention mask must mark as padding (a fixed-shape decode step, e.g. for a CUDA graph).
+        """
+        length = self.length if padded_to is None else padded_to
+        if length > self.capacity or length < self.length:
+            raise ValueError(f"padded_to={padded_to} must lie in [{self.length}, {self.capacity}]")
         feed = {}
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             # A [:, :, :P] slice of the buffer is strided; backends want contiguous memory, and callers may keep it.
-            feed[past_key(layer)] = np.ascontiguousarray(keys[:, :, : self.length])
-            feed[past_value(layer)] = np.ascontiguousarray(values[:, :, : self.length])
+            feed[past_key(layer)] = np.ascontiguousarray(keys[:, :, :length])
+            feed[past_value(layer)] = np.ascontiguousarray(values[:, :, :length])
         return feed
 
-    def update(self, outputs: Mapping[str, np.ndarray], new_tokens: int) -> None:
+    def update(self, outputs: Mapping[str, np.ndarray], new_tokens: int, past: int | None = None) -> None:
         """Store the K/V of `new_tokens` new positions from the decoder's outputs.
 
         Args:
             outputs: the decoder's outputs by name; `present_key.{l}` / `present_value.{l}` are [B, H, P+S, Dh].
             new_tokens: S, the tokens this decoder run added.
+            past: P as fed (`feed(padded_to)`); default the cached length.
 
         Raises:
             PromptTooLongError: P + S exceeds the capacity (checked before anything is written).
             GraphContractError: a present tensor is missing or its shape is not [B, H, P+S, Dh].
         """
         needed = self.length + new_tokens
+        past = self.length if past is None else past
         if needed > self.capacity:
             raise PromptTooLongError(
                 f"the self-attention cache needs {needed} tokens ({self.length} cached + {new_tokens} new) but holds "
@@ -70,9 +79,9 @@ class SelfAttentionCache:
         pairs = [(buffer, name(layer)) for layer in range(len(self.keys))
                  for buffer, name in ((self.keys[layer], present_key), (self.values[layer], present_value))]
         for buffer, name in pairs:
-            self._check_present(outputs, name, buffer.shape, needed)
-        for buffer, name in pairs:
-            buffer[:, :, self.length : needed] = outputs[name][:, :, self.length :]
+            self._check_present(outputs, name, buffer.shape, past + new_tokens)
+        for buffer, name in pairs:  # the new positions are the last S of the present
+            buffer[:, :, self.length : needed] = outputs[name][:, :, past:]
         self.length = needed
 
     def _check_present(self, outputs: Mapping[str, np.ndarray], name: str, shape: tuple, needed: int) -> None:

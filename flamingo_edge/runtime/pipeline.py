@@ -48,10 +48,11 @@ class Pipeline:
 
     def __init__(self, *, config: FlamingoConfig, sessions: dict, processor: Processor, max_context: int,
                  max_images: int, image_cache_size: int, prefix_cache_bytes: int, max_prompt: int | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, static_decode: bool = False):
         self.config, self.sessions, self.processor = config, sessions, processor
         self.max_context, self.max_images = max_context, max_images
         self.max_prompt, self.max_batch = max_prompt, max_batch  # TensorRT engines' limits (None: unlimited)
+        self.static_decode = static_decode  # decode steps feed a past of max_context - 1 slots (fixed shapes)
         self.image_cache = CrossAttentionCache(capacity=image_cache_size)
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
@@ -60,8 +61,9 @@ class Pipeline:
 
     @classmethod
     def open(cls, export_dir: str | Path, *, backend: str = "onnxruntime", device: str = "auto",
-             engines: str | Path | None = None, cuda_graph: bool = False, max_context: int | None = None,
-             max_images: int = 16, image_cache_size: int = 64, prefix_cache_bytes: int = 64 << 20) -> Pipeline:
+             engines: str | Path | None = None, cuda_graph: bool = False, static_decode: bool | None = None,
+             max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64,
+             prefix_cache_bytes: int = 64 << 20) -> Pipeline:
         """Open an export folder written by `flamingo-edge export`.
 
         Args:
@@ -69,7 +71,10 @@ class Pipeline:
             backend: "onnxruntime" or "tensorrt".
             device: "auto", "cpu" or "cuda".
             engines: (tensorrt) the folder `flamingo-edge build` wrote from this export.
-            cuda_graph: (tensorrt) replay decode steps as CUDA graphs, one per input shape.
+            cuda_graph: (tensorrt) replay decode steps from a CUDA graph; implies `static_decode`.
+            static_decode: decode steps feed a past of `max_context` - 1 slots, masked beyond the cached tokens, so
+                every step and every generation of a batch size has the same shapes (default: with `cuda_graph`).
+                Same tokens; each step attends over the whole context.
             max_context: most tokens (prompt + generated) per sequence; default the model's max positions (and with
                 engines, at most what they were built for).
             max_images: most images per prompt (with engines, at most what they were built for).
@@ -108,7 +113,8 @@ class Pipeline:
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
                    max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
                    prefix_cache_bytes=prefix_cache_bytes, max_prompt=engine_limits.get("max_prompt"),
-                   max_batch=engine_limits.get("max_batch"))
+                   max_batch=engine_limits.get("max_batch"),
+                   static_decode=cuda_graph if static_decode is None else static_decode)
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -173,8 +179,9 @@ class Pipeline:
         self._check_limits(batch.input_ids, batch.images, max_new_tokens)
         cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
         text = self.config.decoder
+        needed = batch.input_ids.shape[1] + max_new_tokens
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
-                                   head_dim=text.head_dim, capacity=batch.input_ids.shape[1] + max_new_tokens)
+                                   head_dim=text.head_dim, capacity=self.max_context if self.static_decode else needed)
         self.stats["prefill_runs"] += 1
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
             return batch, cross, cache, None
@@ -224,7 +231,7 @@ class Pipeline:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
                              batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start,
-                             on_prefill=keep_prefix):
+                             on_prefill=keep_prefix, static_past=self.max_context - 1 if self.static_decode else None):
             self.stats["decode_tokens"] += 1
             yield step
 

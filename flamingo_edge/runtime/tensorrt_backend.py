@@ -8,7 +8,7 @@
                     prefill and decode); device buffers for every tensor at the profiles' largest shapes (the KV
                     inputs and outputs included) and pinned host staging of the same size, allocated once
            at run:  check_feed -> pick the profile -> inputs into pinned staging -> H2D -> execute_async_v3
-                    (or a captured CUDA graph) -> D2H -> synchronize -> fresh numpy outputs
+                    (or the decode context's CUDA graph) -> D2H -> synchronize -> fresh numpy outputs
 
 Works with TensorRT 8.5 to 11 and TensorRT for RTX (the name-based API they share) and cuda-python; no torch.
 Written against those APIs and NOT yet run on a GPU: CI has none (docs/engines.md says what was run where).
@@ -20,7 +20,6 @@ device with every decode step; keeping it on the device is the next step for lon
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,12 +33,12 @@ from flamingo_edge.runtime.backend import check_feed, check_model_io
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
-CUDA_GRAPHS_PER_SESSION = 512  # captured decode steps kept (one per input shape), least recently used dropped
 
 
 def select_profile(profiles: list[dict[str, tuple[Shape, Shape, Shape]]], shapes: Mapping[str, Shape]) -> int:
-    """The optimization profile for a set of input shapes: of those that admit every shape, the one whose opt
-    shapes are nearest (a decode step takes the decode profile; a prefill, the prefill one).
+    """The optimization profile for a set of input shapes: of those that admit every shape, the one whose opt shape
+    of the first input (the decoder's input_ids [B, S]) is nearest, so a decode step (S = 1) takes the decode profile
+    whatever its past length, and a prompt the prefill one.
 
     Raises:
         PromptTooLongError: no profile admits the shapes (the engines were built for smaller limits).
@@ -49,8 +48,8 @@ def select_profile(profiles: list[dict[str, tuple[Shape, Shape, Shape]]], shapes
         fits = all(all(low <= size <= high for low, size, high in zip(lows, shapes[name], highs))
                    for name, (lows, _, highs) in profile.items())
         if fits:
-            distance = sum(abs(size - opt) for name, (_, opts, _) in profile.items()
-                           for size, opt in zip(shapes[name], opts))
+            first, (_, opts, _) = next(iter(profile.items()))
+            distance = sum(abs(size - opt) for size, opt in zip(shapes[first], opts))
             if best is None or distance < best[0]:
                 best = (distance, index)
     if best is None:
@@ -70,7 +69,7 @@ class TensorRTSession:
     """
 
     def __init__(self, path: str | Path, spec: GraphSpec, trt, stream, *, cuda_graph: bool = False,
-                 host_code_allowed: bool = False):
+                 host_code_allowed: bool = False, dla_core: int | None = None):
         """Deserialize `path` (already checked against this machine by `open_engines`).
 
         Args:
@@ -78,10 +77,12 @@ class TensorRTSession:
             spec: the graph's contract.
             trt: the TensorRT (engines/trt_compat.TensorRT) that built it.
             stream: the runtime.cuda.Stream every session of a pipeline shares.
-            cuda_graph: capture the decode profile's runs into CUDA graphs, one per input shape (a camera loop with
-                a fixed prompt repeats the same shapes every frame).
+            cuda_graph: replay the decode profile's runs from a CUDA graph, captured for the current input shapes and
+                captured again when they change (the pipeline then decodes with a fixed-size past, so the shapes
+                stay the same for every step and every generation of the same batch size).
             host_code_allowed: the engine is version-compatible and carries its lean runtime (trusted: its sha256
                 was checked against our manifest).
+            dla_core: the DLA core the engine was built for (Jetson).
 
         Raises:
             EngineMismatchError: TensorRT refuses the engine.
@@ -96,6 +97,8 @@ class TensorRTSession:
         self.runtime = module.Runtime(self.log)
         if host_code_allowed:
             self.runtime.engine_host_code_allowed = True
+        if dla_core is not None:
+            self.runtime.DLA_core = dla_core
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise EngineMismatchError(f"{spec.name}: {trt.flavour} {trt.version} cannot deserialize {self.path} ("
@@ -107,7 +110,9 @@ class TensorRTSession:
         self.contexts = []
         for index in range(len(self.profiles)):
             context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(index, stream.ptr)
+            if context is None or context.set_optimization_profile_async(index, stream.ptr) is False:
+                raise EngineMismatchError(f"{spec.name}: TensorRT could not set up profile {index} of {self.path} ("
+                                          + ("; ".join(self.log.errors[-3:]) or "no message") + ")")
             self.contexts.append(context)
         stream.synchronize()
         self.buffers, self.staging = {}, {}
@@ -118,7 +123,7 @@ class TensorRTSession:
                 context.set_tensor_address(name, buffer.ptr)
         decode = len(self.profiles) - 1 if spec.name == "decoder" and len(self.profiles) > 1 else None
         self.graph_profile = decode if cuda_graph else None
-        self.graphs: OrderedDict = OrderedDict()
+        self.graph, self.graph_shapes = None, None  # one CUDA graph, for the decode context's current shapes
         stream.acquire()
 
     def _check_io(self, module) -> dict[str, np.dtype]:
@@ -184,28 +189,41 @@ class TensorRTSession:
                 for t in self.spec.outputs}
 
     def _execute(self, index: int, context, shapes: dict[str, Shape]) -> None:
-        """Enqueue the engine: a plain `execute_async_v3`, or for the decode profile with CUDA graphs, the graph of
-        these shapes (captured after its first plain run, as TensorRT requires after a shape change)."""
+        """Enqueue the engine: a plain `execute_async_v3`, or for the decode profile with CUDA graphs, its graph.
+
+        A captured graph belongs to its context's state, so the decode context keeps one graph, for the shapes it
+        was captured with. New shapes get a plain run first (TensorRT finishes its shape-dependent setup there, and
+        the capture must not see it), then a new capture. If a capture fails, graphs are turned off for the session
+        and it goes on with plain runs.
+        """
         key = tuple(shapes.values())
-        if index == self.graph_profile and key in self.graphs:
-            self.graphs.move_to_end(key)
-            self.graphs[key].launch(self.stream)
+        if index == self.graph_profile and self.graph is not None and key == self.graph_shapes:
+            self.graph.launch(self.stream)
             return
+        self._enqueue(context)
+        if index != self.graph_profile:
+            return
+        if self.graph is not None:
+            self.graph.close()
+            self.graph = None
+        try:
+            self.graph, self.graph_shapes = self.cuda.CudaGraph(self.stream, lambda: self._enqueue(context)), key
+        except self.cuda.CudaError as error:
+            logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.spec.name, error)
+            self.graph_profile = None
+
+    def _enqueue(self, context) -> None:
         if not context.execute_async_v3(self.stream.ptr):
             raise self.cuda.CudaError(f"{self.spec.name}: TensorRT could not run {self.path.name} ("
                                       + ("; ".join(self.log.errors[-3:]) or "no message") + ")")
-        if index == self.graph_profile:
-            self.graphs[key] = self.cuda.CudaGraph(self.stream, lambda: context.execute_async_v3(self.stream.ptr))
-            while len(self.graphs) > CUDA_GRAPHS_PER_SESSION:
-                self.graphs.popitem(last=False)[1].close()
 
     def close(self) -> None:
         """Free the device memory, the pinned staging, the graphs and the engine."""
-        for graph in self.graphs.values():
-            graph.close()
+        if self.graph is not None:
+            self.graph.close()
         for buffer in (*self.buffers.values(), *self.staging.values()):
             buffer.close()
-        self.graphs, self.buffers, self.staging = OrderedDict(), {}, {}
+        self.graph, self.buffers, self.staging = None, {}, {}
         if self.engine is not None:
             self.stream.release()
         self.contexts, self.engine = [], None
@@ -241,6 +259,7 @@ def open_engines(engines_dir: str | Path, export_dir: str | Path | None, specs: 
         FeatureUnavailableError: no TensorRT, cuda-python or GPU here.
         GraphContractError: an engine's I/O differs from the contract.
     """
+    from flamingo_edge.engines.build import DLA_GRAPHS
     from flamingo_edge.runtime.cuda import Stream
 
     manifest = read_manifest(engines_dir, export_dir)
@@ -254,7 +273,8 @@ def open_engines(engines_dir: str | Path, export_dir: str | Path | None, specs: 
     try:
         for name, spec in specs.items():
             sessions[name] = TensorRTSession(Path(engines_dir) / manifest.engines[name]["file"], spec, trt, stream,
-                                             cuda_graph=cuda_graph, host_code_allowed=manifest.version_compatible)
+                                             cuda_graph=cuda_graph, host_code_allowed=manifest.version_compatible,
+                                             dla_core=manifest.dla_core if name in DLA_GRAPHS else None)
     except BaseException:
         for session in sessions.values():
             session.close()

@@ -183,3 +183,21 @@ def test_prefix_cache_reuses_a_few_shot_preamble_with_identical_results(exported
         other = [shots[0], rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), *shots[2:]] + queries[0]
         assert cached.complete([other], max_new_tokens=10, stop_token_ids=[])[0] == \
             plain.complete([other], max_new_tokens=10, stop_token_ids=[])[0]
+
+
+def test_fixed_shape_decode_gives_the_same_tokens(exported, seed):
+    """static_decode (what CUDA graphs need: every decode step feeds a past of max_context - 1 slots, masked after
+    the cached tokens) generates exactly what the growing past does, for a left-padded batch too, with every decode
+    step the same shape."""
+    rng = np.random.default_rng(seed)
+    prompts = make_prompts("batch_of_two_with_padding", rng)
+    shapes = []
+    with Pipeline.open(exported[1]) as plain:
+        context = plain.processor.tokenize(prompts).input_ids.shape[1] + 12 + 5  # some slots stay unused
+        expected = [c.token_ids for c in plain.complete(prompts, max_new_tokens=12, stop_token_ids=[])]
+    with Pipeline.open(exported[1], static_decode=True, max_context=context) as fixed:
+        run = fixed.sessions["decoder"].run
+        fixed.sessions["decoder"].run = lambda feed: (shapes.append(feed["past_key.0"].shape), run(feed))[1]
+        assert [c.token_ids for c in fixed.complete(prompts, max_new_tokens=12, stop_token_ids=[])] == expected
+    heads, head_dim = shapes[0][1], shapes[0][3]
+    assert len(shapes) == 12 and shapes[0][2] == 0 and set(shapes[1:]) == {(2, heads, context - 1, head_dim)}
