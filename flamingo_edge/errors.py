@@ -58,3 +58,7 @@ class CalibrationError(FlamingoEdgeError):
 
 class EngineBuildError(FlamingoEdgeError):
     """TensorRT could not parse a graph or build an engine for the target asked for."""
+
+
+class SourceError(FlamingoEdgeError):
+    """A frame source (video file, image folder, camera, stream) that cannot be opened, or that was lost for good."""

@@ -10,6 +10,7 @@ Plain numpy, no torch. Tensor names come from `graphs.py`.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,7 +190,8 @@ class CrossAttentionCache:
 
     An entry is one image's `xattn_kv` outputs as the graph returns them for N = 1: `cross_key.{i}` /
     `cross_value.{i}` -> [1, Hx, L, Dh]. `get` returns read-only views: entries are shared by every prompt that shows
-    the same image, so no caller may write into them.
+    the same image, so no caller may write into them. Safe to share between threads (a camera stream encodes frames
+    on one thread while another generates).
     """
 
     def __init__(self, *, capacity: int = 64):
@@ -205,6 +207,7 @@ class CrossAttentionCache:
             raise UsageError(f"the image cache capacity must be >= 0 (0 = no cache); got {capacity}")
         self.capacity, self.hits, self.misses = capacity, 0, 0
         self._entries: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # oldest use first
+        self._lock = threading.Lock()
 
     @staticmethod
     def key_of(image: np.ndarray) -> str:
@@ -216,13 +219,14 @@ class CrossAttentionCache:
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
         """The entry for `key` (marked most recently used), or None; counts a hit or a miss."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry
 
     def put(self, key: str, entry: Mapping[str, np.ndarray]) -> None:
         """Store one image's cross K/V (each [1, Hx, L, Dh]), dropping the least recently used beyond capacity.
@@ -237,10 +241,11 @@ class CrossAttentionCache:
                                          f"{name!r} has shape {array.shape}")
             frozen[name] = array.view()
             frozen[name].flags.writeable = False
-        self._entries[key] = frozen
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = frozen
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,0 +1,249 @@
+"""Captions and answers for a stream of frames: what a camera app embeds.
+
+    source thread: read every frame ─▶ on_frame(frame) ─▶ selected? (--every N / --fps F) ─▶ unchanged? reuse the last
+                   frame's pixels ─▶ vision side now (vision ─▶ resampler ─▶ xattn_kv, cached by content) ─▶ latest slot
+    worker thread: latest slot ─▶ few-shot preamble + frame + prompt ─▶ generate ─▶ StreamResult (callback, iterator)
+
+Live sources keep only the latest encoded frame: a frame still waiting when a newer one is encoded is dropped and
+counted (the language side always works on the newest frame). Files and folders are processed frame by frame, none
+dropped. The few-shot preamble is the same for every frame, so its K/V come from the prefix cache and its images from
+the image cache; prompts rotate over the selected frames. An unchanged frame (same pixels, or a mean difference
+under `change_threshold` on a small thumbnail) reuses the last frame's cached visual tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flamingo_edge.errors import UsageError
+from flamingo_edge.runtime.kv_cache import CrossAttentionCache
+from flamingo_edge.runtime.sources import Frame, FrameSource
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    frame: int  # the source's frame index
+    prompt: str
+    text: str
+    token_ids: list[int]
+    seconds: dict  # vision (0 when cached), first_token, generate, latency (frame read -> text done)
+    reused: bool  # the visual tokens came from the cache (unchanged or repeated frame)
+    dropped: int  # frames dropped so far (live sources)
+
+
+@dataclass
+class StreamStats:
+    counts: Counter = field(default_factory=Counter)  # read, selected, encoded, dropped, processed, reused
+    started: float = field(default_factory=time.perf_counter)
+
+    def rates(self) -> dict[str, float]:
+        """Per second since the start: frames read, processed and dropped."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {name: self.counts[name] / elapsed for name in ("read", "processed", "dropped")}
+
+
+class FrameStream:
+    """Runs a Pipeline over a FrameSource on two threads; iterate it for results (or pass `on_result`).
+
+    Use as a context manager, or call `stop()`: it stops reading, lets the current generation finish and joins the
+    threads. An error on either thread (a lost camera, a failed graph) ends the stream and is raised by the iterator.
+    """
+
+    def __init__(self, pipeline, source: FrameSource, *, prompts: list[str], few_shot: list | None = None,
+                 every: int = 1, fps: float | None = None, max_new_tokens: int = 32, change_threshold: float = 0.0,
+                 latest_only: bool | None = None, on_frame: Callable[[Frame], None] | None = None,
+                 on_result: Callable[[StreamResult], None] | None = None, **generation):
+        """
+        Args:
+            pipeline: an open Pipeline (any backend).
+            source: where frames come from (`sources.open_source`).
+            prompts: the text after each frame; they rotate over the selected frames.
+            few_shot: items (text, RGB images) put before every frame, the same for all (e.g. example captions).
+            every: take every N-th frame.
+            fps: take at most F frames a second (by the time they are read).
+            max_new_tokens: per frame.
+            change_threshold: a frame whose 32x32 grey thumbnail differs from the last selected frame's by less than
+                this mean absolute difference (0-255) counts as unchanged and reuses its visual tokens (0: only
+                identical pixels do).
+            latest_only: drop frames the language side had no time for (default: for live sources only).
+            on_frame: called on the source thread with every frame read (e.g. to draw and record it).
+            on_result: called on the worker thread with every result.
+            generation: more `Pipeline.generate` settings (temperature, stop_strings...).
+
+        Raises:
+            UsageError: no prompts, or bad every/fps/threshold.
+        """
+        if not prompts:
+            raise UsageError("a frame stream needs at least one prompt")
+        if every < 1 or (fps is not None and fps <= 0) or change_threshold < 0:
+            raise UsageError("--every must be >= 1, --fps > 0 and the change threshold >= 0")
+        self.pipeline, self.source, self.prompts = pipeline, source, list(prompts)
+        self.few_shot, self.every, self.fps = list(few_shot or []), every, fps
+        self.max_new_tokens, self.change_threshold, self.generation = max_new_tokens, change_threshold, generation
+        self.latest_only = source.live if latest_only is None else latest_only
+        self.on_frame, self.on_result = on_frame, on_result
+        self.stats = StreamStats()
+        self._stop = threading.Event()
+        self._slot: queue.Queue = queue.Queue(maxsize=1)  # the latest encoded frame, for the worker
+        self._results: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (thumbnail, pixels) of the last selected frame
+        self._reader = threading.Thread(target=self._read_loop, name="flamingo-edge-frames", daemon=True)
+        self._worker = threading.Thread(target=self._work_loop, name="flamingo-edge-language", daemon=True)
+        self._started = False
+
+    def start(self) -> FrameStream:
+        if not self._started:
+            self._started = True
+            self.stats.started = time.perf_counter()
+            self._reader.start()
+            self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop reading; the generation under way finishes; the threads are joined."""
+        self._stop.set()
+        if self._started:
+            self._reader.join()
+            self._worker.join()
+
+    def __enter__(self) -> FrameStream:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[StreamResult]:
+        """Results in frame order until the source ends or `stop()`; re-raises a thread's error."""
+        self.start()
+        while True:
+            item = self._results.get()
+            if item is _END:
+                break
+            yield item
+        self._worker.join()
+        if self._error is not None:
+            raise self._error
+
+    # source thread
+
+    def _selected(self, frame: Frame, last_taken: float | None) -> bool:
+        if frame.index % self.every:
+            return False
+        return self.fps is None or last_taken is None or frame.seconds - last_taken >= 1.0 / self.fps
+
+    def _unchanged(self, image: np.ndarray) -> np.ndarray:
+        """The pixels to use: the last selected frame's when this one has not changed (their K/V are cached)."""
+        import cv2
+
+        thumbnail = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA)
+        last = self._last
+        if last is not None and last[1].shape == image.shape:
+            if np.array_equal(last[1], image) or (
+                    self.change_threshold > 0
+                    and np.abs(thumbnail.astype(np.int16) - last[0]).mean() < self.change_threshold):
+                return last[1]
+        self._last = (thumbnail.astype(np.int16), image)
+        return image
+
+    def _read_loop(self) -> None:
+        last_taken = None
+        try:
+            for frame in self.source:
+                self.stats.counts["read"] += 1
+                if self.on_frame:
+                    self.on_frame(frame)
+                if self._stop.is_set():
+                    break
+                if not self._selected(frame, last_taken):
+                    continue
+                last_taken = frame.seconds
+                self.stats.counts["selected"] += 1
+                image = self._unchanged(frame.image)
+                reused = image is not frame.image or CrossAttentionCache.key_of(image) in self.pipeline.image_cache
+                start = time.perf_counter()
+                self.pipeline.image_kv(image)  # the vision side now (a cache hit for an unchanged frame)
+                encoded = (frame, image, reused, 0.0 if reused else time.perf_counter() - start)
+                self.stats.counts["encoded"] += 1
+                self._hand_over(encoded)
+        except BaseException as error:  # a lost camera or a failed graph: end the stream, raise it to the reader
+            self._error = error
+        finally:
+            self.source.close()
+            self._put_slot(_END)
+
+    def _hand_over(self, item) -> None:
+        if not self.latest_only:
+            self._put_slot(item)  # waits for the worker: no frame dropped
+            return
+        try:
+            self._slot.put_nowait(item)
+        except queue.Full:
+            try:
+                self._slot.get_nowait()  # a newer frame replaces the one still waiting
+                self.stats.counts["dropped"] += 1
+            except queue.Empty:
+                pass
+            self._slot.put_nowait(item)
+
+    def _put_slot(self, item) -> None:
+        while True:
+            try:
+                self._slot.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._stop.is_set() and item is not _END:
+                    return
+                if item is _END and not self._worker.is_alive():
+                    return
+
+    # worker thread
+
+    def _work_loop(self) -> None:
+        turn = 0
+        try:
+            while True:
+                item = self._slot.get()
+                if item is _END:
+                    break
+                frame, image, reused, vision_s = item
+                prompt = self.prompts[turn % len(self.prompts)]
+                turn += 1
+                result = self._generate(frame, image, prompt, reused, vision_s)
+                self.stats.counts["processed"] += 1
+                self.stats.counts["reused"] += reused
+                if self.on_result:
+                    self.on_result(result)
+                self._results.put(result)
+                if self._stop.is_set():
+                    break
+        except BaseException as error:
+            self._error = self._error or error
+            self._stop.set()
+        finally:
+            self._results.put(_END)
+
+    def _generate(self, frame: Frame, image: np.ndarray, prompt: str, reused: bool, vision_s: float) -> StreamResult:
+        start = time.perf_counter()
+        text, ids, first = "", [], None
+        for step in self.pipeline.generate([[*self.few_shot, image, prompt]], max_new_tokens=self.max_new_tokens,
+                                           **self.generation):
+            first = first if first is not None else time.perf_counter() - start
+            text += step.text[0]
+            ids.append(int(step.tokens[0]))
+        done = time.perf_counter()
+        seconds = {"vision": vision_s, "first_token": first or 0.0, "generate": done - start,
+                   "latency": done - frame.seconds}
+        return StreamResult(frame.index, prompt, text, ids, seconds, reused, self.stats.counts["dropped"])

@@ -1,0 +1,159 @@
+"""Live captions or few-shot answers on a camera, a video or an image folder.
+
+    python samples/camera_app.py SOURCE [--export EXPORT|demo] [--prompt TEXT ...] [--few-shot FILE]
+        [--every N | --fps F] [--max-new-tokens N] [--output OUT.mp4] [--display] [--headless]
+        [--backend onnxruntime|tensorrt --engines ENGINES]
+
+SOURCE: a video or image folder (path or file://), v4l2:///dev/video0, csi://0 (Jetson, GStreamer), rtsp://...
+Outputs: --output writes every frame with the latest caption drawn on it; --display shows them in a window;
+--headless prints one JSON object per processed frame on stdout (the default when no output is given).
+Ctrl-C stops cleanly; the output video is closed and stays playable. Thin on purpose: parse -> Pipeline -> stream ->
+draw; the streaming lives in flamingo_edge.runtime.stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.cli.backends import add_backend_arguments, pipeline_options
+from flamingo_edge.errors import FlamingoEdgeError, UsageError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="video file or folder (path or file://), v4l2:///dev/videoN, csi://N, rtsp://...")
+    parser.add_argument("--export", default="demo", help="an export folder, or demo (default: demo)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                        help="refuse an export of another precision (make one with flamingo-edge quantize)")
+    parser.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                        help="text after each frame; repeat to rotate prompts (default: 'caption:')")
+    parser.add_argument("--few-shot", metavar="FILE",
+                        help='JSON list of {"image": path, "text": ...} examples put before every frame')
+    parser.add_argument("--every", type=int, default=1, help="take every N-th frame (default: 1)")
+    parser.add_argument("--fps", type=float, help="take at most F frames a second")
+    parser.add_argument("--change-threshold", type=float, default=0.0,
+                        help="frames differing less than this (mean 0-255 on a thumbnail) reuse the last one's "
+                             "visual tokens (default: 0, identical frames only)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="(default: 16)")
+    parser.add_argument("--output", metavar="OUT.mp4", help="write the frames with the caption drawn on them")
+    parser.add_argument("--display", action="store_true", help="show the frames in a window")
+    parser.add_argument("--headless", action="store_true", help="JSON lines on stdout (default with no output)")
+    add_backend_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def load_few_shot(path: str) -> list:
+    from flamingo_edge.runtime.processor import load_image
+
+    try:
+        examples = json.loads(Path(path).read_text())
+        items = []
+        for example in examples:
+            items += [load_image(Path(path).parent / example["image"]), example["text"]]
+        return items
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--few-shot {path}: expected a JSON list of {{\"image\": path, \"text\": ...}} ({error})") \
+            from None
+
+
+class Overlay:
+    """Draws the latest caption on every frame; writes them to a video and/or shows them (on the source thread)."""
+
+    def __init__(self, output: str | None, display: bool, fps: float):
+        import cv2
+
+        self.cv2, self.output, self.display, self.fps = cv2, output, display, fps
+        self.caption, self.writer, self.frames = "", None, 0
+        self.lock = threading.Lock()
+
+    def set_caption(self, text: str) -> None:
+        with self.lock:
+            self.caption = text.strip()
+
+    def __call__(self, frame) -> None:
+        cv2 = self.cv2
+        image = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
+        scale = max(image.shape[1] / 640, 0.4)
+        with self.lock:
+            caption = self.caption
+        cv2.rectangle(image, (0, 0), (image.shape[1], int(28 * scale)), (0, 0, 0), -1)
+        cv2.putText(image, caption, (4, int(20 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (255, 255, 255),
+                    max(1, int(scale)), cv2.LINE_AA)
+        if self.output:
+            if self.writer is None:
+                self.writer = cv2.VideoWriter(self.output, cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                              (image.shape[1], image.shape[0]))
+                if not self.writer.isOpened():
+                    raise UsageError(f"--output {self.output}: OpenCV cannot write this video file")
+            self.writer.write(image)
+            self.frames += 1
+        if self.display:
+            cv2.imshow("flamingo-edge", image)
+            cv2.waitKey(1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()  # writes the index: the file is playable
+            self.writer = None
+        if self.display:
+            self.cv2.destroyAllWindows()
+
+
+def run(args: argparse.Namespace) -> int:
+    from flamingo_edge.artifacts import read_export_record
+    from flamingo_edge.demo.bundle import resolve_export
+    from flamingo_edge.runtime.pipeline import Pipeline
+    from flamingo_edge.runtime.sources import open_source
+    from flamingo_edge.runtime.stream import FrameStream
+
+    options = pipeline_options(args)
+    export = resolve_export(args.export)
+    precision = read_export_record(export).precision
+    if args.precision and args.precision != precision:
+        raise UsageError(f"{export} is a {precision} export, not {args.precision}: make one with flamingo-edge "
+                         f"quantize {export} --precision {args.precision} -o OUT, then --export OUT")
+    few_shot = load_few_shot(args.few_shot) if args.few_shot else []
+    headless = args.headless or not (args.output or args.display)
+    source = open_source(args.source)
+    overlay = Overlay(args.output, args.display, fps=args.fps or 10.0)
+    with Pipeline.open(export, **options) as pipeline:
+        stream = FrameStream(pipeline, source, prompts=args.prompts or ["caption:"], few_shot=few_shot,
+                             every=args.every, fps=args.fps, max_new_tokens=args.max_new_tokens,
+                             change_threshold=args.change_threshold, on_frame=overlay,
+                             on_result=lambda result: overlay.set_caption(result.text))
+        try:
+            for result in stream:
+                if headless:
+                    print(json.dumps({"frame": result.frame, "prompt": result.prompt, "text": result.text.strip(),
+                                      "reused": result.reused, "dropped": result.dropped,
+                                      "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}), flush=True)
+        except KeyboardInterrupt:
+            print("stopping (Ctrl-C)", file=sys.stderr)
+        finally:
+            stream.stop()
+            overlay.close()
+    counts, rates = stream.stats.counts, stream.stats.rates()
+    print(f"{source.end_reason or 'stopped'}; frames read {counts['read']}, processed {counts['processed']}, "
+          f"dropped {counts['dropped']}, unchanged/cached {counts['reused']}; {rates['processed']:.1f} processed/s"
+          + (f"; wrote {overlay.frames} frames to {args.output}" if args.output else ""), file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(parse_args(argv))
+    except FlamingoEdgeError as error:
+        print(f"camera_app: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
