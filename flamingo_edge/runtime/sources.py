@@ -43,12 +43,19 @@ class FrameSource:
     """Frames from a URI. Iterate it, or call `read()` until it returns None; `close()` releases the device."""
 
     def __init__(self, uri: str, *, retries: int = 5, backoff_s: float = 0.5, csi_size: tuple[int, int] = (1280, 720),
-                 csi_fps: int = 30):
-        self.uri, self.retries, self.backoff_s = uri, retries, backoff_s
+                 csi_fps: int = 30, loop: bool = False):
+        """
+        Args:
+            uri: see the module doc.
+            retries, backoff_s: a lost live source is reopened up to `retries` times, after backoff_s, 2 backoff_s...
+            csi_size, csi_fps: the CSI camera mode.
+            loop: start a file or folder again at its end (demos, soak tests); frame indices keep counting.
+        """
+        self.uri, self.retries, self.backoff_s, self.loop = uri, retries, backoff_s, loop
         self.csi_size, self.csi_fps = csi_size, csi_fps
         self.kind, self.target = _parse(uri)
         self.live = self.kind in ("v4l2", "csi", "stream")
-        self.index, self.end_reason, self.reconnects = 0, None, 0
+        self.index, self.end_reason, self.reconnects, self._start = 0, None, 0, 0
         self.expected_frames: int | None = None
         self._capture, self._files = None, None
         self._open()
@@ -82,7 +89,9 @@ class FrameSource:
             capture = cv2.VideoCapture(self.target)
         if not capture.isOpened():
             capture.release()
-            raise SourceError(f"{self.uri}: OpenCV cannot open this {self.kind} source")
+            why = (" (not a video, or a damaged or truncated file: an MP4 cut short has lost its index)"
+                   if self.kind == "file" else "")
+            raise SourceError(f"{self.uri}: OpenCV cannot open this {self.kind} source{why}")
         if self.kind == "file":
             count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
             self.expected_frames = count if count > 0 else None
@@ -99,6 +108,11 @@ class FrameSource:
         image = self._read_image()
         while image is None and self.live:
             image = self._reconnect()
+        if image is None and self.loop and self.index > self._start:  # a file or folder: from the start again
+            self.close()
+            self._start = self.index
+            self._open()
+            image = self._read_image()
         if image is None:
             self._end()
             return None
@@ -110,13 +124,14 @@ class FrameSource:
         import cv2
 
         if self._files is not None:
-            if self.index >= len(self._files):
+            position = self.index - self._start
+            if position >= len(self._files):
                 return None
-            path = self._files[self.index]
+            path = self._files[position]
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 logger.warning("%s: skipping %s (not a readable image)", self.uri, path.name)
-                self._files.pop(self.index)
+                self._files.pop(position)
                 return self._read_image()
             return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if self._capture is None:
@@ -145,10 +160,10 @@ class FrameSource:
         raise SourceError(f"{self.uri}: the source was {self.end_reason}")
 
     def _end(self) -> None:
-        expected = self.expected_frames
-        if self._files is None and expected is not None and self.index < expected:
-            self.end_reason = (f"the video ended after {self.index} of its {expected} frames (truncated or damaged "
-                               "file); every frame read was processed")
+        expected, read = self.expected_frames, self.index - self._start
+        if self._files is None and expected is not None and read < expected:
+            self.end_reason = (f"the video ended after {read} of its {expected} frames (truncated or damaged file); "
+                               "every frame read was processed")
             logger.warning("%s: %s", self.uri, self.end_reason)
         else:
             self.end_reason = f"end of {self.kind} after {self.index} frames"

@@ -95,7 +95,8 @@ class FrameStream:
         self.latest_only = source.live if latest_only is None else latest_only
         self.on_frame, self.on_result = on_frame, on_result
         self.stats = StreamStats()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # stop everything: the worker ends after its current frame
+        self._stop_reading = threading.Event()  # read no more frames, finish those taken
         self._slot: queue.Queue = queue.Queue(maxsize=1)  # the latest encoded frame, for the worker
         self._results: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -112,12 +113,20 @@ class FrameStream:
             self._worker.start()
         return self
 
+    def stop_reading(self) -> None:
+        """Read no more frames; those already taken are still processed and yielded (callable from any thread,
+        `on_frame` included)."""
+        self._stop_reading.set()
+
     def stop(self) -> None:
         """Stop reading; the generation under way finishes; the threads are joined."""
+        self._stop_reading.set()
         self._stop.set()
         if self._started:
-            self._reader.join()
-            self._worker.join()
+            if threading.current_thread() is not self._reader:
+                self._reader.join()
+            if threading.current_thread() is not self._worker:
+                self._worker.join()
 
     def __enter__(self) -> FrameStream:
         return self.start()
@@ -165,7 +174,7 @@ class FrameStream:
                 self.stats.counts["read"] += 1
                 if self.on_frame:
                     self.on_frame(frame)
-                if self._stop.is_set():
+                if self._stop_reading.is_set():
                     break
                 if not self._selected(frame, last_taken):
                     continue
@@ -231,6 +240,7 @@ class FrameStream:
                     break
         except BaseException as error:
             self._error = self._error or error
+            self._stop_reading.set()
             self._stop.set()
         finally:
             self._results.put(_END)
