@@ -72,6 +72,12 @@ class Overlay:
         self.cv2, self.output, self.display, self.fps = cv2, output, display, fps
         self.caption, self.writer, self.frames = "", None, 0
         self.lock = threading.Lock()
+        if display:
+            try:
+                cv2.namedWindow("flamingo-edge", cv2.WINDOW_NORMAL)
+            except cv2.error:
+                raise UsageError("--display: this OpenCV has no window support or there is no display (headless "
+                                 "OpenCV, or no $DISPLAY); use --output or --headless") from None
 
     def set_caption(self, text: str) -> None:
         with self.lock:

@@ -81,6 +81,25 @@ def test_a_truncated_video_ends_cleanly_and_says_so(tmp_path, seed, demo_export)
     assert result.returncode == 2 and "damaged or truncated file" in result.stderr
 
 
+def test_ctrl_c_stops_cleanly_and_the_video_stays_playable(tmp_path, seed, demo_export):
+    import signal
+    import time
+
+    video, out = tmp_path / "long.mp4", tmp_path / "out.mp4"
+    write_video(video, np.random.default_rng(seed), scenes_n=400, hold=5)  # 2,000 frames: far more than 3 s
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    app = subprocess.Popen([sys.executable, str(APP), str(video), "--export", str(demo_export), "--output", str(out),
+                            "--headless"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not app.stdout.readline():  # the first result: the pipeline is running
+        time.sleep(0.1)
+    app.send_signal(signal.SIGINT)
+    _, stderr = app.communicate(timeout=120)
+    assert app.returncode == 0, stderr
+    assert "stopping (Ctrl-C)" in stderr and "Traceback" not in stderr
+    written = int(stderr.split("wrote ")[1].split(" frames")[0])
+    assert 0 < written < 2000 and count_frames(out) == written
+
+
 def test_sources_that_do_not_exist(tmp_path, demo_export):
     for uri, message in (("v4l2:///dev/video97", "no such camera device"), (str(tmp_path / "none.mp4"), "no such file"),
                          ("ftp://camera/1", "unknown source"), ("csi://x", "csi://N")):
@@ -107,10 +126,13 @@ def test_a_lost_live_source_is_retried_then_reported(tmp_path, seed):
 def test_latest_frame_semantics_drop_and_count(tmp_path, seed, demo_export):
     video = tmp_path / "fast.mp4"
     write_video(video, np.random.default_rng(seed), scenes_n=20, hold=1)
+    pieces = []
     with Pipeline.open(demo_export) as pipeline:
         stream = FrameStream(pipeline, open_source(str(video)), prompts=["caption:"], latest_only=True,
-                             max_new_tokens=12)
+                             max_new_tokens=12, on_text=lambda frame, text: pieces.append((frame, text)))
         results = list(stream)
+    for result in results:  # the text streamed token by token adds up to each result's text
+        assert "".join(text for frame, text in pieces if frame == result.frame) == result.text
     counts = stream.stats.counts
     assert counts["read"] == 20 and counts["selected"] == 20
     assert counts["processed"] == len(results) and counts["processed"] + counts["dropped"] == 20

@@ -64,6 +64,7 @@ class FrameStream:
     def __init__(self, pipeline, source: FrameSource, *, prompts: list[str], few_shot: list | None = None,
                  every: int = 1, fps: float | None = None, max_new_tokens: int = 32, change_threshold: float = 0.0,
                  latest_only: bool | None = None, on_frame: Callable[[Frame], None] | None = None,
+                 on_text: Callable[[int, str], None] | None = None,
                  on_result: Callable[[StreamResult], None] | None = None, **generation):
         """
         Args:
@@ -79,6 +80,7 @@ class FrameStream:
                 identical pixels do).
             latest_only: drop frames the language side had no time for (default: for live sources only).
             on_frame: called on the source thread with every frame read (e.g. to draw and record it).
+            on_text: called on the worker thread with (frame index, text) as each token's text is generated.
             on_result: called on the worker thread with every result.
             generation: more `Pipeline.generate` settings (temperature, stop_strings...).
 
@@ -93,7 +95,7 @@ class FrameStream:
         self.few_shot, self.every, self.fps = list(few_shot or []), every, fps
         self.max_new_tokens, self.change_threshold, self.generation = max_new_tokens, change_threshold, generation
         self.latest_only = source.live if latest_only is None else latest_only
-        self.on_frame, self.on_result = on_frame, on_result
+        self.on_frame, self.on_text, self.on_result = on_frame, on_text, on_result
         self.stats = StreamStats()
         self._stop = threading.Event()  # stop everything: the worker ends after its current frame
         self._stop_reading = threading.Event()  # read no more frames, finish those taken
@@ -252,6 +254,8 @@ class FrameStream:
                                            **self.generation):
             first = first if first is not None else time.perf_counter() - start
             text += step.text[0]
+            if self.on_text and step.text[0]:
+                self.on_text(frame.index, step.text[0])
             ids.append(int(step.tokens[0]))
         done = time.perf_counter()
         seconds = {"vision": vision_s, "first_token": first or 0.0, "generate": done - start,
