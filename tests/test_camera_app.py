@@ -116,6 +116,9 @@ def test_a_lost_live_source_is_retried_then_reported(tmp_path, seed):
     video = tmp_path / "camera.mp4"
     write_video(video, np.random.default_rng(seed), scenes_n=2, hold=2)
     source = open_source(str(video), retries=2, backoff_s=0.01)
+    source.live = True  # at the end of the file the source is reopened, as a camera that came back
+    assert [next(iter(source)).index for _ in range(10)] == list(range(10)) and source.reconnects == 2
+    source = open_source(str(video), retries=2, backoff_s=0.01)
     source.live = True
     video.unlink()
     with pytest.raises(SourceError, match=r"lost after 4 frames; 2 reconnection attempts failed"):

@@ -88,31 +88,27 @@ def _configure_dla(trt: TensorRT, config, core: int) -> list[str]:
     return [f"DLA:{core}", "GPU_FALLBACK"]
 
 
-def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions, *, name: str,
-                timing_cache: dict | None = None, on_progress: Callable[[str], None] | None = None,
-                ) -> tuple[bytes, list[str]]:
-    """One serialized engine, and the builder flags that were set. `on_progress` gets TensorRT's optimizer phases
-    ("Building engine 3/7"; TensorRT 10+ and RTX).
-
-    `timing_cache` is {"data": bytes} on the first graph; the ITimingCache made from it is kept there under "cache"
-    and shared by the following graphs.
-    """
-    module = trt.module
-    log = collecting_logger(module)
-    builder = module.Builder(log)
-    int8_cache = (options.int8_caches or {}).get(name)
-    strongly_typed = int8_cache is None and (trt.can_strongly_type or trt.strongly_typed_only)
+def _parse(trt: TensorRT, builder, log, onnx_path: Path, *, strongly_typed: bool):
     network = builder.create_network(trt.network_flags(strongly_typed=strongly_typed))
-    parser = module.OnnxParser(network, log)
+    parser = trt.module.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise EngineBuildError(f"{trt.flavour} {trt.version} cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
+    return network, parser  # the parser must outlive the network's build
+
+
+def _add_profiles(builder, config, profiles) -> None:
     for profile in profiles:
         optimization = builder.create_optimization_profile()
         for input_name, (low, opt, high) in profile.items():
             optimization.set_shape(input_name, low, opt, high)
         config.add_optimization_profile(optimization)
+
+
+def _configure(trt: TensorRT, config, options: BuildOptions, name: str, *, strongly_typed: bool,
+               int8_cache: bytes | None) -> list[str]:
+    """Workspace, precision, calibrator, DLA, portability and target GPU; returns the flags set."""
+    module = trt.module
     if options.workspace_mib:
         config.set_memory_pool_limit(module.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     flags = _configure_precision(trt, config, options.precision, strongly_typed=strongly_typed,
@@ -133,16 +129,41 @@ def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions,
     if options.target.compute_capability:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(module.ComputeCapability, options.target.compute_capability), 0)
+    return flags
+
+
+def _use_timing_cache(config, holder: dict) -> None:
+    """Make the shared ITimingCache from holder["data"] on the first graph, and set it on `config`."""
+    if "cache" not in holder:
+        cache = config.create_timing_cache(holder["data"])
+        if cache is None and holder["data"]:  # another TensorRT's or a damaged file: start afresh
+            logger.warning("TensorRT cannot read the timing cache; starting a new one")
+            cache = config.create_timing_cache(b"")
+        holder["cache"] = cache
+    if not config.set_timing_cache(holder["cache"], False):
+        logger.warning("TensorRT did not take the timing cache (built on another GPU?); building without it")
+
+
+def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions, *, name: str,
+                timing_cache: dict | None = None, on_progress: Callable[[str], None] | None = None,
+                ) -> tuple[bytes, list[str]]:
+    """One serialized engine, and the builder flags that were set. `on_progress` gets TensorRT's optimizer phases
+    ("Building engine 3/7"; TensorRT 10+ and RTX).
+
+    `timing_cache` is {"data": bytes} on the first graph; the ITimingCache made from it is kept there under "cache"
+    and shared by the following graphs.
+    """
+    log = collecting_logger(trt.module)
+    builder = trt.module.Builder(log)
+    int8_cache = (options.int8_caches or {}).get(name)
+    strongly_typed = int8_cache is None and (trt.can_strongly_type or trt.strongly_typed_only)
+    network, _parser = _parse(trt, builder, log, onnx_path, strongly_typed=strongly_typed)
+    config = builder.create_builder_config()
+    _add_profiles(builder, config, profiles)
+    flags = _configure(trt, config, options, name, strongly_typed=strongly_typed, int8_cache=int8_cache)
     if timing_cache is not None:
-        if "cache" not in timing_cache:
-            cache = config.create_timing_cache(timing_cache["data"])
-            if cache is None and timing_cache["data"]:  # another TensorRT's or a damaged file: start afresh
-                logger.warning("TensorRT cannot read the timing cache; starting a new one")
-                cache = config.create_timing_cache(b"")
-            timing_cache["cache"] = cache
-        if not config.set_timing_cache(timing_cache["cache"], False):
-            logger.warning("TensorRT did not take the timing cache (built on another GPU?); building without it")
-    monitor = progress_monitor(module, on_progress) if on_progress else None
+        _use_timing_cache(config, timing_cache)
+    monitor = progress_monitor(trt.module, on_progress) if on_progress else None
     if monitor is not None:
         config.progress_monitor = monitor
     plan = builder.build_serialized_network(network, config)
@@ -211,6 +232,34 @@ def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, byt
     return {name: (calibration / file).read_bytes() for name, file in caches.items()}
 
 
+def _limits_for(target: Target, limits: ShapeLimits | None, max_positions: int) -> ShapeLimits:
+    """The limits asked for, or the board's defaults within the model's positions; checked."""
+    if limits is None:
+        context = min(target.limits.max_context, max_positions)
+        limits = replace(target.limits, max_context=context, max_prompt=min(target.limits.max_prompt, context))
+    limits.check(max_positions)
+    return limits
+
+
+def _built_for(target: Target) -> tuple[str, str | None]:
+    """(compute capability, GPU name): the target's for RTX; full TensorRT builds for the GPU it runs on."""
+    if target.compute_capability:
+        return target.compute_capability, None
+    from flamingo_edge.runtime.cuda import device_info
+
+    info = device_info()
+    return info.compute_capability, info.name
+
+
+def _timing_holder(trt: TensorRT, path: str | Path | None) -> dict | None:
+    if path is None:
+        return None
+    if trt.flavour == "tensorrt_rtx":
+        logger.warning("TensorRT for RTX ignores timing caches; %s is left as it is", path)
+        return None
+    return {"data": Path(path).read_bytes() if Path(path).is_file() else b""}
+
+
 def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str, *,
                   limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
                   int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
@@ -247,10 +296,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     check_new_folder(out_dir)
     record = read_export_record(export_dir)
     config = FlamingoConfig.from_dict(record.config)
-    if limits is None:  # the board's defaults, within the model's positions
-        context = min(target.limits.max_context, config.decoder.max_positions)
-        limits = replace(target.limits, max_context=context, max_prompt=min(target.limits.max_prompt, context))
-    limits.check(config.decoder.max_positions)
+    limits = _limits_for(target, limits, config.decoder.max_positions)
     options = BuildOptions(record.precision, target,
                            workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
                            {} if int8_calibration is not None else None, version_compatible, hardware_compatible)
@@ -265,18 +311,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         if refused:
             raise EngineBuildError(f"TensorRT {trt.version} cannot import " + "; ".join(
                 f"{name}: {', '.join(found)}" for name, found in refused.items()))
-    compute_capability, device = target.compute_capability, None
-    if compute_capability is None:  # full TensorRT builds for the GPU it runs on
-        from flamingo_edge.runtime.cuda import device_info
-
-        info = device_info()
-        compute_capability, device = info.compute_capability, info.name
-    timing = None
-    if timing_cache is not None:
-        if trt.flavour == "tensorrt_rtx":
-            logger.warning("TensorRT for RTX ignores timing caches; %s is left as it is", timing_cache)
-        else:
-            timing = {"data": Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""}
+    compute_capability, device = _built_for(target)
+    timing = _timing_holder(trt, timing_cache)
     specs = build_graphs(config)
     precision = "int8-implicit" if options.int8_caches else record.precision
     manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), precision,
