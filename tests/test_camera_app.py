@@ -141,6 +141,11 @@ def test_latest_frame_semantics_drop_and_count(tmp_path, seed, demo_export):
     assert counts["processed"] == len(results) and counts["processed"] + counts["dropped"] == 20
     assert counts["dropped"] > 0  # the source reads far faster than a caption is generated
     assert [r.frame for r in results] == sorted(r.frame for r in results)  # always a newer frame
+    called = []
+    with Pipeline.open(demo_export) as pipeline:  # callback only: run() blocks to the end, nothing is queued
+        stream = FrameStream(pipeline, open_source(str(video)), prompts=["caption:"], on_result=called.append)
+        stream.run()
+    assert [r.frame for r in called] == list(range(20)) and stream._results.qsize() == 1  # only the end marker
 
 
 def test_few_shot_preamble_and_rotating_prompts_reuse_the_caches(tmp_path, seed, demo_export):

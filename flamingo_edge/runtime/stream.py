@@ -55,7 +55,8 @@ class StreamStats:
 
 
 class FrameStream:
-    """Runs a Pipeline over a FrameSource on two threads; iterate it for results (or pass `on_result`).
+    """Runs a Pipeline over a FrameSource on two threads; iterate it for results, or pass `on_result` (then only the
+    callback gets them, and nothing accumulates in a long run).
 
     Use as a context manager, or call `stop()`: it stops reading, lets the current generation finish and joins the
     threads. An error on either thread (a lost camera, a failed graph) ends the stream and is raised by the iterator.
@@ -101,6 +102,8 @@ class FrameStream:
         self._stop_reading = threading.Event()  # read no more frames, finish those taken
         self._slot: queue.Queue = queue.Queue(maxsize=1)  # the latest encoded frame, for the worker
         self._results: queue.Queue = queue.Queue()
+        # Results are queued for the iterator; a callback-only app never iterates, so nothing is kept for it.
+        self._queue_results = on_result is None
         self._error: BaseException | None = None
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # (thumbnail, pixels) of the last selected frame
         self._reader = threading.Thread(target=self._read_loop, name="flamingo-edge-frames", daemon=True)
@@ -114,6 +117,15 @@ class FrameStream:
             self._reader.start()
             self._worker.start()
         return self
+
+    def run(self) -> None:
+        """Start, and block until the source ends or `stop()`; results go to `on_result` only. Re-raises a thread's
+        error."""
+        self.start()
+        self._worker.join()
+        self._reader.join()
+        if self._error is not None:
+            raise self._error
 
     def stop_reading(self) -> None:
         """Read no more frames; those already taken are still processed and yielded (callable from any thread,
@@ -137,7 +149,9 @@ class FrameStream:
         self.stop()
 
     def __iter__(self) -> Iterator[StreamResult]:
-        """Results in frame order until the source ends or `stop()`; re-raises a thread's error."""
+        """Results in frame order until the source ends or `stop()`; re-raises a thread's error. (With `on_result`,
+        iterate before the first result arrives to get them all here too.)"""
+        self._queue_results = True
         self.start()
         while True:
             item = self._results.get()
@@ -237,7 +251,8 @@ class FrameStream:
                 self.stats.counts["reused"] += reused
                 if self.on_result:
                     self.on_result(result)
-                self._results.put(result)
+                if self._queue_results:
+                    self._results.put(result)
                 if self._stop.is_set():
                     break
         except BaseException as error:
