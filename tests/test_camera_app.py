@@ -162,8 +162,11 @@ def test_few_shot_preamble_and_rotating_prompts_reuse_the_caches(tmp_path, seed,
         results = list(FrameStream(pipeline, open_source(f"file://{folder}"), prompts=prompts, few_shot=few_shot,
                                    max_new_tokens=12, every=1))
         reused = pipeline.stats["prefix_tokens_reused"]
+    with Pipeline.open(demo_export, prefix_cache_bytes=0) as plain:  # the same prompts, one by one, no caches
+        expected = [plain.complete([[*few_shot, scene.image, prompts[i % 2]]], max_new_tokens=12)[0].text
+                    for i, scene in enumerate(frames)]
     assert [r.prompt for r in results] == [prompts[i % 2] for i in range(4)]
-    assert [r.text.strip() for r in results[::2]] == [frames[i].caption for i in (0, 2)]
+    assert [r.text for r in results] == expected
     assert reused > 0  # the preamble's K/V came from the prefix cache after the first frame
 
 
@@ -177,3 +180,27 @@ def test_embedding_example_in_the_docs_runs(tmp_path, seed, demo_export):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("frame") == 4
+
+
+def test_unchanged_frames_reuse_the_visual_tokens(tmp_path, seed, demo_export):
+    """Identical frames always reuse the last frame's visual tokens; slightly different ones (sensor noise) do
+    under a change threshold, and a new scene never does."""
+    def thumbnail(image):
+        return cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA)
+
+    rng = np.random.default_rng(seed)
+    first, second = scenes.make_scene(rng), scenes.make_scene(rng)
+    while np.abs(thumbnail(first.image).astype(int) - thumbnail(second.image)).mean() < 4:  # a visibly new scene
+        second = scenes.make_scene(rng)
+    noisy = np.clip(first.image.astype(np.int16) + rng.integers(-3, 4, first.image.shape), 0, 255).astype(np.uint8)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, image in enumerate([first.image, first.image, noisy, second.image]):
+        cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    for threshold, expected in ((0.0, [False, True, False, False]), (2.0, [False, True, True, False])):
+        with Pipeline.open(demo_export) as pipeline:
+            results = list(FrameStream(pipeline, open_source(str(folder)), prompts=["caption:"],
+                                       change_threshold=threshold, max_new_tokens=12))
+            assert [r.reused for r in results] == expected
+            assert pipeline.stats["vision_runs"] == expected.count(False)
+        assert results[2].text == results[0].text or threshold == 0.0  # the very same visual tokens
