@@ -1,15 +1,19 @@
-"""`flamingo-edge info CHECKPOINT`: the architecture of a checkpoint, from its config alone."""
+"""`flamingo-edge info CHECKPOINT`: the architecture of a checkpoint, from its config alone.
+`flamingo-edge info ENGINES`: what an engines folder was built for, and whether this machine can run it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "print a checkpoint's architecture: parameters per component, layers, heads, latents, image size, vocabulary"
+HELP = ("print a checkpoint's architecture (parameters per component, layers, heads, latents, image size, "
+        "vocabulary), or what an engines folder was built for and whether it runs on this machine")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="an IDEFICS save_pretrained folder (config.json + weights)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_ENGINES",
+                        help="an IDEFICS save_pretrained folder (config.json + weights), or an engines folder "
+                             "written by flamingo-edge build")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
 
 
@@ -36,7 +40,45 @@ def format_summary(checkpoint: str, summary) -> str:
     return "\n".join(lines)
 
 
+def engines_report(engines_dir: str) -> dict:
+    """The manifest of an engines folder (its engines checked against their hashes), and whether this machine can
+    run them: "yes", "no" (another TensorRT or GPU) or "unknown" (no TensorRT, cuda-python or GPU here)."""
+    from dataclasses import asdict
+
+    from flamingo_edge.engines.manifest import check_runtime, read_manifest
+    from flamingo_edge.errors import EngineMismatchError, FeatureUnavailableError
+    from flamingo_edge.runtime.tensorrt_backend import runtime_key
+
+    manifest = read_manifest(engines_dir)
+    try:
+        _, key = runtime_key(manifest)
+        check_runtime(manifest, key, engines_dir)
+        runs_here, why = "yes", key.describe()
+    except EngineMismatchError as error:
+        runs_here, why = "no", str(error)
+    except FeatureUnavailableError as error:
+        runs_here, why = "unknown", str(error)
+    return {"folder": engines_dir, **asdict(manifest), "runs_here": runs_here, "why": why}
+
+
+def format_engines(report: dict) -> str:
+    lines = [f"engines     {report['folder']} ({report['precision']}, from {report['export']})",
+             f"built with  {report['tensorrt']['flavour']} {report['tensorrt']['version']} for "
+             f"{report['compute_capability']}" + (f" ({report['device']})" if report["device"] else "")
+             + f", target {report['target']}",
+             "limits      " + ", ".join(f"{k.replace('max_', '')} {v}" for k, v in report["limits"].items())]
+    lines += [f"  {name:<10}{entry['bytes'] / 2**20:8.2f} MiB" for name, entry in report["engines"].items()]
+    lines.append(f"runs here   {report['runs_here']}: {report['why']}")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if (Path(args.checkpoint) / "manifest.json").is_file():
+        report = engines_report(args.checkpoint)
+        print(json.dumps(report, indent=2) if args.json else format_engines(report))
+        return 0
     from flamingo_edge.models import load_config
     from flamingo_edge.models.summary import summarize
 

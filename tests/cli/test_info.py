@@ -50,3 +50,31 @@ def test_info_text_through_console_script(idefics_checkpoint):
 def test_info_on_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_info_on_an_engines_folder_says_what_it_was_built_for_and_if_it_runs_here(demo_export, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx with the test extras")
+    from flamingo_edge.errors import FeatureUnavailableError
+    from flamingo_edge.runtime.cuda import device_info
+
+    engines = tmp_path / "engines"
+    assert main(["build", str(demo_export), "-o", str(engines), "--target", "rtx-sm86", "--max-context", "24",
+                 "--max-prompt", "16"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(engines), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "fp32" and report["compute_capability"] == "SM86"
+    assert set(report["engines"]) == {"vision", "resampler", "xattn_kv", "decoder"}
+    assert report["limits"]["max_context"] == 24
+    try:
+        device = device_info()
+    except FeatureUnavailableError:  # no GPU here: the answer is "unknown", with CUDA's reason
+        assert report["runs_here"] == "unknown" and "no usable one" in report["why"]
+    else:
+        assert report["runs_here"] == ("yes" if device.compute_capability == "SM86" else "no")
+    assert main(["info", str(engines)]) == 0
+    text = capsys.readouterr().out
+    assert "built with  tensorrt_rtx" in text and "for SM86, target rtx-sm86" in text and "runs here" in text
+    (engines / "decoder.engine").write_bytes(b"damaged")
+    assert main(["info", str(engines)]) == 2
+    assert "missing or was modified" in capsys.readouterr().err
