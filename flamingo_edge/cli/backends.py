@@ -19,18 +19,5 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:
-    """`Pipeline.open` keyword arguments from the parsed options.
-
-    Raises:
-        UsageError: --engines or --cuda-graph without --backend tensorrt, or tensorrt without --engines.
-    """
-    from flamingo_edge.errors import UsageError
-
-    if args.backend != "tensorrt" and (args.engines or args.cuda_graph):
-        raise UsageError("--engines and --cuda-graph go with --backend tensorrt")
-    if args.backend == "tensorrt" and not args.engines:
-        raise UsageError("--backend tensorrt needs --engines ENGINES (a folder flamingo-edge build wrote)")
-    options = {"backend": args.backend}
-    if args.backend == "tensorrt":
-        options.update(engines=args.engines, cuda_graph=args.cuda_graph)
-    return options
+    """`Pipeline.open` keyword arguments from the parsed options (Pipeline.open checks they go together)."""
+    return {"backend": args.backend, "engines": args.engines, "cuda_graph": args.cuda_graph}

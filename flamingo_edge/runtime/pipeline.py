@@ -87,7 +87,7 @@ class Pipeline:
             GraphContractError: a graph does not match the contract.
             EngineMismatchError: (tensorrt) engines built from other graphs, or for another TensorRT or GPU.
             FeatureUnavailableError: (tensorrt) no TensorRT, cuda-python or GPU here.
-            UsageError: tensorrt without `engines`.
+            UsageError: tensorrt without `engines`, or `engines`/`cuda_graph` with another backend.
         """
         export_dir = Path(export_dir)
         record = read_export_record(export_dir)
@@ -98,7 +98,10 @@ class Pipeline:
         specs = build_graphs(config)
         limit = config.decoder.max_positions if max_context is None else min(max_context, config.decoder.max_positions)
         engine_limits = {}
-        if parse_choice(BackendKind, backend, "runtime backend") is BackendKind.TENSORRT:
+        tensorrt = parse_choice(BackendKind, backend, "runtime backend") is BackendKind.TENSORRT
+        if not tensorrt and (engines is not None or cuda_graph):
+            raise UsageError("engines and cuda_graph (--engines, --cuda-graph) go with backend 'tensorrt'")
+        if tensorrt:
             if engines is None:
                 raise UsageError("the tensorrt backend runs the engines flamingo-edge build wrote from this export: "
                                  "give their folder (--engines ENGINES)")

@@ -139,15 +139,15 @@ def decode_bytes_per_token(export_dir: Path, pipeline: Pipeline, workload: Workl
 
 def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
                    device: str = "auto", seed: int = 0, on_run: Callable[[], None] | None = None,
-                   **open_options) -> dict:
-    """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload`
-    (`open_options`: more `Pipeline.open` arguments, e.g. the TensorRT engines)."""
+                   engines: str | Path | None = None, cuda_graph: bool = False) -> dict:
+    """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload` (with
+    "tensorrt", the export's `engines`)."""
     export_dir = Path(export_dir)
     rng = np.random.default_rng(seed)
     log: dict[str, list[float]] = defaultdict(list)
     runs = defaultdict(list)
-    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0,
-                       **open_options) as pipeline:
+    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0, engines=engines,
+                       cuda_graph=cuda_graph) as pipeline:
         processor = pipeline.processor
         prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1],
                              random_images(rng, workload.images), workload.prompt_tokens)
@@ -250,8 +250,8 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
 
     stage = on_stage or (lambda name: None)
     stage("backend")
-    engine_options = {"engines": engines, "cuda_graph": cuda_graph} if backend == "tensorrt" else {}
-    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed, **engine_options)
+    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed, engines=engines,
+                          cuda_graph=cuda_graph)
     stage("bandwidth")
     bandwidth = copy_bandwidth()
     floor = ours["decode_bytes_per_token"] / bandwidth

@@ -357,9 +357,7 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
     failures = []
     stage("reference")
     reference = reference_pipeline(checkpoint, export_dir, config)
-    open_options = {"backend": backend}
-    if backend == "tensorrt":
-        open_options.update(engines=engines, cuda_graph=cuda_graph)
+    open_options = {"backend": backend, "engines": engines, "cuda_graph": cuda_graph}
     with Pipeline.open(export_dir, prefix_cache_bytes=0, **open_options) as under_test:
         stage("end to end")
         end_to_end = compare_end_to_end(reference, under_test, prompts, new_tokens)
