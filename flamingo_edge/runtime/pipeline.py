@@ -10,6 +10,7 @@ tokenizers.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ class Pipeline:
         self.image_cache = CrossAttentionCache(capacity=image_cache_size)
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
+        self._stats_lock = threading.Lock()  # a camera stream encodes frames and generates on two threads
         blocks = range(len(config.decoder.cross_layers))
         self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
 
@@ -129,18 +131,23 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _count(self, *names: str, by: int = 1) -> None:
+        with self._stats_lock:
+            for name in names:
+                self.stats[name] += by
+
     def image_kv(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Cross K/V of one image, [1, Hx, L, Dh] per name: from the cache, or vision -> resampler -> xattn_kv."""
         key = CrossAttentionCache.key_of(image)
         cached = self.image_cache.get(key)
         if cached is not None:
-            self.stats["image_cache_hits"] += 1
+            self._count("image_cache_hits")
             return cached
         pixels = self.processor.image_preprocessor(image)[None]  # [1, 3, H, W]
         features = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]  # [1, T, Dv]
         visual = self.sessions["resampler"].run({"image_features": features[:, None]})["visual_tokens"]  # [1, L, Dv]
         kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})
-        self.stats.update(("vision_runs", "resampler_runs", "xattn_kv_runs"))
+        self._count("vision_runs", "resampler_runs", "xattn_kv_runs")
         self.image_cache.put(key, kv)
         return kv
 
@@ -185,7 +192,7 @@ class Pipeline:
         needed = batch.input_ids.shape[1] + max_new_tokens
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
                                    head_dim=text.head_dim, capacity=self.max_context if self.static_decode else needed)
-        self.stats["prefill_runs"] += 1
+        self._count("prefill_runs")
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
             return batch, cross, cache, None
         token_ids = tuple(int(t) for t in batch.input_ids[0])
@@ -194,7 +201,7 @@ class Pipeline:
         reused, prefix = self.prefix_cache.lookup(token_ids, images)
         if prefix is not None:
             cache.load([k[:, :, :reused] for k in prefix.keys], [v[:, :, :reused] for v in prefix.values])
-            self.stats["prefix_tokens_reused"] += reused
+            self._count("prefix_tokens_reused", by=reused)
 
         def keep_prefix(filled: SelfAttentionCache) -> None:
             self.prefix_cache.store(CachedPrefix(token_ids, images, *filled.snapshot()))
@@ -235,7 +242,7 @@ class Pipeline:
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
                              batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start,
                              on_prefill=keep_prefix, static_past=self.max_context - 1 if self.static_decode else None):
-            self.stats["decode_tokens"] += 1
+            self._count("decode_tokens")
             yield step
 
     def complete(self, prompts: list, **settings) -> list[Completion]:
