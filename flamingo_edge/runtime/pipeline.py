@@ -136,9 +136,10 @@ class Pipeline:
             for name in names:
                 self.stats[name] += by
 
-    def image_kv(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Cross K/V of one image, [1, Hx, L, Dh] per name: from the cache, or vision -> resampler -> xattn_kv."""
-        key = CrossAttentionCache.key_of(image)
+    def image_kv(self, image: np.ndarray, key: str | None = None) -> dict[str, np.ndarray]:
+        """Cross K/V of one image, [1, Hx, L, Dh] per name: from the cache, or vision -> resampler -> xattn_kv.
+        `key`: the image's `CrossAttentionCache.key_of`, when the caller has it already (it hashes every pixel)."""
+        key = CrossAttentionCache.key_of(image) if key is None else key
         cached = self.image_cache.get(key)
         if cached is not None:
             self._count("image_cache_hits")
@@ -151,14 +152,17 @@ class Pipeline:
         self.image_cache.put(key, kv)
         return kv
 
-    def rows_kv(self, images: list[list[np.ndarray]], slots: int) -> dict[str, np.ndarray]:
-        """Cross K/V per row, [B, Hx, slots*L, Dh]: each row's images in order, zeros in unused slots (masked)."""
+    def rows_kv(self, images: list[list[np.ndarray]], slots: int, keys: list[list[str]] | None = None,
+                ) -> dict[str, np.ndarray]:
+        """Cross K/V per row, [B, Hx, slots*L, Dh]: each row's images in order, zeros in unused slots (masked).
+        `keys`: the images' cache keys, in the same layout, when the caller has them already."""
         heads, head_dim = self.config.decoder.cross_heads, self.config.decoder.cross_head_dim
         tokens = self.config.visual_tokens_per_image
         rows = {name: np.zeros((len(images), slots, heads, tokens, head_dim), np.float32) for name in self._cross_names}
         for row, row_images in enumerate(images):
             for slot, image in enumerate(row_images):
-                for name, value in self.image_kv(image).items():
+                key = keys[row][slot] if keys is not None else None
+                for name, value in self.image_kv(image, key).items():
                     rows[name][row, slot] = value[0]
         # [B, M, Hx, L, Dh] -> [B, Hx, M*L, Dh], image-major as the decoder's image_attention_mask expects
         return {name: np.ascontiguousarray(value.transpose(0, 2, 1, 3, 4)).reshape(len(images), heads, -1, head_dim)
@@ -187,7 +191,8 @@ class Pipeline:
         for a single prompt, fill it with the longest cached prefix. Returns (batch, cross, cache, on_prefill)."""
         batch = self.processor.tokenize(prompts)
         self._check_limits(batch.input_ids, batch.images, max_new_tokens)
-        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2])
+        keys = [[CrossAttentionCache.key_of(image) for image in row] for row in batch.images]  # hashed once
+        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys)
         text = self.config.decoder
         needed = batch.input_ids.shape[1] + max_new_tokens
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
@@ -197,7 +202,7 @@ class Pipeline:
             return batch, cross, cache, None
         token_ids = tuple(int(t) for t in batch.input_ids[0])
         positions = np.flatnonzero(batch.input_ids[0] == self.processor.image_token_id)
-        images = tuple((int(p), CrossAttentionCache.key_of(im)) for p, im in zip(positions, batch.images[0]))
+        images = tuple((int(p), key) for p, key in zip(positions, keys[0]))
         reused, prefix = self.prefix_cache.lookup(token_ids, images)
         if prefix is not None:
             cache.load([k[:, :, :reused] for k in prefix.keys], [v[:, :, :reused] for v in prefix.values])

@@ -197,9 +197,10 @@ class FrameStream:
                 last_taken = frame.seconds
                 self.stats.counts["selected"] += 1
                 image = self._unchanged(frame.image)
-                reused = image is not frame.image or CrossAttentionCache.key_of(image) in self.pipeline.image_cache
+                key = CrossAttentionCache.key_of(image)
+                reused = image is not frame.image or key in self.pipeline.image_cache
                 start = time.perf_counter()
-                self.pipeline.image_kv(image)  # the vision side now (a cache hit for an unchanged frame)
+                self.pipeline.image_kv(image, key)  # the vision side now (a cache hit for an unchanged frame)
                 encoded = (frame, image, reused, 0.0 if reused else time.perf_counter() - start)
                 self.stats.counts["encoded"] += 1
                 self._hand_over(encoded)
