@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.errors import CalibrationError, ImageError
-from flamingo_edge.runtime.image import load_image
+from flamingo_edge.runtime.image import IMAGE_SUFFIXES, load_image
 
 DEMO = "demo"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 
 

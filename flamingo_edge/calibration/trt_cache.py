@@ -156,7 +156,9 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
     else:
         cudart = None
 
-    narrow_int64 = int(str(getattr(trt, "__version__", "10")).split(".")[0]) < 10
+    from flamingo_edge.engines.trt_compat import version_tuple
+
+    narrow_int64 = version_tuple(getattr(trt, "__version__", "10"))[0] < 10
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):

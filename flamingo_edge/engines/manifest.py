@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flamingo_edge.artifacts import read_export_record, sha256_of
+from flamingo_edge.engines.trt_compat import version_tuple
 from flamingo_edge.errors import EngineBuildError, EngineMismatchError
 
 MANIFEST = "manifest.json"
@@ -105,10 +106,6 @@ def rebuild_command(manifest: Manifest, export_dir: str | Path, engines_dir: str
             + (" (on this machine, with TensorRT)" if on_device else ""))
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(".") if part.isdigit())
-
-
 def runtime_can_load(manifest: Manifest, version: str) -> bool:
     """Whether TensorRT `version` loads engines the manifest's TensorRT built: the same version, or for
     version-compatible engines (8.6+) a later one up to the next major release (8 -> 9 and 10, 10 -> 11)."""
@@ -117,7 +114,7 @@ def runtime_can_load(manifest: Manifest, version: str) -> bool:
         return True
     if not manifest.version_compatible:
         return False
-    have, was = _version(version), _version(built)
+    have, was = version_tuple(version), version_tuple(built)
     return have > was and have[0] <= was[0] + (2 if was[0] == 8 else 1)
 
 
@@ -142,7 +139,7 @@ def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
         kind = "version-compatible " if manifest.version_compatible else ""
         problems.append(f"they are {kind}engines built with {built['flavour']} {built['version']} and this machine "
                         f"has {key.version}")
-    ampere_plus = manifest.hardware_compatible and _version(key.compute_capability[2:])[0] >= 80
+    ampere_plus = manifest.hardware_compatible and int(key.compute_capability[2:]) >= 80
     if manifest.compute_capability != key.compute_capability and not ampere_plus:
         where = f" ({manifest.device})" if manifest.device else ""
         problems.append(f"they were built for {manifest.compute_capability}{where} and this GPU, {key.device}, is "

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from flamingo_edge.engines.trt_compat import version_tuple
 from flamingo_edge.errors import UsageError
 
 _TENSORRT_8_5 = frozenset((
@@ -60,7 +61,7 @@ HINTS = {"LayerNormalization": "export with --decompose-layernorm (TensorRT 8.5 
 
 
 def _key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:2])
+    return version_tuple(version)[:2]
 
 
 def support_for(version: str) -> OperatorSupport:

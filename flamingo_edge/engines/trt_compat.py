@@ -33,6 +33,15 @@ FLAVOURS = ("tensorrt", "tensorrt_rtx")
 FLAVOUR_ENV = "FLAMINGO_EDGE_TENSORRT"  # "tensorrt" or "tensorrt_rtx": which one `load("auto")` takes
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(10, 3, 0, 26) for "10.3.0.26": TensorRT versions compare as numbers, part by part.
+
+    Raises:
+        ValueError: a part that is not a number.
+    """
+    return tuple(int(part) for part in str(version).split("."))
+
+
 @dataclass(frozen=True)
 class TensorRT:
     """An imported TensorRT and what it can do."""
@@ -43,7 +52,7 @@ class TensorRT:
 
     @property
     def major(self) -> int:
-        return int(self.version.split(".")[0])
+        return version_tuple(self.version)[0]
 
     @property
     def strongly_typed_only(self) -> bool:

@@ -80,6 +80,9 @@ def _check_image(image: Any) -> None:
         raise ImageError(f"the image is empty (shape {image.shape})")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of images holds
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8, like transformers' `load_image` (EXIF orientation applied, alpha dropped).
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flamingo_edge.errors import FeatureUnavailableError, SourceError
+from flamingo_edge.errors import FeatureUnavailableError, ImageError, SourceError
+from flamingo_edge.runtime.image import IMAGE_SUFFIXES, load_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={width},height={height},"
                 "framerate={fps}/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
                 "appsink drop=true max-buffers=1")
@@ -128,12 +128,12 @@ class FrameSource:
             if position >= len(self._files):
                 return None
             path = self._files[position]
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                logger.warning("%s: skipping %s (not a readable image)", self.uri, path.name)
+            try:
+                return load_image(path)
+            except ImageError as error:
+                logger.warning("%s: skipping %s (%s)", self.uri, path.name, error)
                 self._files.pop(position)
                 return self._read_image()
-            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if self._capture is None:
             return None
         ok, image = self._capture.read()
