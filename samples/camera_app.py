@@ -20,8 +20,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from flamingo_edge.cli.backends import add_backend_arguments, pipeline_options
 from flamingo_edge.errors import FlamingoEdgeError, UsageError
 

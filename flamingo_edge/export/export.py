@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
