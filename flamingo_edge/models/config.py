@@ -21,11 +21,17 @@ class VisionConfig:
     act: str  # MLP activation: a key of layers.ACTIVATIONS ("gelu", "quick_gelu", "gelu_tanh", "relu")
     layer_norm_eps: float = 1e-5
     num_channels: int = 3
+    output_class_token: bool = True  # IDEFICS feeds the class token on; OpenFlamingo (open_clip) only the patches
+
+    @property
+    def num_positions(self) -> int:
+        """Patches plus the class token: the rows of the learned position embedding."""
+        return (self.image_size // self.patch_size) ** 2 + 1
 
     @property
     def num_tokens(self) -> int:
-        """T: patches plus the class token (IDEFICS feeds all of them, class token included, to the resampler)."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+        """T, the tokens of `image_features`: every position, or the patches alone without the class token."""
+        return self.num_positions if self.output_class_token else self.num_positions - 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,13 @@ class ResamplerConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """A LLaMA-style decoder with gated cross-attention blocks placed before some of its layers."""
+    """A decoder-only LM with gated cross-attention blocks placed before some of its layers.
+
+    The defaults describe IDEFICS (a LLaMA decoder with IDEFICS' cross-attention blocks). Each way in which the
+    language models of other families differ is one field (docs/models.md lists which family sets which):
+    LLaMA = RMSNorm, RoPE, SwiGLU; MPT = LayerNorm without bias, ALiBi, GELU MLP; GPT-NeoX = LayerNorm, partial
+    RoPE, biased projections, GELU MLP, parallel residual.
+    """
 
     vocab_size: int  # the base vocabulary (IDEFICS `vocab_size`)
     additional_vocab_size: int  # IDEFICS' extra rows (e.g. <image>); merged after the base rows: V = sum of both
@@ -59,10 +71,26 @@ class DecoderConfig:
     cross_head_dim: int  # Dh for cross-attention (IDEFICS: width // heads)
     cross_qk_norms: bool = False  # RMSNorm(Dh) on cross-attention q and k (IDEFICS qk_layer_norms)
     vector_gates: bool = False  # tanh gates per channel [D] instead of one scalar (IDEFICS alpha_type="vector")
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # epsilon of every norm of the LM, whatever its kind (`norm`)
     rope_theta: float = 10000.0
     max_positions: int = 2048
-    act: str = "silu"
+    act: str = "silu"  # the LM's MLP activation (a key of layers.ACTIVATIONS)
+    # -- how the language model's blocks are built (defaults: LLaMA)
+    norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
+    norm_bias: bool = True  # LayerNorm with a bias (MPT's no_bias LMs: False); unused by RMSNorm
+    positions: str = "rope"  # "rope" (rotary, positions from attention_mask) or "alibi" (MPT)
+    rotary_dim: int = 0  # rotated channels of each head: 0 = all of them (LLaMA); GPT-NeoX rotary_pct * Dh
+    alibi_bias_max: float = 8.0  # ALiBi slopes 2^(-alibi_bias_max * i / H') (MPT's default)
+    attn_bias: bool = False  # biases on the self-attention q/k/v/o projections (GPT-NeoX)
+    mlp: str = "swiglu"  # "swiglu" (gate/up/down) or "mlp" (up -> act -> down)
+    mlp_bias: bool = False  # biases on the MLP projections (GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX) instead of one after the other
+    # -- how the gated cross-attention blocks are built (defaults: IDEFICS)
+    cross_norm: str = "rms"  # norm before cross-attention and before its MLP: "rms" (IDEFICS), "layer" (OpenFlamingo)
+    cross_norm_eps: float = 0.0  # 0: the LM's rms_norm_eps (IDEFICS); OpenFlamingo's LayerNorm: 1e-5
+    cross_mlp: str = "swiglu"  # "swiglu" with the LM's width and act (IDEFICS) or "mlp" (OpenFlamingo: GELU, 4 D)
+    cross_mlp_width: int = 0  # 0: the LM's mlp_width
+    cross_act: str = ""  # "": the LM's act (IDEFICS); OpenFlamingo: "gelu"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
@@ -76,12 +104,17 @@ class DecoderConfig:
     def head_dim(self) -> int:
         return self.width // self.heads
 
+    @property
+    def rotary_channels(self) -> int:
+        """Channels of each head that RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
 
 @dataclass(frozen=True)
 class FlamingoConfig:
     """The whole model: vision encoder -> resampler -> decoder with gated cross-attention."""
 
-    family: str  # the importer that produced it ("idefics")
+    family: str  # the importer that produced it ("idefics", "openflamingo")
     vision: VisionConfig
     resampler: ResamplerConfig
     decoder: DecoderConfig

@@ -1,7 +1,11 @@
-"""The language decoder (the `decoder` graph): LLaMA blocks with gated cross-attention blocks interleaved.
+"""The language decoder (the `decoder` graph): LM blocks with gated cross-attention blocks interleaved.
 
 Mirrors transformers' `IdeficsModel` text path (models/idefics/modeling_idefics.py): RMSNorm, rotary embeddings,
-SwiGLU, a gated cross-attention block *before* each decoder layer listed in `cross_layers`.
+SwiGLU, a gated cross-attention block *before* each decoder layer listed in `cross_layers`. The language models of
+OpenFlamingo differ by switches of `DecoderConfig` only: MPT (transformers' models/mpt/modeling_mpt.py, mosaicml's
+llm-foundry) uses bias-free LayerNorm, ALiBi and a GELU MLP; GPT-NeoX (models/gpt_neox/modeling_gpt_neox.py) uses
+LayerNorm, rotary embeddings on the first `rotary_dim` channels of each head, biased projections and a parallel
+residual. Upstream's fused q/k/v projections are split into three at import time.
 
 Departures from upstream, all for a stateless graph that TensorRT builds:
 - past keys/values and the cross-attention keys/values are explicit inputs; P (past length) may be 0 and is never
@@ -20,10 +24,11 @@ from torch import Tensor, nn
 from flamingo_edge.models.config import DecoderConfig
 from flamingo_edge.models.gated_xattn import GatedCrossAttention
 from flamingo_edge.models.layers import (
-    RMSNorm,
-    SwiGLU,
+    alibi_slopes,
     apply_rotary,
     attend,
+    make_mlp,
+    make_norm,
     merge_heads,
     rotary_cos_sin,
     rotary_inverse_frequencies,
@@ -49,41 +54,67 @@ def causal_mask_and_positions(attention_mask: Tensor, new_tokens: int) -> tuple[
     return allowed[:, None], positions  # [B, 1, S, P+S], [B, S]
 
 
+def alibi_bias(slopes: Tensor, new_tokens: int, total: int) -> Tensor:
+    """ALiBi's score bias [1, H, S, P+S]: -slope_h * (query index - key index), query j at index P+j.
+
+    Distances count cache slots, as in MPT (transformers and llm-foundry add slope * key index, which the softmax
+    makes the same): exact for left padding and for `static_decode`'s masked slots (a constant per row), not for
+    padding *between* a row's real tokens, which no runtime path produces.
+    """
+    query_index = torch.arange(new_tokens, device=slopes.device) + (total - new_tokens)  # [S]
+    key_index = torch.arange(total, device=slopes.device)  # [P+S]
+    distance = (query_index[:, None] - key_index[None, :]).to(slopes.dtype)  # [S, P+S]
+    return (-slopes[:, None, None] * distance)[None]  # [1, H, S, P+S]
+
+
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with rotary embeddings and an explicit KV cache."""
+    """Causal multi-head self-attention (rotary or ALiBi positions) with an explicit KV cache."""
 
     def __init__(self, *, config: DecoderConfig):
         super().__init__()
         self.heads = config.heads
-        self.q = nn.Linear(config.width, config.width, bias=False)
-        self.k = nn.Linear(config.width, config.width, bias=False)
-        self.v = nn.Linear(config.width, config.width, bias=False)
-        self.o = nn.Linear(config.width, config.width, bias=False)
+        self.q = nn.Linear(config.width, config.width, bias=config.attn_bias)
+        self.k = nn.Linear(config.width, config.width, bias=config.attn_bias)
+        self.v = nn.Linear(config.width, config.width, bias=config.attn_bias)
+        self.o = nn.Linear(config.width, config.width, bias=config.attn_bias)
 
     def forward(
-        self, x: Tensor, rotary: tuple[Tensor, Tensor], allowed: Tensor, past_key: Tensor, past_value: Tensor
+        self, x: Tensor, positions: tuple[Tensor, ...], allowed: Tensor, past_key: Tensor, past_value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], present key/value [B, H, P+S, Dh]."""
-        q = apply_rotary(split_heads(self.q(x), self.heads), *rotary)  # [B, H, S, Dh]
-        k = apply_rotary(split_heads(self.k(x), self.heads), *rotary)  # [B, H, S, Dh]
+        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], present key/value [B, H, P+S, Dh].
+
+        `positions` is (cos, sin) for rotary embeddings, or (alibi bias,).
+        """
+        q = split_heads(self.q(x), self.heads)  # [B, H, S, Dh]
+        k = split_heads(self.k(x), self.heads)  # [B, H, S, Dh]
         v = split_heads(self.v(x), self.heads)  # [B, H, S, Dh]
+        bias = None
+        if len(positions) == 2:
+            q, k = apply_rotary(q, *positions), apply_rotary(k, *positions)
+        else:
+            (bias,) = positions
         key = torch.cat([past_key, k], dim=2)  # [B, H, P+S, Dh]
         value = torch.cat([past_value, v], dim=2)  # [B, H, P+S, Dh]
-        return self.o(merge_heads(attend(q, key, value, allowed))), key, value
+        return self.o(merge_heads(attend(q, key, value, allowed, bias))), key, value
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm LLaMA block: self-attention then SwiGLU, each residual."""
+    """Pre-norm block: self-attention and MLP, each residual, one after the other or in parallel (GPT-NeoX)."""
 
     def __init__(self, *, config: DecoderConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.parallel = config.parallel_residual
+        norm = dict(dim=config.width, eps=config.rms_norm_eps, bias=config.norm_bias)
+        self.attn_norm = make_norm(config.norm, **norm)
         self.attn = SelfAttention(config=config)
-        self.mlp_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(dim=config.width, hidden=config.mlp_width, act=config.act)
+        self.mlp_norm = make_norm(config.norm, **norm)
+        self.mlp = make_mlp(config.mlp, dim=config.width, hidden=config.mlp_width, act=config.act,
+                            bias=config.mlp_bias)
 
-    def forward(self, x, rotary, allowed, past_key, past_value):
-        attended, key, value = self.attn(self.attn_norm(x), rotary, allowed, past_key, past_value)
+    def forward(self, x, positions, allowed, past_key, past_value):
+        attended, key, value = self.attn(self.attn_norm(x), positions, allowed, past_key, past_value)
+        if self.parallel:
+            return x + attended + self.mlp(self.mlp_norm(x)), key, value
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), key, value
 
@@ -99,10 +130,12 @@ class Decoder(nn.Module):
         self.cross_blocks = nn.ModuleList(
             GatedCrossAttention(config=config, visual_width=visual_width) for _ in config.cross_layers
         )
-        self.norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        self.norm = make_norm(config.norm, dim=config.width, eps=config.rms_norm_eps, bias=config.norm_bias)
         self.lm_head = nn.Linear(config.width, config.total_vocab_size, bias=False)
-        inverse_frequencies = rotary_inverse_frequencies(head_dim=config.head_dim, theta=config.rope_theta)
+        inverse_frequencies = rotary_inverse_frequencies(head_dim=config.rotary_channels, theta=config.rope_theta)
         self.register_buffer("inverse_frequencies", inverse_frequencies, persistent=False)
+        slopes = alibi_slopes(heads=config.heads, bias_max=config.alibi_bias_max)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
 
     def forward(
         self,
@@ -126,8 +159,12 @@ class Decoder(nn.Module):
         Returns:
             logits [B, S, V] and the present keys/values, one [B, H, P+S, Dh] per decoder layer.
         """
-        allowed, positions = causal_mask_and_positions(attention_mask, input_ids.shape[1])
-        rotary = rotary_cos_sin(positions, self.inverse_frequencies)
+        new_tokens = input_ids.shape[1]
+        allowed, positions = causal_mask_and_positions(attention_mask, new_tokens)
+        if self.config.positions == "alibi":
+            position_terms = (alibi_bias(self.alibi_slopes, new_tokens, attention_mask.shape[1]),)
+        else:
+            position_terms = rotary_cos_sin(positions, self.inverse_frequencies)
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
         x = self.embed(input_ids)  # [B, S, D]
         present_keys, present_values = [], []
@@ -135,7 +172,7 @@ class Decoder(nn.Module):
             if index in cross_index:
                 block = cross_index[index]
                 x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask)
-            x, key, value = layer(x, rotary, allowed, past_keys[index], past_values[index])
+            x, key, value = layer(x, position_terms, allowed, past_keys[index], past_values[index])
             present_keys.append(key)
             present_values.append(value)
         return self.lm_head(self.norm(x)), present_keys, present_values

@@ -4,6 +4,11 @@ Mirrors transformers' `IdeficsGatedCrossAttentionLayer` (models/idefics/modeling
 Flamingo paper (sec. 2.2, fig. 4): x = x + tanh(a_attn) * xattn(x, visual); x = x + tanh(a_ff) * ffw(x), with the
 gates starting at 0 so that the frozen LM is untouched at initialisation.
 
+OpenFlamingo's `GatedCrossAttentionBlock` (open_flamingo src/helpers.py) is the same block with other switches of
+`DecoderConfig`: LayerNorm instead of RMSNorm, a GELU MLP of width 4 D instead of SwiGLU, 8 heads of 64 whatever
+the LM width, scalar gates. Its "attend to the latest image at or before the token" rule is data: the processor
+builds `image_attention_mask` that way.
+
 The block is split along the graph contract: `project_visual` is the per-image half (the `xattn_kv` graph, computed
 once per image and cached), `forward` is the per-token half inside the `decoder` graph.
 """
@@ -14,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_edge.models.config import DecoderConfig
-from flamingo_edge.models.layers import RMSNorm, SwiGLU, attend, merge_heads, split_heads
+from flamingo_edge.models.layers import RMSNorm, attend, make_mlp, make_norm, merge_heads, split_heads
 
 
 def expand_image_mask(image_mask: Tensor, tokens_per_image: int) -> Tensor:
@@ -25,13 +30,15 @@ def expand_image_mask(image_mask: Tensor, tokens_per_image: int) -> Tensor:
 
 
 class GatedCrossAttention(nn.Module):
-    """IDEFICS gated cross-attention dense block (RMSNorm, SwiGLU, tanh gates, optional q/k RMSNorm)."""
+    """Gated cross-attention dense block: norm, cross-attention, tanh gate; norm, MLP, tanh gate (optional q/k
+    RMSNorm)."""
 
     def __init__(self, *, config: DecoderConfig, visual_width: int):
         super().__init__()
         inner = config.cross_heads * config.cross_head_dim
         self.heads = config.cross_heads
-        self.attn_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
+        norm_eps = config.cross_norm_eps or config.rms_norm_eps
+        self.attn_norm = make_norm(config.cross_norm, dim=config.width, eps=norm_eps)
         self.q = nn.Linear(config.width, inner, bias=False)
         self.k = nn.Linear(visual_width, inner, bias=False)
         self.v = nn.Linear(visual_width, inner, bias=False)
@@ -39,8 +46,9 @@ class GatedCrossAttention(nn.Module):
         norm_dim, eps = config.cross_head_dim, config.rms_norm_eps
         self.q_norm = RMSNorm(dim=norm_dim, eps=eps) if config.cross_qk_norms else None
         self.k_norm = RMSNorm(dim=norm_dim, eps=eps) if config.cross_qk_norms else None
-        self.mlp_norm = RMSNorm(dim=config.width, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(dim=config.width, hidden=config.mlp_width, act=config.act)
+        self.mlp_norm = make_norm(config.cross_norm, dim=config.width, eps=norm_eps)
+        self.mlp = make_mlp(config.cross_mlp, dim=config.width, hidden=config.cross_mlp_width or config.mlp_width,
+                            act=config.cross_act or config.act)
         gate_shape = (config.width,) if config.vector_gates else (1,)
         self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
         self.mlp_gate = nn.Parameter(torch.zeros(gate_shape))

@@ -48,6 +48,15 @@ class RMSNorm(nn.Module):
         return self.weight * cast(x32 * torch.rsqrt(variance + self.eps), x.dtype)
 
 
+def make_norm(kind: str, *, dim: int, eps: float, bias: bool = True) -> nn.Module:
+    """The norm a config names: "rms" (RMSNorm, LLaMA/IDEFICS) or "layer" (LayerNorm, MPT/GPT-NeoX/OpenFlamingo)."""
+    if kind == "rms":
+        return RMSNorm(dim=dim, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    raise ValueError(f"unknown norm {kind!r}; expected 'rms' or 'layer'")
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """[B, S, H*Dh] -> [B, H, S, Dh]."""
     batch, length, _ = x.shape
@@ -60,12 +69,15 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # [B, S, H*Dh]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
-    """Softmax attention. q [B, H, S, Dh], k/v [B, H, T, Dh], allowed bool broadcastable to [B, H, S, T].
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Softmax attention. q [B, H, S, Dh], k/v [B, H, T, Dh], allowed bool and bias (added to the scores, ALiBi)
+    broadcastable to [B, H, S, T].
 
     A row with nothing allowed comes out as the mean of v: callers that can have such rows must gate them.
     """
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
+    if bias is not None:
+        scores = scores + cast(bias, scores.dtype)
     if allowed is not None:
         scores = torch.where(allowed, scores, torch.full_like(scores, MASKED_SCORE))
     weights = cast(torch.softmax(cast(scores, torch.float32), dim=-1), v.dtype)
@@ -85,10 +97,38 @@ def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tens
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, Dh]."""
-    half = x.shape[-1] // 2
+    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, R]: the first R channels of each head turn, the
+    rest pass unchanged (R < Dh is GPT-NeoX's partial rotary, `rotary_pct`)."""
+    channels = cos.shape[-1]
+    if channels < x.shape[-1]:
+        return torch.cat((apply_rotary(x[..., :channels], cos, sin), x[..., channels:]), dim=-1)
+    half = channels // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
     return x * cast(cos, x.dtype) + rotated * cast(sin, x.dtype)
+
+
+def alibi_slopes(*, heads: int, bias_max: float) -> Tensor:
+    """ALiBi's per-head slopes [H] as MPT computes them (transformers `build_mpt_alibi_tensor`, mosaicml
+    `gen_slopes`): 2^(-bias_max * i / H') for i = 1..H', H' the next power of two; when H is not a power of two,
+    the odd-indexed slopes first, then the even-indexed ones, cut to H."""
+    padded = 1 << (heads - 1).bit_length()
+    slopes = 1.0 / torch.pow(2.0, torch.arange(1, padded + 1, dtype=torch.float32) * (bias_max / padded))
+    if padded != heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:heads]
+    return slopes
+
+
+class Mlp(nn.Module):
+    """The plain transformer MLP: down(act(up(x))) (MPT, GPT-NeoX, OpenFlamingo's cross-attention feed-forward)."""
+
+    def __init__(self, *, dim: int, hidden: int, act: str, bias: bool = False):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
 
 
 class SwiGLU(nn.Module):
@@ -103,3 +143,14 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def make_mlp(kind: str, *, dim: int, hidden: int, act: str, bias: bool = False) -> nn.Module:
+    """The MLP a config names: "swiglu" (LLaMA/IDEFICS) or "mlp" (MPT, GPT-NeoX, OpenFlamingo)."""
+    if kind == "swiglu":
+        if bias:
+            raise ValueError("a SwiGLU MLP with biases is not implemented")
+        return SwiGLU(dim=dim, hidden=hidden, act=act)
+    if kind == "mlp":
+        return Mlp(dim=dim, hidden=hidden, act=act, bias=bias)
+    raise ValueError(f"unknown MLP {kind!r}; expected 'swiglu' or 'mlp'")

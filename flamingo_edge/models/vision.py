@@ -3,6 +3,9 @@
 Mirrors transformers' `models/idefics/vision.py` (a copy of CLIPVisionTransformer). Where IDEFICS departs from CLIP
 we follow IDEFICS: the output is every token of the last block, class token included and without `post_layernorm`
 (IDEFICS feeds `last_hidden_state`, and applies the post-norm to the pooled class token only, which it never uses).
+open_clip's `VisionTransformer` (OpenFlamingo's vision encoder) is the same network; OpenFlamingo takes its patch
+tokens only (`output_tokens=True`, open_clip 2.20: `x[:, 1:]` before `ln_post`), which `output_class_token=False`
+selects.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class VisionBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """CLIP ViT: pixel_values [N, 3, H, W] -> image_features [N, T, Dv], T = patches + class token."""
+    """CLIP ViT: pixel_values [N, 3, H, W] -> image_features [N, T, Dv], T = patches (+ the class token)."""
 
     def __init__(self, *, config: VisionConfig):
         super().__init__()
@@ -70,7 +73,7 @@ class VisionEncoder(nn.Module):
             config.num_channels, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False
         )
         self.class_embedding = nn.Parameter(torch.zeros(width))
-        self.position_embedding = nn.Parameter(torch.zeros(config.num_tokens, width))
+        self.position_embedding = nn.Parameter(torch.zeros(config.num_positions, width))
         self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(VisionBlock(config=config) for _ in range(config.layers))
 
@@ -82,4 +85,4 @@ class VisionEncoder(nn.Module):
         x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
-        return x
+        return x if self.config.output_class_token else x[:, 1:]  # [N, T, Dv]
