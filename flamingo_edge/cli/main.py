@@ -8,10 +8,10 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import bench, build, calibrate, compare, demo, export, generate, info, quantize
+from flamingo_edge.cli import bench, build, calibrate, compare, convert, demo, export, generate, info, quantize
 from flamingo_edge.errors import FlamingoEdgeError
 
-SUBCOMMANDS = {"info": info, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
+SUBCOMMANDS = {"info": info, "convert": convert, "export": export, "generate": generate, "eval": eval_command, "demo": demo,
                "compare": compare, "bench": bench, "calibrate": calibrate,
                "quantize": quantize, "build": build}
 

@@ -82,6 +82,7 @@ class DecoderConfig:
     rotary_dim: int = 0  # rotated channels of each head: 0 = all of them (LLaMA); GPT-NeoX rotary_pct * Dh
     alibi_bias_max: float = 8.0  # ALiBi slopes 2^(-alibi_bias_max * i / H') (MPT's default)
     attn_bias: bool = False  # biases on the self-attention q/k/v/o projections (GPT-NeoX)
+    qk_norm: bool = False  # a norm of kind `norm` over the whole q and k before the head split (MPT-1B's qk_ln)
     mlp: str = "swiglu"  # "swiglu" (gate/up/down) or "mlp" (up -> act -> down)
     mlp_bias: bool = False  # biases on the MLP projections (GPT-NeoX)
     parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX) instead of one after the other

@@ -77,6 +77,9 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.v = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.o = nn.Linear(config.width, config.width, bias=config.attn_bias)
+        norm = dict(dim=config.width, eps=config.rms_norm_eps, bias=config.norm_bias)
+        self.q_norm = make_norm(config.norm, **norm) if config.qk_norm else None
+        self.k_norm = make_norm(config.norm, **norm) if config.qk_norm else None
 
     def forward(
         self, x: Tensor, positions: tuple[Tensor, ...], allowed: Tensor, past_key: Tensor, past_value: Tensor
@@ -85,8 +88,10 @@ class SelfAttention(nn.Module):
 
         `positions` is (cos, sin) for rotary embeddings, or (alibi bias,).
         """
-        q = split_heads(self.q(x), self.heads)  # [B, H, S, Dh]
-        k = split_heads(self.k(x), self.heads)  # [B, H, S, Dh]
+        q, k = self.q(x), self.k(x)  # [B, S, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = split_heads(q, self.heads), split_heads(k, self.heads)  # [B, H, S, Dh]
         v = split_heads(self.v(x), self.heads)  # [B, H, S, Dh]
         bias = None
         if len(positions) == 2:
