@@ -18,8 +18,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     parser.add_argument("--reference", metavar="CHECKPOINT",
-                        help="also run the workload through transformers' generate and our PyTorch reference on this "
-                             "checkpoint (`demo`: the bundled one); needs transformers")
+                        help="also run the workload through transformers' generate (IDEFICS checkpoints; skipped for "
+                             "converted ones) and our PyTorch reference on this checkpoint (`demo`: the bundled "
+                             "one); needs transformers")
     parser.add_argument("--baseline", metavar="EXPORT",
                         help="also run the workload on this export (e.g. the fp32 one a quantized export came from) "
                              "and print the ratios")
@@ -56,8 +57,12 @@ def print_report(report: dict) -> None:
               f"{theirs['decode_tokens_per_s']['median']:.1f} tokens/s -> this {report['precision']} export is "
               f"x{ratio['ttft']:.2f} (TTFT), x{ratio['decode']:.2f} (decode)")
     if "speedup_vs_transformers" in report:
+        if report.get("transformers_skipped"):
+            print(f"  vs transformers      skipped: {report['transformers_skipped']}")
         for name, key in (("transformers", "transformers"), ("PyTorch reference", "pytorch_reference")):
             theirs, ratio = report[key], report[f"speedup_vs_{key}"]
+            if theirs is None:
+                continue
             print(f"  vs {name:18} TTFT {theirs['ttft_s']['median'] * 1000:.2f} ms, decode "
                   f"{theirs['decode_tokens_per_s']['median']:.1f} tokens/s -> ours is x{ratio['ttft']:.2f} (TTFT, "
                   f"theirs / ours), x{ratio['decode']:.2f} (decode, ours / theirs)")

@@ -270,14 +270,19 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
         report.update(baseline=str(baseline), baseline_precision=read_export_record(baseline).precision,
                       baseline_result=theirs, speedup_vs_baseline=ratios(ours, theirs))
     if reference is not None:
-        from flamingo_edge.models.checkpoint import resolve_checkpoint
+        from flamingo_edge.models.checkpoint import is_own_format, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(reference)
         stage("transformers")
-        theirs = bench_transformers(checkpoint, ours["prompt"], workload, seed)
+        if is_own_format(checkpoint):  # converted (e.g. from open_flamingo): transformers has no class for it
+            theirs, speedup = None, None
+            report["transformers_skipped"] = ("a converted checkpoint: transformers cannot load it; its upstream "
+                                              "(open_flamingo) runs only in its own environment")
+        else:
+            theirs = bench_transformers(checkpoint, ours["prompt"], workload, seed)
+            speedup = ratios(ours, theirs)
         stage("pytorch reference")
         torch_ref = bench_pytorch_reference(checkpoint, ours["prompt"], workload, seed)
         report.update(reference=str(checkpoint), transformers=theirs, pytorch_reference=torch_ref,
-                      speedup_vs_transformers=ratios(ours, theirs),
-                      speedup_vs_pytorch_reference=ratios(ours, torch_ref))
+                      speedup_vs_transformers=speedup, speedup_vs_pytorch_reference=ratios(ours, torch_ref))
     return report
