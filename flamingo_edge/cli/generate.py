@@ -27,7 +27,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh)")
     parser.add_argument("--stop", action="append", default=[], dest="stop_strings", metavar="TEXT",
-                        help="stop once this text is generated (repeatable; default: stop at EOS only)")
+                        help="stop once this text is generated (repeatable; the model's stop token always ends "
+                             "it: EOS, or <|endofchunk|> for OpenFlamingo)")
     add_backend_arguments(parser)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     parser.add_argument("--json", action="store_true",

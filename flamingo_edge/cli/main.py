@@ -8,7 +8,8 @@ import sys
 
 from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
-from flamingo_edge.cli import bench, build, calibrate, compare, convert, demo, export, generate, info, quantize
+from flamingo_edge.cli import (bench, build, calibrate, compare, convert, demo, export, generate, info,
+                               quantize)
 from flamingo_edge.errors import FlamingoEdgeError
 
 SUBCOMMANDS = {"info": info, "convert": convert, "export": export, "generate": generate, "eval": eval_command, "demo": demo,

@@ -76,7 +76,7 @@ def pytorch_answerer(checkpoint) -> Callable[[list[list]], list[str]]:
 
     def answer(prompts: list[list]) -> list[str]:
         tokens = greedy_generate(model, processor(prompts), max_new_tokens=MAX_ANSWER_TOKENS,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+                                 stop_token_ids=processor.stop_token_ids, pad_token_id=tokenizer.pad_token_id or 0)
         return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
 
     return answer

@@ -26,7 +26,7 @@ from flamingo_edge.models.checkpoint import OWN_MODEL_TYPE, read_tensors, read_t
 from flamingo_edge.models.config import FlamingoConfig
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.models.importers import open_flamingo as of
-from flamingo_edge.models.importers.language_models import language_model
+from flamingo_edge.models.importers.language_models import is_unused, language_model
 from flamingo_edge.models.importers.openflamingo_processor import write_processor_files
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,13 @@ def assemble(checkpoint: str | Path, *, lm_dir: str | Path, vision: str, vision_
     parts = of.split_checkpoint(read_state_dict(checkpoint), lm, str(checkpoint))
     vision_tensors, vision_source = _vision_tensors(vision_weights, parts, checkpoint)
     lm_tensors, _ = read_tensors(lm_dir)
+    known = set(lm_tensors) | {lm.embedding, lm.head}  # save_pretrained leaves a tied head out of LM_DIR
+    foreign = sorted(n for n in parts.lm if n not in known and not n.startswith("gated_cross_attn_layers.")
+                     and not is_unused(lm, n))
+    if foreign:
+        raise CheckpointError(f"{checkpoint}: lang_encoder.{foreign[0]} is not a tensor of the language model in "
+                              f"{lm_dir} ({lm_hf.get('model_type')}; {len(foreign)} such tensors); the checkpoint was "
+                              "trained with another language model: pass that one with --lm")
     parts = of.Parts(vision_tensors, parts.perceiver, {**lm_tensors, **parts.lm})  # the checkpoint's tensors win
     depth, latents = of.perceiver_shape(parts.perceiver, str(checkpoint))
     config = of.flamingo_config(vision=of.vision_config(read_vision_config(vision), vision), lm=lm, lm_config=lm_hf,
@@ -141,8 +148,7 @@ def convert_openflamingo(checkpoint: str | Path, *, lm_dir: str | Path, vision: 
     with atomic_folder(out_dir) as staging:
         open_clip = read_vision_config(vision)
         size = int((open_clip.get("vision_cfg") or {}).get("image_size", 224))
-        tokens = write_processor_files(lm_dir, staging, image_size=size, image_mean=of.OPENAI_CLIP_MEAN,
-                                       image_std=of.OPENAI_CLIP_STD)
+        tokens = write_processor_files(lm_dir, staging, image_size=size)  # OpenAI CLIP's mean/std
         config, state = assemble(checkpoint, lm_dir=lm_dir, vision=vision, vision_weights=vision_weights,
                                  every=cross_attn_every_n_layers, vocab_size=tokens["vocab_size"],
                                  special_tokens=tokens)

@@ -6,6 +6,8 @@ of the prompt's last position; finished rows are fed the pad token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -14,18 +16,19 @@ from flamingo_edge.models.flamingo import FlamingoModel, images_to_rows
 
 @torch.no_grad()
 def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_new_tokens: int,
-                    eos_token_id: int | None, pad_token_id: int) -> np.ndarray:
+                    stop_token_ids: Sequence[int], pad_token_id: int) -> np.ndarray:
     """Generate greedily from processor outputs.
 
     Args:
         model: the reference model.
         inputs: `Processor(...)` outputs (numpy): input_ids, attention_mask, pixel_values, image_attention_mask.
         max_new_tokens: tokens to generate per row.
-        eos_token_id: ends a row (None: never).
+        stop_token_ids: tokens that end a row (the processor's `stop_token_ids`: EOS for IDEFICS,
+            `<|endofchunk|>` for OpenFlamingo; empty: never).
         pad_token_id: fed to finished rows.
 
     Returns:
-        int64 [B, max_new_tokens], pad after a row's EOS.
+        int64 [B, max_new_tokens], pad after a row's stop token.
     """
     ids, mask, image_mask = (torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask",
                                                                    "image_attention_mask"))
@@ -42,8 +45,7 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
     for _ in range(max_new_tokens):
         token = torch.where(done, pad_token_id, logits[:, -1].argmax(-1))
         tokens.append(token)
-        if eos_token_id is not None:
-            done |= token == eos_token_id
+        done |= torch.isin(token, torch.tensor(list(stop_token_ids), dtype=token.dtype))
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

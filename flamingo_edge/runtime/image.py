@@ -1,9 +1,15 @@
-"""IDEFICS image preprocessing in numpy + OpenCV, equal to transformers' `IdeficsImageProcessorPil`.
+"""Image preprocessing in numpy + OpenCV, equal to the upstream preprocessing of each model family.
 
-transformers resizes with Pillow (`Image.resize(..., BICUBIC)` on uint8); `runtime/resize.py` reproduces that bit
-for bit in numpy. The resized uint8 image is then rescaled by 1/255 and normalised with the IDEFICS mean/std exactly
-as transformers does (float64 rescale, float32 normalisation), so `pixel_values` agree to the last float32 bit on
-x86-64.
+Two resize rules, chosen by the checkpoint's settings (`ImageSettings`), never by family name:
+- squash to a fixed (height, width), as transformers' `IdeficsImageProcessorPil` does (IDEFICS, the default);
+- shorter side to `shortest_edge` (aspect ratio kept) then a centre crop, as open_clip's eval transform does with
+  torchvision (`Resize(S, BICUBIC)`, `CenterCrop(S)`, `convert("RGB")`, `ToTensor`, `Normalize`; OpenFlamingo).
+
+Both resize with Pillow (`Image.resize(..., BICUBIC)` on uint8); `runtime/resize.py` reproduces that bit for bit in
+numpy. The uint8 image is then rescaled by 1/255 and normalised in float32. transformers rescales in float64 and
+casts, torchvision's ToTensor divides a float32 tensor by 255: both give the same float32 for every uint8 value
+(checked exhaustively in the tests), and both normalise as float32 (x - mean) / std, so `pixel_values` agree to
+the last float32 bit on x86-64.
 
 Nothing here imports torch, transformers or Pillow.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,22 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _premultiply(rgba: np.ndarray) -> np.ndarray:
+    """RGBA → RGBa (colour times alpha), Pillow's `rgbA2rgba` in Convert.c: MULDIV255(value, alpha)."""
+    alpha = rgba[..., 3:].astype(np.int64)  # [H, W, 1]
+    tmp = rgba[..., :3].astype(np.int64) * alpha + 128
+    return np.concatenate([(((tmp >> 8) + tmp) >> 8).astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
+def _unpremultiply(rgba: np.ndarray) -> np.ndarray:
+    """RGBa → RGBA, Pillow's `rgba2rgbA` in Convert.c: min(255 * value // alpha, 255); kept where alpha is 0 or 255."""
+    value = rgba[..., :3].astype(np.int64)  # [H, W, 3]
+    alpha = rgba[..., 3:].astype(np.int64)  # [H, W, 1]
+    divided = np.minimum(255 * value // np.maximum(alpha, 1), 255)
+    keep = (alpha == 0) | (alpha == 255)
+    return np.concatenate([np.where(keep, value, divided).astype(np.uint8), rgba[..., 3:]], axis=-1)
+
+
 def _check_image(image: Any) -> None:
     if not isinstance(image, np.ndarray):
         raise ImageError(f"expected an image as a numpy array, got {type(image).__name__}; "
@@ -110,14 +133,67 @@ def load_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+# -------------------------------------------------------------------------------------------------- geometry
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """The size torchvision's `Resize(shortest_edge)` gives an image (`_compute_resized_output_size`).
+
+    The shorter side becomes `shortest_edge`; the longer one `int(shortest_edge * long / short)`, a float division
+    truncated, exactly as torchvision writes it.
+
+    Returns:
+        (new_height, new_width).
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """torchvision's `center_crop` of a [H, W, C] image: the centre (height, width) window.
+
+    A side shorter than the crop is first zero-padded, (crop - side) // 2 before and the rest after (torchvision pads
+    PIL images with 0). The window then starts at int(round((side - crop) / 2.0)): Python's round, half to even, so
+    an excess of 3 starts at 2 and an excess of 5 at 2 (transformers' `center_crop` floors instead).
+
+    Returns:
+        [height, width, C], a view of `image` when no padding was needed.
+    """
+    in_height, in_width = image.shape[:2]
+    if height > in_height or width > in_width:
+        pad_height, pad_width = max(height - in_height, 0), max(width - in_width, 0)
+        image = np.pad(image, ((pad_height // 2, (pad_height + 1) // 2), (pad_width // 2, (pad_width + 1) // 2),
+                               (0, 0)))
+        in_height, in_width = image.shape[:2]
+    top = int(round((in_height - height) / 2.0))
+    left = int(round((in_width - width) / 2.0))
+    return image[top : top + height, left : left + width]
+
+
 # -------------------------------------------------------------------------------------------------- preprocessor
+
+
+class AlphaHandling(str, Enum):
+    """What becomes of the alpha channel of an RGBA image ([H, W, 4]) before normalisation."""
+
+    # transformers' `convert_to_rgb`, before resizing: composite onto opaque white (IDEFICS).
+    COMPOSITE_ON_WHITE = "composite_on_white"
+    # open_clip on a PIL RGBA image: Pillow resizes it premultiplied (RGBa), and `convert("RGB")` after the crop
+    # drops the alpha channel (OpenFlamingo).
+    DROP_AFTER_RESIZE = "drop_after_resize"
 
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """The image processor fields of an IDEFICS checkpoint (`processor_config.json` → "image_processor")."""
+    """Image preprocessing settings: `processor_config.json` → "image_processor", in transformers' vocabulary.
 
-    height: int = 224  # output size; IDEFICS images are square (`image_size`)
+    The steps, in order: convert to RGB (`do_convert_rgb`; see `alpha_handling` for RGBA), resize with Pillow's
+    bicubic filter (`do_resize`: to (height, width), or the shorter side to `shortest_edge`), centre crop to
+    `crop_size` (torchvision's `CenterCrop`), rescale by `rescale_factor`, normalise with `image_mean`/`image_std`.
+    """
+
+    height: int = 224  # resize target without `shortest_edge` (IDEFICS squashes to the square `image_size`)
     width: int = 224
     image_mean: tuple[float, ...] = IDEFICS_MEAN
     image_std: tuple[float, ...] = IDEFICS_STD
@@ -127,53 +203,110 @@ class ImageSettings:
     do_rescale: bool = True
     do_normalize: bool = True
     do_convert_rgb: bool = True
+    shortest_edge: int | None = None  # `size: {"shortest_edge": S}`: shorter side to S, aspect ratio kept
+    crop_size: tuple[int, int] | None = None  # (height, width) of the centre crop (`do_center_crop`); None: no crop
+    alpha_handling: AlphaHandling = AlphaHandling.COMPOSITE_ON_WHITE
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha_handling", _alpha_handling(self.alpha_handling, "ImageSettings"))
+        if self.do_resize and self.shortest_edge is not None and self.crop_size is None:
+            raise CheckpointError("image settings: a resize to shortest_edge without a centre crop gives images of "
+                                  "different sizes, which cannot be batched; add \"do_center_crop\": true and "
+                                  "\"crop_size\": {\"height\": S, \"width\": S}")
+        if self.do_resize and self.resample != BICUBIC:
+            raise CheckpointError(f"image settings: resample={self.resample} is not implemented (only {BICUBIC}, "
+                                  "bicubic, which IDEFICS and open_clip use); set \"resample\": 3")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of a preprocessed image: the crop size, else the resize target."""
+        return self.crop_size if self.crop_size is not None else (self.height, self.width)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "image processor config") -> ImageSettings:
-        """Read the fields transformers' `IdeficsImageProcessorPil` reads; `image_size` wins over `size`.
+        """Read the fields transformers' image processors write; `image_size` wins over `size`.
 
         Raises:
-            CheckpointError: a size or resampling filter that this runtime does not implement.
+            CheckpointError: a size, crop or resampling filter that this runtime does not implement.
         """
         try:
-            height, width = _size_from_config(config, source)
+            height, width, shortest_edge = _size_from_config(config, source)
             names = ("rescale_factor", "resample", "do_resize", "do_rescale", "do_normalize", "do_convert_rgb")
             fields = {name: config[name] for name in names if config.get(name) is not None}
             for name in ("image_mean", "image_std"):
                 if config.get(name) is not None:
                     value = config[name]
                     fields[name] = tuple(float(v) for v in (value if isinstance(value, list) else [value] * 3))
+            if config.get("alpha_handling") is not None:
+                fields["alpha_handling"] = _alpha_handling(config["alpha_handling"], source)
+            crop_size = _crop_size_from_config(config, source)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{source}: cannot read the image settings ({error}); re-save the checkpoint "
-                                  "with IdeficsProcessor.save_pretrained") from error
-        settings = cls(height=height, width=width, **fields)
-        if settings.do_resize and settings.resample != BICUBIC:
-            raise CheckpointError(f"{source}: resample={settings.resample} is not implemented (only {BICUBIC}, "
-                                  "bicubic, which every IDEFICS checkpoint uses); set \"resample\": 3")
-        return settings
+                                  "with its processor's save_pretrained") from error
+        try:
+            return cls(height=height, width=width, shortest_edge=shortest_edge, crop_size=crop_size, **fields)
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        """These settings in the vocabulary `from_dict` reads (transformers' names, plus `alpha_handling`)."""
+        size = ({"shortest_edge": self.shortest_edge} if self.shortest_edge is not None
+                else {"height": self.height, "width": self.width})
+        crop = None if self.crop_size is None else {"height": self.crop_size[0], "width": self.crop_size[1]}
+        return {"do_resize": self.do_resize, "size": size, "resample": self.resample,
+                "do_center_crop": crop is not None, "crop_size": crop, "do_rescale": self.do_rescale,
+                "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "do_convert_rgb": self.do_convert_rgb, "alpha_handling": self.alpha_handling.value}
 
 
-def _size_from_config(config: dict[str, Any], source: str) -> tuple[int, int]:
+def _alpha_handling(value: Any, source: str) -> AlphaHandling:
+    try:
+        return AlphaHandling(value)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in AlphaHandling)
+        raise CheckpointError(f"{source}: alpha_handling {value!r} is not one of {choices}") from None
+
+
+def _size_from_config(config: dict[str, Any], source: str) -> tuple[int, int, int | None]:
+    """(height, width, shortest_edge) from `image_size` or `size` (an int, {"height", "width"} or
+    {"shortest_edge"})."""
     if config.get("image_size") is not None:
-        return int(config["image_size"]), int(config["image_size"])
+        return int(config["image_size"]), int(config["image_size"]), None
     size = config.get("size")
     if size is None:
-        return ImageSettings.height, ImageSettings.width
+        return ImageSettings.height, ImageSettings.width, None
     if isinstance(size, int):
-        return size, size
+        return size, size, None
     if isinstance(size, dict) and size.get("height") and size.get("width"):
-        return int(size["height"]), int(size["width"])
-    raise CheckpointError(f"{source}: size {size!r} is not supported; IDEFICS resizes to a fixed square, "
-                          "write \"image_size\": N (e.g. 224)")
+        return int(size["height"]), int(size["width"]), None
+    if isinstance(size, dict) and size.get("shortest_edge") and set(size) == {"shortest_edge"}:
+        return ImageSettings.height, ImageSettings.width, int(size["shortest_edge"])
+    raise CheckpointError(f"{source}: size {size!r} is not supported; write \"image_size\": N (a square, e.g. "
+                          "224), \"size\": {\"height\": H, \"width\": W} or \"size\": {\"shortest_edge\": S} with a "
+                          "centre crop")
+
+
+def _crop_size_from_config(config: dict[str, Any], source: str) -> tuple[int, int] | None:
+    """(height, width) of the centre crop when `do_center_crop` is on, else None."""
+    if not config.get("do_center_crop"):
+        return None
+    crop = config.get("crop_size")
+    if isinstance(crop, int):
+        return crop, crop
+    if isinstance(crop, dict) and crop.get("height") and crop.get("width"):
+        return int(crop["height"]), int(crop["width"])
+    raise CheckpointError(f"{source}: do_center_crop is on but crop_size is {crop!r}; write \"crop_size\": "
+                          "{\"height\": S, \"width\": S}")
 
 
 class ImagePreprocessor:
-    """uint8 images → normalised channel-first float32 `pixel_values`, as `IdeficsImageProcessorPil` computes them.
+    """uint8 images → normalised channel-first float32 `pixel_values`, as the checkpoint's upstream processor.
 
     Args:
         settings: what to do; `ImagePreprocessor.from_pretrained(folder)` reads them from a checkpoint.
         legacy_pass_order: resize like Pillow <= 12 rather than Pillow 13 (see `resize_bicubic`); match the Pillow
-            that the transformers side uses when comparing bit for bit.
+            that the reference side uses when comparing bit for bit.
     """
 
     def __init__(self, settings: ImageSettings | None = None, *, legacy_pass_order: bool = False):
@@ -202,13 +335,13 @@ class ImagePreprocessor:
             logger.debug("image settings from %s", path)
             return cls(ImageSettings.from_dict(config, source=str(path)), legacy_pass_order=legacy_pass_order)
         raise CheckpointError(f"{folder} has no image settings (processor_config.json with an \"image_processor\" "
-                              "entry, or preprocessor_config.json); save the processor with "
-                              "IdeficsProcessor.save_pretrained(folder)")
+                              "entry, or preprocessor_config.json); save the processor with its "
+                              "save_pretrained(folder)")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(3, height, width) of one preprocessed image."""
-        return 3, self.settings.height, self.settings.width
+        return 3, *self.settings.output_size
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Preprocess one image.
@@ -220,24 +353,43 @@ class ImagePreprocessor:
             float32 [3, height, width].
 
         Raises:
-            ImageError: an unsupported array, or (with do_resize off) an image of the wrong size.
+            ImageError: an unsupported array, or (with do_resize off and no crop) an image of the wrong size.
         """
         s = self.settings
         _check_image(image)
-        if s.do_convert_rgb:
+        keep_alpha = (s.do_convert_rgb and s.alpha_handling is AlphaHandling.DROP_AFTER_RESIZE
+                      and image.ndim == 3 and image.shape[2] == 4)
+        if s.do_convert_rgb and not keep_alpha:
             image = to_rgb(image)
-        elif image.ndim != 3 or image.shape[2] != 3:
+        elif not s.do_convert_rgb and (image.ndim != 3 or image.shape[2] != 3):
             raise ImageError(f"do_convert_rgb is off, so images must be RGB [H, W, 3]; got {image.shape}")
         if s.do_resize:
-            image = resize_bicubic(image, s.height, s.width, legacy_pass_order=self.legacy_pass_order)
-        elif image.shape[:2] != (s.height, s.width):
+            image = self._resize(image)
+        elif s.crop_size is None and image.shape[:2] != (s.height, s.width):
             raise ImageError(f"do_resize is off, so images must be {s.height}x{s.width}; got {image.shape[:2]}")
-        pixels = image  # [H, W, 3]
+        if s.crop_size is not None:
+            image = center_crop(image, *s.crop_size)
+        pixels = image[..., :3]  # [H, W, 3]; open_clip's convert("RGB") after the crop drops an alpha channel
         if s.do_rescale:
             pixels = (pixels.astype(np.float64) * s.rescale_factor).astype(np.float32)  # transformers' order
         if s.do_normalize:
             pixels = (pixels.astype(np.float32) - self._mean) / self._std
         return np.ascontiguousarray(np.moveaxis(pixels, -1, 0), dtype=np.float32)  # [3, H, W]
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        """Pillow's `Image.resize(..., BICUBIC)` to the settings' target; RGBA is resized premultiplied, as Pillow
+        does (`Image.resize` converts RGBA to RGBa and back)."""
+        s = self.settings
+        in_height, in_width = image.shape[:2]
+        height, width = (s.height, s.width) if s.shortest_edge is None else shortest_edge_size(
+            in_height, in_width, s.shortest_edge)
+        if (height, width) == (in_height, in_width):
+            return image  # Pillow returns a copy, without the RGBa round trip
+        premultiplied = image.shape[2] == 4
+        if premultiplied:
+            image = _premultiply(image)
+        image = resize_bicubic(image, height, width, legacy_pass_order=self.legacy_pass_order)
+        return _unpremultiply(image) if premultiplied else image
 
     def batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Preprocess several images.

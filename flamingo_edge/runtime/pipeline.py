@@ -229,7 +229,8 @@ class Pipeline:
             prompts: a batch of prompts, as for `Processor` (items: str text or uint8 RGB images); or one prompt.
             max_new_tokens: most tokens to generate per row.
             temperature, top_k, top_p, repetition_penalty, seed: sampling (temperature 0 = greedy).
-            stop_token_ids: tokens that end a row (default: the tokenizer's EOS).
+            stop_token_ids: tokens that end a row (default: the processor's, i.e. the prompt format's
+                `stop_tokens`, else the tokenizer's EOS; OpenFlamingo stops at `<|endofchunk|>`).
             stop_strings: strings that end a row once generated.
 
         Raises:
@@ -241,7 +242,7 @@ class Pipeline:
                                repetition_penalty=repetition_penalty, seed=seed)
         batch, cross, cache, keep_prefix = self._prepare(prompts, max_new_tokens)
         tokenizer = self.processor.tokenizer
-        stop_ids = [tokenizer.eos_token_id] if stop_token_ids is None else stop_token_ids
+        stop_ids = self.processor.stop_token_ids if stop_token_ids is None else stop_token_ids
         stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,

@@ -1,13 +1,19 @@
-"""IDEFICS prompts → model inputs, equal to transformers' `IdeficsProcessor.__call__` (transformers 5.23).
+"""Prompts → model inputs: token ids, masks and pixel values, as each model family's own processor builds them.
 
-A prompt is a list of items, each a `str` (text) or a numpy image; a batch is a list of prompts. Every image becomes
-`<fake_token_around_image><image><fake_token_around_image>` in the text (`<image><fake_token_around_image>` right
-after another image), the text starts with the BOS token, and `image_attention_mask` tells each token which image
-it may attend to: the most recent one, none before the first image, none after an EOS token until the next image.
+A prompt is a list of items, each a `str` (text) or a numpy image; a batch is a list of prompts. What differs
+between families is data, read from the checkpoint's `processor_config.json` ("prompt_format", see `PromptFormat`;
+"image_processor", see `ImageSettings`):
+- IDEFICS (the default, equal to transformers' `IdeficsProcessor.__call__`, transformers 5.23): every image becomes
+  `<fake_token_around_image><image><fake_token_around_image>` (`<image><fake_token_around_image>` right after
+  another image), text items are stripped of surrounding spaces, the text starts with the BOS token, and a token
+  attends the most recent image, none before the first image and none after an EOS token until the next image.
+- OpenFlamingo (equal to open_flamingo 2.0.1's use of its tokenizer and `MaskedCrossAttention`): every image is
+  `<image>`, text is concatenated as given, the tokenizer's post-processor adds BOS (LLaMA) or nothing (GPT-NeoX,
+  MPT), and a token attends the most recent `<image>` at or before it, with no reset.
 
-Unlike transformers, a string is always text: URLs are never fetched (an edge runtime does not go to the network;
-load files with `load_image` and pass the arrays). Only the `prompts` calling convention is supported, not
-`images=..., text=...`.
+A `<image>` typed in a text item is an image marker like one written for an image item. Unlike transformers, a
+string is always text: URLs are never fetched (an edge runtime does not go to the network; load files with
+`load_image` and pass the arrays). Only the `prompts` calling convention is supported, not `images=..., text=...`.
 
 Nothing here imports torch or transformers: numpy, OpenCV and `tokenizers` only.
 """
@@ -15,23 +21,126 @@ Nothing here imports torch or transformers: numpy, OpenCV and `tokenizers` only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flamingo_edge.artifacts import read_json
 from flamingo_edge.errors import CheckpointError, PromptError
 from flamingo_edge.runtime.image import ImagePreprocessor, load_image
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
-__all__ = ["Processor", "PromptBatch", "Tokenizer", "ImagePreprocessor", "load_image"]
+__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor", "load_image"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-FAKE_TOKEN = "<fake_token_around_image>"
-END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+class BosSource(str, Enum):
+    """Who puts the BOS token in front of a prompt."""
+
+    # The processor writes `tokenizer.bos_token` at the start of the text, encoded without special tokens (IDEFICS).
+    PROCESSOR = "processor"
+    # The post-processor of tokenizer.json adds its special tokens, as `tokenizer(text)` does in transformers:
+    # LLaMA's adds `<s>`, GPT-NeoX's (also MPT's) adds nothing (OpenFlamingo).
+    TOKENIZER = "tokenizer"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt becomes text and an image mask: `processor_config.json` → "prompt_format".
+
+    The defaults are IDEFICS'; a checkpoint without the entry gets them. Unknown keys are refused.
+    """
+
+    image_token: str = "<image>"  # marks an image in the text; cross-attention follows the latest one
+    # Written around each run of adjacent images (IDEFICS); None: an image is just `image_token` (OpenFlamingo).
+    image_wrap_token: str | None = "<fake_token_around_image>"
+    bos_added_by: BosSource = BosSource.PROCESSOR
+    strip_text: bool = True  # strip spaces around each text item (IDEFICS); False: text is used as given
+    # After an EOS token, tokens attend no image until the next one (IDEFICS); False: never reset (OpenFlamingo,
+    # where neither `<|endofchunk|>` nor EOS resets the mask).
+    image_mask_resets_at_eos: bool = True
+    stop_tokens: tuple[str, ...] | None = None  # tokens that end generation by default; None: the tokenizer's EOS
+    # Put between two consecutive text items when asked (`add_end_of_utterance_token=True`, IDEFICS); None: no such
+    # token in this format.
+    end_of_utterance_token: str | None = "<end_of_utterance>"
+
+    def __post_init__(self):
+        object.__setattr__(self, "bos_added_by", _bos_source(self.bos_added_by))
+        if self.stop_tokens is not None:
+            object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str = "prompt_format") -> PromptFormat:
+        """Read a "prompt_format" entry.
+
+        Raises:
+            CheckpointError: an unknown key, a value of the wrong type, or an unknown `bos_added_by`.
+        """
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{source}: \"prompt_format\" must be a JSON object, got {type(config).__name__}")
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown prompt_format keys {unknown}; known keys are {sorted(known)} "
+                                  "(a newer flamingo-edge may have written this file: convert the checkpoint again)")
+        for name, value in config.items():
+            _check_field_type(name, value, source)
+        try:
+            return cls(**config)
+        except CheckpointError as error:
+            raise CheckpointError(f"{source}: {error}") from error
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> PromptFormat:
+        """The "prompt_format" entry of `folder/processor_config.json`; IDEFICS' format when there is none.
+
+        Raises:
+            CheckpointError: the file is not valid JSON, or the entry is malformed.
+        """
+        path = Path(folder) / PROCESSOR_CONFIG
+        config = read_json(path) if path.is_file() else {}
+        if "prompt_format" not in config:
+            return cls()
+        return cls.from_dict(config["prompt_format"], source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of this format, as `from_dict` reads it."""
+        out = {field.name: getattr(self, field.name) for field in fields(self)}
+        out["bos_added_by"] = self.bos_added_by.value
+        out["stop_tokens"] = None if self.stop_tokens is None else list(self.stop_tokens)
+        return out
+
+
+_NONE = type(None)
+_FIELD_TYPES = {  # name: (JSON types allowed, how to say it)
+    "image_token": ((str,), "a string"),
+    "image_wrap_token": ((str, _NONE), "a string or null"),
+    "bos_added_by": ((str,), "a string"),
+    "strip_text": ((bool,), "true or false"),
+    "image_mask_resets_at_eos": ((bool,), "true or false"),
+    "stop_tokens": ((list, _NONE), "a list of strings or null"),
+    "end_of_utterance_token": ((str, _NONE), "a string or null"),
+}
+
+
+def _check_field_type(name: str, value: Any, source: str) -> None:
+    allowed, expected = _FIELD_TYPES[name]
+    if not isinstance(value, allowed) or (isinstance(value, list) and not all(isinstance(t, str) for t in value)):
+        raise CheckpointError(f"{source}: prompt_format.{name} is {value!r}; expected {expected}")
+
+
+def _bos_source(value: Any) -> BosSource:
+    try:
+        return BosSource(value)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in BosSource)
+        raise CheckpointError(f"prompt_format.bos_added_by {value!r} is not one of {choices}") from None
 
 
 @dataclass(frozen=True)
@@ -54,32 +163,51 @@ class _Sample:
 
 
 class Processor:
-    """Builds `input_ids`, `attention_mask`, `pixel_values` and `image_attention_mask` for IDEFICS prompts.
+    """Builds `input_ids`, `attention_mask`, `pixel_values` and `image_attention_mask` for a checkpoint's prompts.
 
     Args:
         tokenizer: the checkpoint's tokenizer.
         image_preprocessor: the checkpoint's image preprocessing.
+        prompt_format: the checkpoint's prompt format (default: IDEFICS').
 
     Raises:
-        CheckpointError: the tokenizer has no `<image>` token.
+        CheckpointError: a token the prompt format names (image, wrap, stop tokens) is not in the vocabulary.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_preprocessor: ImagePreprocessor):
+    def __init__(self, tokenizer: Tokenizer, image_preprocessor: ImagePreprocessor,
+                 prompt_format: PromptFormat | None = None):
         self.tokenizer = tokenizer
         self.image_preprocessor = image_preprocessor
-        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
-        if self.image_token_id is None:
-            raise CheckpointError(f"the tokenizer has no {IMAGE_TOKEN} token, so this is not an IDEFICS checkpoint "
-                                  "(or its tokenizer files are from another model)")
+        self.prompt_format = prompt_format or PromptFormat()
+        self.image_token_id = self._token_id(self.prompt_format.image_token, "image_token")
+        if self.prompt_format.image_wrap_token is not None:
+            self._token_id(self.prompt_format.image_wrap_token, "image_wrap_token")
+        self.stop_token_ids = self._stop_token_ids()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Processor:
-        """Load from a folder written by `IdeficsProcessor.save_pretrained` (or an older `save_pretrained`).
+        """Load from a checkpoint or export folder (`save_pretrained` files, or what a converter wrote).
 
         Raises:
             CheckpointError: a file is missing, corrupt or asks for something unsupported.
         """
-        return cls(Tokenizer.from_pretrained(folder), ImagePreprocessor.from_pretrained(folder))
+        return cls(Tokenizer.from_pretrained(folder), ImagePreprocessor.from_pretrained(folder),
+                   PromptFormat.from_pretrained(folder))
+
+    def _token_id(self, token: str, field: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"the prompt format's {field} {token!r} is not in the tokenizer's vocabulary: the "
+                                  "tokenizer files are from another model, or processor_config.json's "
+                                  "\"prompt_format\" is wrong (no entry means IDEFICS' format)")
+        return token_id
+
+    def _stop_token_ids(self) -> list[int]:
+        """Ids of the prompt format's stop tokens, or [EOS] (or [] without an EOS) when it names none."""
+        if self.prompt_format.stop_tokens is None:
+            eos = self.tokenizer.eos_token_id
+            return [] if eos is None else [eos]
+        return [self._token_id(token, "stop token") for token in self.prompt_format.stop_tokens]
 
     def __call__(self, prompts: list, add_eos_token: bool = False,
                  add_end_of_utterance_token: bool | None = None) -> dict[str, np.ndarray]:
@@ -89,8 +217,8 @@ class Processor:
             prompts: a list of prompts, each a list of items (`str` text or a uint8 numpy image, [H, W], [H, W, 1],
                 [H, W, 3] RGB or [H, W, 4] RGBA); a flat list of items is taken as one prompt, like transformers.
             add_eos_token: append the EOS token to every prompt.
-            add_end_of_utterance_token: put `<end_of_utterance>` between two consecutive text items. None does what
-                transformers 5.x does, which is never: its test `"<end_of_utterance>" in
+            add_end_of_utterance_token: put the format's end-of-utterance token between two consecutive text items.
+                None does what transformers 5.x does for IDEFICS, which is never: its test `"<end_of_utterance>" in
                 tokenizer.special_tokens_map.get("additional_special_tokens", [])` is always False since 5.0
                 (special_tokens_map holds named tokens only).
 
@@ -100,7 +228,8 @@ class Processor:
             image_attention_mask int64 [B, S, M] (int64 [B, S, 1] of zeros when no prompt has an image).
 
         Raises:
-            PromptError: a malformed batch or item, or prompts that need padding without a pad token.
+            PromptError: a malformed batch or item, prompts that need padding without a pad token, or an
+                end-of-utterance token asked of a format that has none.
             ImageError: an image the preprocessor cannot take.
         """
         batch = self.tokenize(prompts, add_eos_token, add_end_of_utterance_token)
@@ -119,9 +248,14 @@ class Processor:
         The runtime uses this to preprocess only the images its cross-attention cache has not seen. Arguments and
         errors as for `__call__`.
         """
+        if add_end_of_utterance_token and self.prompt_format.end_of_utterance_token is None:
+            raise PromptError("add_end_of_utterance_token=True, but this checkpoint's prompt format has no "
+                              "end-of-utterance token; write the separator into the text items instead")
         samples = [self._build_sample(i, p, add_eos_token, bool(add_end_of_utterance_token))
                    for i, p in enumerate(_as_batch(prompts))]
-        input_ids, attention_mask = self.tokenizer.pad([self.tokenizer.encode(s.text) for s in samples])
+        by_tokenizer = self.prompt_format.bos_added_by is BosSource.TOKENIZER
+        input_ids, attention_mask = self.tokenizer.pad(
+            [self.tokenizer.encode(s.text, add_special_tokens=by_tokenizer) for s in samples])
         max_images = max(1, max(len(s.images) for s in samples))
         if any(s.images for s in samples):
             image_attention_mask = self._image_attention_mask(input_ids, max_images)
@@ -132,22 +266,30 @@ class Processor:
         images = [sample.images[:count] for sample, count in zip(samples, counts)]
         return PromptBatch(input_ids, attention_mask, image_attention_mask, images)
 
+    def _image_text(self, after_image: bool) -> str:
+        """The text of one image item: IDEFICS wraps each run of images, `<fake><image><fake><image><fake>`."""
+        image, wrap = self.prompt_format.image_token, self.prompt_format.image_wrap_token
+        if wrap is None:
+            return image
+        return image + wrap if after_image else wrap + image + wrap
+
     def _build_sample(self, index: int, prompt: Any, add_eos_token: bool, add_end_of_utterance: bool) -> _Sample:
-        """The prompt's text, item by item as in transformers (text items stripped of surrounding spaces)."""
+        """The prompt's text, item by item as the family's processor writes it."""
         if not isinstance(prompt, (list, tuple)):
             raise PromptError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a list of items "
                               "(str text or numpy images), e.g. [\"User:\", image, \"Describe it.\"]")
-        text, images = self.tokenizer.bos_token or "", []
-        last_was_image = False
+        fmt = self.prompt_format
+        text = (self.tokenizer.bos_token or "") if fmt.bos_added_by is BosSource.PROCESSOR else ""
+        images, last_was_image = [], False
         for position, item in enumerate(prompt):
             last_was_text = position > 0 and not last_was_image
             if isinstance(item, str):
                 if add_end_of_utterance and last_was_text:
-                    text += END_OF_UTTERANCE_TOKEN
-                text += item.strip(" ")
+                    text += fmt.end_of_utterance_token
+                text += item.strip(" ") if fmt.strip_text else item
                 last_was_image = False
             elif isinstance(item, np.ndarray):
-                text += IMAGE_TOKEN + FAKE_TOKEN if last_was_image else FAKE_TOKEN + IMAGE_TOKEN + FAKE_TOKEN
+                text += self._image_text(last_was_image)
                 images.append(item)
                 last_was_image = True
             else:
@@ -158,23 +300,26 @@ class Processor:
         return _Sample(text, images)
 
     def _image_attention_mask(self, input_ids: np.ndarray, max_images: int) -> np.ndarray:
-        """int64 [B, S, M]: one-hot of the latest image per token.
+        """int64 [B, S, M]: one-hot of the latest image token at or before each token (an image token attends its
+        own image).
 
-        Same values as transformers' `image_attention_mask_for_packed_input_ids` + `incremental_to_binary_
-        attention_mask`: the index of the latest `<image>` token so far, -1 before the first one and on every
-        token after an EOS up to the next `<image>` (the EOS itself keeps its image), -1 also for indices >= M;
-        -1 rows become all-zero. Padding is not special: right padding after an image attends to that image.
+        -1 (all zero) before the first image and for indices >= M. With `image_mask_resets_at_eos` (IDEFICS,
+        transformers' `image_attention_mask_for_packed_input_ids` + `incremental_to_binary_attention_mask`) also on
+        every token after an EOS up to the next image (the EOS itself keeps its image); without it (OpenFlamingo)
+        this is open_flamingo's `cumsum(media_locations) == image index + 1`. Padding is not special: right padding
+        after an image attends to that image, left padding attends nothing.
         """
         batch, length = input_ids.shape
-        position = np.arange(length)
         is_image = input_ids == self.image_token_id  # [B, S]
         latest = np.cumsum(is_image, axis=1) - 1  # [B, S] index of the latest image, -1 before the first
-        last_image_at = np.maximum.accumulate(np.where(is_image, position, -1), axis=1)
         eos_id = self.tokenizer.eos_token_id
-        eos_at = np.where(input_ids == eos_id, position, -1) if eos_id is not None else np.full_like(input_ids, -1)
-        last_eos_at = np.maximum.accumulate(eos_at, axis=1)
-        eos_before = np.concatenate([np.full((batch, 1), -1), last_eos_at[:, :-1]], axis=1)  # strictly before
-        latest[(eos_before > last_image_at) | (latest >= max_images)] = -1
+        if self.prompt_format.image_mask_resets_at_eos and eos_id is not None:
+            position = np.arange(length)
+            last_image_at = np.maximum.accumulate(np.where(is_image, position, -1), axis=1)
+            last_eos_at = np.maximum.accumulate(np.where(input_ids == eos_id, position, -1), axis=1)
+            eos_before = np.concatenate([np.full((batch, 1), -1), last_eos_at[:, :-1]], axis=1)  # strictly before
+            latest[eos_before > last_image_at] = -1
+        latest[latest >= max_images] = -1
         mask = latest[..., None] == np.arange(max_images)  # [B, S, M]; -1 matches nothing
         return mask.astype(np.int64)
 

@@ -116,16 +116,19 @@ class Tokenizer:
         return cls(backend, special_tokens={k: _content(v) for k, v in named.items()},
                    extra_special_tokens=[_content(t) for t in extra], padding_side=padding_side)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text, adding no special tokens (as `IdeficsProcessor` calls its tokenizer).
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of a text.
 
         Args:
             text: special tokens written in it (e.g. "<s>", "<image>") become their single ids.
+            add_special_tokens: let the post-processor of tokenizer.json add what it adds (a LLaMA tokenizer
+                prepends `<s>`, a GPT-NeoX one nothing), as transformers' `tokenizer(text)` does. Off by default, as
+                `IdeficsProcessor` calls its tokenizer.
 
         Returns:
             The ids.
         """
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of token ids, without clean-up of tokenization spaces (transformers skips it for BPE too).

@@ -214,7 +214,7 @@ def bench_pytorch_reference(checkpoint: Path, prompt_text: str, workload: Worklo
     rng = np.random.default_rng(seed)
 
     def generate(images, n):
-        greedy_generate(model, processor([[*images, prompt_text]]), max_new_tokens=n, eos_token_id=None,
+        greedy_generate(model, processor([[*images, prompt_text]]), max_new_tokens=n, stop_token_ids=(),
                         pad_token_id=0)
 
     return _two_point(generate, rng, workload)

@@ -22,5 +22,5 @@ def test_cached_greedy_generation_equals_transformers(idefics_checkpoint, seed):
         expected = upstream.generate(**batch, max_new_tokens=15, do_sample=False)[:, batch["input_ids"].shape[1]:]
     config = upstream.config
     actual = greedy_generate(load_checkpoint(idefics_checkpoint), Processor.from_pretrained(idefics_checkpoint)(prompts),
-                             max_new_tokens=15, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+                             max_new_tokens=15, stop_token_ids=[config.eos_token_id], pad_token_id=config.pad_token_id)
     np.testing.assert_array_equal(actual[:, : expected.shape[1]], expected.numpy())

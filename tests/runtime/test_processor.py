@@ -13,7 +13,7 @@ import pytest
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
 from flamingo_edge.runtime.image import ImagePreprocessor, ImageSettings, load_image
 from flamingo_edge.runtime.resize import resize_bicubic
-from flamingo_edge.runtime.processor import Processor
+from flamingo_edge.runtime.processor import Processor, PromptFormat
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
 PIL = pytest.importorskip("PIL")
@@ -185,6 +185,25 @@ def test_end_of_utterance_matches_transformers(processors, rng, add_end_of_utter
     _assert_same(expected, got)
     eou = ours.tokenizer.token_to_id("<end_of_utterance>")
     assert (eou in got["input_ids"]) == bool(add_end_of_utterance_token)  # None means off in transformers 5
+
+
+def test_explicit_idefics_prompt_format_changes_nothing(processors, idefics_checkpoint, tmp_path, rng):
+    """IDEFICS is the default prompt format: writing it into processor_config.json gives the same inputs, and
+    generation stops at EOS by default."""
+    _, ours = processors
+    names = [p.name for p in idefics_checkpoint.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    folder = _copy_checkpoint_files(idefics_checkpoint, tmp_path / "explicit", [*names, "processor_config.json"])
+    config = json.loads((folder / "processor_config.json").read_text())
+    assert "prompt_format" not in config
+    config["prompt_format"] = PromptFormat().to_dict()
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    explicit = Processor.from_pretrained(folder)
+    explicit.image_preprocessor = ours.image_preprocessor  # the same Pillow pass order
+    assert explicit.prompt_format == ours.prompt_format == PromptFormat()
+    assert explicit.stop_token_ids == ours.stop_token_ids == [ours.tokenizer.eos_token_id]
+    for name, prompts in _prompt_cases(rng).items():
+        want, got = ours(prompts, add_eos_token=True), explicit(prompts, add_eos_token=True)
+        assert all(np.array_equal(want[key], got[key]) for key in want), name
 
 
 def test_padding_side_and_ids_come_from_the_checkpoint(processors):

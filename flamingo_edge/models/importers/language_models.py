@@ -266,7 +266,7 @@ def lm_weights(get: Get, has: Has, spec: LanguageModel, config: DecoderConfig, *
     if stored_head is None and not tied:
         raise _fail(source, f"missing tensor {spec.head!r} (the LM head; config.json says it is not tied)",
                     "the language model folder is incomplete")
-    head = embed if tied else stored_head
+    head = embed.clone() if tied else stored_head  # a copy: a file stores each tensor once
     out = {"decoder.embed.weight": embed, "decoder.lm_head.weight": resize_rows(head, rows, "LM head", source)}
     for i in range(config.layers):
         layer = spec.layer_weights(get, has, f"{spec.layers_path}.{i}.", config.heads)

@@ -40,8 +40,6 @@ OPEN_CLIP_MODELS: dict[str, dict[str, Any]] = {
     "ViT-B-16": {"embed_dim": 512, "quick_gelu": True,
                  "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16}},
 }
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _fail(source: str, what: str, fix: str) -> CheckpointError:
@@ -300,6 +298,7 @@ def convert(parts: Parts, config: FlamingoConfig, lm: LanguageModel, sources: Ma
     Raises:
         CheckpointError: a tensor is missing, left over, or of the wrong shape; the message names it.
     """
+    check_cross_layers(parts, config, sources["lm"])
     vision = _Source(parts.vision, sources["vision"], "vision")
     perceiver = _Source(parts.perceiver, sources["perceiver"], "perceiver")
     language = _Source(parts.lm, sources["lm"], "language model")
@@ -321,6 +320,23 @@ def convert(parts: Parts, config: FlamingoConfig, lm: LanguageModel, sources: Ma
             raise _fail(sources["lm"], f"{name}: upstream shape {tuple(tensor.shape)}, expected {want}",
                         "the files disagree with the configs (LM config, vision config, N)")
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def check_cross_layers(parts: Parts, config: FlamingoConfig, source: str) -> None:
+    """The gated blocks the checkpoint has sit where N puts them; if not, name the N that fits.
+
+    Raises:
+        CheckpointError: they differ.
+    """
+    found = sorted({int(m[1]) for n in parts.lm if (m := re.match(r"gated_cross_attn_layers\.(\d+)\.", n))})
+    wanted, layers = list(config.decoder.cross_layers), config.decoder.layers
+    if found == wanted:
+        return
+    fits = [n for n in range(1, layers + 1) if list(cross_layers(layers, n)) == found]
+    fix = (f"pass --cross-attn-every-n-layers {fits[0]}" if fits else
+           "no N places them so: the checkpoint belongs to another language model")
+    raise _fail(source, f"the checkpoint has gated cross-attention blocks before decoder layers {found}, but "
+                f"--cross-attn-every-n-layers puts them before {wanted}", fix)
 
 
 def _leftover_fix(name: str, config: FlamingoConfig) -> str:
