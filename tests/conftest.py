@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,38 @@ def demo_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-export") / "export"
     export_all(DEMO_CHECKPOINT, out, seed=0)
     return out
+
+
+OPENFLAMINGO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openflamingo"  # tests/reference/openflamingo
+
+
+def convert_openflamingo_fixture(family: str, out: Path) -> Path:
+    """`flamingo-edge convert openflamingo` of the open_flamingo fixture of one LM family (llama, mpt, gpt_neox):
+    its released-form checkpoint.pt on top of its LM folder and open_clip weights."""
+    import json
+
+    from flamingo_edge.models.convert import convert_openflamingo
+
+    folder = OPENFLAMINGO_FIXTURES / family
+    every = json.loads((folder / "cases.json").read_text())["cross_attn_every_n_layers"]
+    return convert_openflamingo(folder / "checkpoint.pt", lm_dir=folder / "lm", vision=str(folder / "vision.json"),
+                                vision_weights=folder / "open_clip.safetensors", cross_attn_every_n_layers=every,
+                                out_dir=out).folder
+
+
+@pytest.fixture(scope="session")
+def openflamingo_export(tmp_path_factory):
+    """family -> (converted checkpoint, its export), each made once per session on first use."""
+    from flamingo_edge.export.export import export_all
+
+    made = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"openflamingo-{family}")
+            checkpoint = convert_openflamingo_fixture(family, root / "checkpoint")
+            export_all(checkpoint, root / "export", seed=SEED)
+            made[family] = checkpoint, root / "export"
+        return made[family]
+
+    return get

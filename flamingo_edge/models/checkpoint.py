@@ -124,7 +124,7 @@ def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
         CheckpointError: missing, corrupt, or not plain tensors.
     """
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (named as a weights file); copy the complete checkpoint")
+        raise CheckpointError(f"{path}: no such weights file; check the path")
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
@@ -145,6 +145,8 @@ def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """All tensors of a checkpoint, and the file each came from."""
     tensors, files = {}, {}
     for path in weight_files(folder):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {_INDEX} but missing; copy the complete checkpoint")
         for name, tensor in read_tensors_file(path).items():
             tensors[name], files[name] = tensor, str(path)
     return tensors, files

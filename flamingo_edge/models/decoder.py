@@ -73,6 +73,8 @@ class SelfAttention(nn.Module):
     def __init__(self, *, config: DecoderConfig):
         super().__init__()
         self.heads = config.heads
+        # rotated channels per head; None when all of them turn (a Python int, so tracing sees no branch)
+        self.rotary_channels = config.rotary_dim if 0 < config.rotary_dim < config.head_dim else None
         self.q = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.k = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.v = nn.Linear(config.width, config.width, bias=config.attn_bias)
@@ -95,7 +97,7 @@ class SelfAttention(nn.Module):
         v = split_heads(self.v(x), self.heads)  # [B, H, S, Dh]
         bias = None
         if len(positions) == 2:
-            q, k = apply_rotary(q, *positions), apply_rotary(k, *positions)
+            q, k = (apply_rotary(t, *positions, channels=self.rotary_channels) for t in (q, k))
         else:
             (bias,) = positions
         key = torch.cat([past_key, k], dim=2)  # [B, H, P+S, Dh]

@@ -96,13 +96,12 @@ def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tens
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, R]: the first R channels of each head turn, the
-    rest pass unchanged (R < Dh is GPT-NeoX's partial rotary, `rotary_pct`)."""
-    channels = cos.shape[-1]
-    if channels < x.shape[-1]:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, channels: int | None = None) -> Tensor:
+    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, R]. With `channels` (= R < Dh) only the first R
+    channels of each head turn and the rest pass unchanged (GPT-NeoX's partial rotary, `rotary_pct`)."""
+    if channels is not None:
         return torch.cat((apply_rotary(x[..., :channels], cos, sin), x[..., channels:]), dim=-1)
-    half = channels // 2
+    half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
     return x * cast(cos, x.dtype) + rotated * cast(sin, x.dtype)
 

@@ -1,6 +1,7 @@
-"""`flamingo-edge build` with TensorRT for RTX on the CPU: real engines for every graph of the demo export and of a
-held-out IDEFICS config (256-wide, never used in development), in fp32, fp16 and int8 Q/DQ, for two compute
-capabilities; the manifest is written and checked. (No engine is run: that needs a GPU.)"""
+"""`flamingo-edge build` with TensorRT for RTX on the CPU: real engines for every graph of the demo export, of a
+held-out IDEFICS config (256-wide, never used in development) and of a converted OpenFlamingo checkpoint (its MPT
+language model: ALiBi, bias-free LayerNorm, patch tokens without the class token), in fp32, fp16 and int8 Q/DQ,
+for two compute capabilities; the manifest is written and checked. (No engine is run: that needs a GPU.)"""
 
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ def held_out_export(tmp_path_factory):
     return root / "export"
 
 
-@pytest.fixture(scope="module", params=["demo", "held-out"])
+@pytest.fixture(scope="module", params=["demo", "held-out", "openflamingo-mpt"])
 def precisions(request, tmp_path_factory):
     """An export in fp32, fp16 and int8 (vision, resampler, xattn_kv as Q/DQ)."""
-    export = request.getfixturevalue("demo_export" if request.param == "demo" else "held_out_export")
+    if request.param == "openflamingo-mpt":
+        export = request.getfixturevalue("openflamingo_export")("mpt")[1]
+    else:
+        export = request.getfixturevalue("demo_export" if request.param == "demo" else "held_out_export")
     root = tmp_path_factory.mktemp(f"precisions-{request.param}")
     assert main(["calibrate", str(export), "--images", "demo", "--n", "8", "-o", str(root / "calib")]) == 0
     assert main(["quantize", str(export), "--precision", "fp16", "-o", str(root / "fp16")]) == 0

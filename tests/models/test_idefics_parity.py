@@ -77,7 +77,7 @@ def test_greedy_generation_matches_transformers(models, seed):
     with torch.no_grad():
         expected = upstream.generate(**inputs, max_new_tokens=20, do_sample=False)
     actual = greedy_generate(
-        ours, inputs, max_new_tokens=20, stop_token_ids=[config.eos_token_id], pad_token_id=config.pad_token_id
+        ours, inputs, max_new_tokens=20, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
     # transformers stops early once every row has produced EOS; up to there the sequences must be identical.
     prompt_length = inputs["input_ids"].shape[1]
