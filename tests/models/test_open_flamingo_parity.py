@@ -230,3 +230,27 @@ def test_lm_of_another_family_is_refused(tmp_path):
                                               r"trained with another language model"):
         _run(_llama_args(tmp_path, lm_dir=fixture("gpt_neox")[0] / "lm"))
     assert not (tmp_path / "out").exists()
+
+
+def test_llama_checkpoint_without_head_rows_gets_zero_rows(tmp_path, caplog):
+    """open_flamingo's own filter drops an untied `lm_head` (LLaMA), so the released form lacks the head rows of
+    the added tokens (open_flamingo initialises them randomly at load): they become zero rows, with a warning; every
+    other logit is unchanged."""
+    folder, cases, tensors = fixture("llama")
+    state = read_state_dict(folder / "checkpoint.pt")
+    assert "lang_encoder.lm_head.weight" in cases["checkpoint"]["keys_added_beyond_filter"]
+    del state["lang_encoder.lm_head.weight"]
+    path = tmp_path / "released.pt"
+    torch.save(state, path)
+    out = _run(_llama_args(tmp_path, checkpoint=path)).folder
+    assert "using zero rows" in caplog.text
+    model = load_checkpoint(out)
+    base = cases["lm_vocab_size"]
+    assert not model.decoder.lm_head.weight[base:].any()
+    case = cases["cases"][0]
+    inputs = model_inputs(case, tensors, cases["special_token_ids"]["<image>"])
+    with torch.no_grad():
+        ours = model(*(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                            "image_attention_mask"))).numpy()
+    expected = tensors[f"{case['name']}/logits"]
+    assert np.abs(ours[..., :base] - expected[..., :base]).max() <= 1e-4 * np.abs(expected).max()

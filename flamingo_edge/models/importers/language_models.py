@@ -11,6 +11,7 @@ one q, k and v projection whatever the family.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.models.config import DecoderConfig
 from flamingo_edge.models.layers import ACTIVATIONS
+
+logger = logging.getLogger(__name__)
 
 Get = Callable[[str], torch.Tensor]  # upstream tensor by name (raises CheckpointError naming it when missing)
 Has = Callable[[str], bool]
@@ -255,6 +258,22 @@ def resize_rows(table: torch.Tensor, rows: int, what: str, source: str) -> torch
     return table[:rows]
 
 
+def pad_head_rows(head: torch.Tensor, rows: int, source: str) -> torch.Tensor:
+    """An untied LM head without rows for OpenFlamingo's added tokens gets zero rows for them.
+
+    open_flamingo's `filter_state_dict_to_trainable` keeps parameters that are trainable or named "embed": an untied
+    head called `lm_head` (LLaMA) is neither, so a checkpoint trained on LLaMA lacks these rows, and open_flamingo
+    leaves them at `resize_token_embeddings`' random initialisation (N(0, 0.02)) at every load. Zero rows are that
+    initialisation's mean: the added tokens get logit 0 instead of a small random one.
+    """
+    if head.shape[0] >= rows:
+        return head
+    logger.warning("%s: the LM head has %d rows, the tokenizer %d: the rows of OpenFlamingo's added tokens are not "
+                   "in the checkpoint (open_flamingo leaves them randomly initialised); using zero rows",
+                   source, head.shape[0], rows)
+    return torch.cat([head, head.new_zeros(rows - head.shape[0], head.shape[1])])
+
+
 def lm_weights(get: Get, has: Has, spec: LanguageModel, config: DecoderConfig, *, tied: bool,
                source: str) -> dict[str, torch.Tensor]:
     """The LM's tensors in our names (`decoder.*` except the gated blocks), the embedding and head cut or checked
@@ -266,7 +285,7 @@ def lm_weights(get: Get, has: Has, spec: LanguageModel, config: DecoderConfig, *
     if stored_head is None and not tied:
         raise _fail(source, f"missing tensor {spec.head!r} (the LM head; config.json says it is not tied)",
                     "the language model folder is incomplete")
-    head = embed.clone() if tied else stored_head  # a copy: a file stores each tensor once
+    head = embed.clone() if tied else pad_head_rows(stored_head, rows, source)  # a copy: each tensor stored once
     out = {"decoder.embed.weight": embed, "decoder.lm_head.weight": resize_rows(head, rows, "LM head", source)}
     for i in range(config.layers):
         layer = spec.layer_weights(get, has, f"{spec.layers_path}.{i}.", config.heads)
