@@ -254,3 +254,39 @@ def test_llama_checkpoint_without_head_rows_gets_zero_rows(tmp_path, caplog):
                                                             "image_attention_mask"))).numpy()
     expected = tensors[f"{case['name']}/logits"]
     assert np.abs(ours[..., :base] - expected[..., :base]).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_hf_clip_vision_weights_give_clips_patch_tokens(tmp_path):
+    """`--vision-weights` may be a transformers CLIP file (e.g. openai/clip-vit-large-patch14/model.safetensors, the
+    OpenAI weights every OpenFlamingo release uses): its vision tower, renamed to open_clip's names, gives our vision
+    graph the patch tokens of transformers' CLIPVisionModel (last_hidden_state without the class token; no
+    post_layernorm, which CLIP applies to the pooled token only)."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_edge.models.importers import open_flamingo as of
+    from flamingo_edge.models.checkpoint import read_tensors_file
+    from flamingo_edge.models.vision import VisionEncoder
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=14, hidden_act="quick_gelu"),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=99), projection_dim=16)
+    clip = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for name, p in clip.named_parameters():
+            p.copy_(torch.randn(p.shape) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 10) + (1 if "norm" in name and
+                                                                                         name.endswith("weight") else 0))
+    clip.save_pretrained(tmp_path)
+    tensors = of.open_clip_visual(read_tensors_file(tmp_path / "model.safetensors"), "model.safetensors")
+    vision = of.vision_config({"quick_gelu": True, "vision_cfg": {"image_size": 56, "patch_size": 14, "width": 64,
+                                                                  "layers": 2, "head_width": 16}}, "test")
+    state = of.vision_state(tensors, vision, "model.safetensors")
+    ours = VisionEncoder(config=vision).eval()
+    ours.load_state_dict({name.removeprefix("vision."): t for name, t in state.items()}, strict=True)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
+        actual = ours(pixels)
+    assert (actual - expected).abs().max().item() <= 1e-5 * expected.abs().max().item(), f"seed {seed}"

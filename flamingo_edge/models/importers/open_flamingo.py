@@ -244,6 +244,20 @@ def _vision_weights(src: _Source, config: VisionConfig) -> dict[str, torch.Tenso
     return out
 
 
+def vision_state(tensors: Mapping[str, torch.Tensor], config: VisionConfig, source: str) -> dict[str, torch.Tensor]:
+    """An open_clip vision tower's tensors (`open_clip_visual`'s output) in our names (`vision.*`).
+
+    Raises:
+        CheckpointError: a tensor is missing, or one is left over (other than the pooled head's ln_post/proj).
+    """
+    src = _Source(tensors, source, "vision")
+    state = _vision_weights(src, config)
+    leftovers = src.leftovers(lambda n: n.startswith(("ln_post.", "proj")))
+    if leftovers:
+        raise _fail(source, f"vision tensor {leftovers[0]!r} maps to nothing", "pass the weights of this ViT")
+    return state
+
+
 def _perceiver_weights(src: _Source, depth: int) -> dict[str, torch.Tensor]:
     out = {"resampler.latents": src.get("latents"), "resampler.norm.weight": src.get("norm.weight"),
            "resampler.norm.bias": src.get("norm.bias")}
