@@ -276,8 +276,8 @@ def test_hf_clip_vision_weights_give_clips_patch_tokens(tmp_path):
     clip = transformers.CLIPModel(config).eval()
     with torch.no_grad():
         for name, p in clip.named_parameters():
-            p.copy_(torch.randn(p.shape) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 10) + (1 if "norm" in name and
-                                                                                         name.endswith("weight") else 0))
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 10) + (1 if is_norm_scale else 0))
     clip.save_pretrained(tmp_path)
     tensors = of.open_clip_visual(read_tensors_file(tmp_path / "model.safetensors"), "model.safetensors")
     vision = of.vision_config({"quick_gelu": True, "vision_cfg": {"image_size": 56, "patch_size": 14, "width": 64,
@@ -290,3 +290,59 @@ def test_hf_clip_vision_weights_give_clips_patch_tokens(tmp_path):
         expected = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
         actual = ours(pixels)
     assert (actual - expected).abs().max().item() <= 1e-5 * expected.abs().max().item(), f"seed {seed}"
+
+
+def test_released_3b_language_model_names(tmp_path):
+    """OpenFlamingo-3B's LM (anas-awadalla/mpt-1b-redpajama-200b) is MosaicGPT: flat attention keys in config.json,
+    `ln_1`/`ln_2`/`mlp.mlp_up`/`mlp.mlp_down`/`ln_f` and no `lm_head` (it unembeds with `wte`). The MPT fixture's LM
+    saved under those names converts to the same model: logits equal open_flamingo's."""
+    import shutil
+
+    from safetensors.torch import load_file as load_torch, save_file
+
+    folder, cases, tensors = fixture("mpt")
+    lm = tmp_path / "mpt-1b-like"
+    shutil.copytree(folder / "lm", lm)
+    hf = json.loads((lm / "config.json").read_text())
+    mosaic = {"model_type": "mosaic_gpt", "d_model": hf["d_model"], "n_heads": hf["n_heads"],
+              "n_layers": hf["n_layers"], "mlp_ratio": hf["expansion_ratio"], "max_seq_len": hf["max_seq_len"], "vocab_size": hf["vocab_size"],
+              "alibi": True, "alibi_bias_max": 8, "attn_qk_ln": False, "attn_clip_qkv": None, "softmax_scale": None,
+              "no_bias": True, "low_precision_layernorm": True, "logit_scale": None, "embedding_fraction": 1.0}
+    (lm / "config.json").write_text(json.dumps(mosaic))
+    rename = {".norm_1.": ".ln_1.", ".norm_2.": ".ln_2.", ".ffn.up_proj.": ".mlp.mlp_up.",
+              ".ffn.down_proj.": ".mlp.mlp_down.", "transformer.norm_f.": "transformer.ln_f."}
+    weights = {}
+    for name, tensor in load_torch(lm / "model.safetensors").items():
+        for old, new in rename.items():
+            name = name.replace(old, new)
+        weights[name] = tensor
+    save_file(weights, str(lm / "model.safetensors"))
+    out = convert_openflamingo(folder / "checkpoint.pt", lm_dir=lm, vision=str(folder / "vision.json"),
+                               vision_weights=folder / "open_clip.safetensors", out_dir=tmp_path / "out",
+                               cross_attn_every_n_layers=cases["cross_attn_every_n_layers"]).folder
+    case = cases["cases"][0]
+    model = load_checkpoint(out)
+    inputs = model_inputs(case, tensors, cases["special_token_ids"]["<image>"])
+    with torch.no_grad():
+        ours = model(*(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                            "image_attention_mask"))).numpy()
+    expected = tensors[f"{case['name']}/logits"]
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_released_4b_checkpoint_buffers_are_skipped(tmp_path):
+    """OpenFlamingo-4B's checkpoint.pt carries GPT-NeoX buffers of transformers 4.28 (bool `attention.bias`,
+    `attention.masked_bias`, `rotary_emb.inv_freq` under the decoder_layer alias): known, skipped."""
+    folder, cases, _ = fixture("gpt_neox")
+    state = read_state_dict(folder / "checkpoint.pt")
+    for layer in range(4):
+        prefix = f"lang_encoder.gpt_neox.layers.{layer}.decoder_layer.attention."
+        state[prefix + "bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+        state[prefix + "masked_bias"] = torch.tensor(-1e9)
+    path = tmp_path / "released-4b.pt"
+    torch.save(state, path)
+    out = convert_openflamingo(path, lm_dir=folder / "lm", vision=str(folder / "vision.json"),
+                               vision_weights=folder / "open_clip.safetensors", out_dir=tmp_path / "out",
+                               cross_attn_every_n_layers=cases["cross_attn_every_n_layers"]).folder
+    ours, reference = (load_file(f / "model.safetensors") for f in (out, convert("gpt_neox", tmp_path / "ref")))
+    assert ours.keys() == reference.keys() and all(np.array_equal(ours[k], reference[k]) for k in ours)
