@@ -12,8 +12,8 @@ HELP = ("print a checkpoint's architecture (parameters per component, layers, he
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_ENGINES",
-                        help="an IDEFICS save_pretrained folder (config.json + weights), or an engines folder "
-                             "written by flamingo-edge build")
+                        help="an IDEFICS save_pretrained folder (config.json + weights), a folder written by "
+                             "flamingo-edge convert, or an engines folder written by flamingo-edge build")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
 
 
@@ -32,7 +32,8 @@ def format_summary(checkpoint: str, summary) -> str:
         f"{summary.vision_tokens_per_image} tokens; {summary.vision_layers} layers, {summary.vision_heads} heads, "
         f"width {summary.vision_width}",
         f"resampler   {summary.resampler} -> {summary.visual_tokens_per_image} visual tokens per image",
-        f"decoder     {summary.decoder_layers} layers, {summary.decoder_heads} heads, width {summary.decoder_width}",
+        f"decoder     {summary.decoder_layers} layers, {summary.decoder_heads} heads, width {summary.decoder_width}; "
+        f"{summary.decoder_blocks}",
         f"gated xattn before decoder layers {cross} ({len(summary.cross_attention_layers)} blocks, "
         f"{summary.cross_attention_heads} heads)",
         f"vocabulary  {summary.vocab_size} + {summary.additional_vocab_size} additional",

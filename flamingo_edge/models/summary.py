@@ -31,6 +31,7 @@ class ModelSummary:
     decoder_layers: int
     decoder_heads: int
     decoder_width: int
+    decoder_blocks: str  # how the LM's blocks are built, e.g. "RMSNorm, RoPE, SwiGLU (silu)"
     cross_attention_layers: list[int]  # decoder layers preceded by a gated cross-attention block
     cross_attention_heads: int
     vocab_size: int
@@ -42,6 +43,20 @@ class ModelSummary:
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def describe_blocks(text) -> str:
+    """The switches of a DecoderConfig in words: norm, positions, MLP, and the departures from LLaMA."""
+    norm = "RMSNorm" if text.norm == "rms" else ("LayerNorm" if text.norm_bias else "LayerNorm without bias")
+    if text.positions == "alibi":
+        positions = "ALiBi"
+    else:
+        positions = "RoPE" if text.rotary_channels == text.head_dim else \
+            f"RoPE on {text.rotary_channels} of {text.head_dim} channels"
+    mlp = f"{'SwiGLU' if text.mlp == 'swiglu' else 'MLP'} ({text.act})"
+    extras = [name for name, on in (("biased projections", text.attn_bias), ("q/k norm", text.qk_norm),
+                                    ("parallel residual", text.parallel_residual)) if on]
+    return ", ".join([norm, positions, mlp, *extras])
 
 
 def summarize(config: FlamingoConfig) -> ModelSummary:
@@ -67,6 +82,6 @@ def summarize(config: FlamingoConfig) -> ModelSummary:
         resampler=(f"{resampler.depth} blocks, {resampler.latents} latents, {resampler.heads} heads x "
                    f"{resampler.head_dim}" if resampler.enabled else "off"),
         decoder_layers=text.layers, decoder_heads=text.heads, decoder_width=text.width,
-        cross_attention_layers=list(text.cross_layers), cross_attention_heads=text.cross_heads,
+        decoder_blocks=describe_blocks(text), cross_attention_layers=list(text.cross_layers), cross_attention_heads=text.cross_heads,
         vocab_size=text.vocab_size, additional_vocab_size=text.additional_vocab_size,
     )
