@@ -15,7 +15,7 @@ import numpy as np
 from flamingo_edge.errors import FlamingoEdgeError
 from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.pipeline import Pipeline
-from flamingo_edge.tools.tolerances import relative_error
+from flamingo_edge.tolerances import relative_error
 
 
 def run(export_dir, device, prompts, new_tokens):

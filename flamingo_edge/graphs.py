@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 
 # Bumped whenever a name, dtype or dim of any graph changes; export.json records it and the runtime checks it.
 CONTRACT_VERSION = 1

@@ -25,21 +25,24 @@ from flamingo_edge.errors import FlamingoEdgeError, UsageError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from flamingo_edge.cli.arguments import count, text
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="video file or folder (path or file://), v4l2:///dev/videoN, csi://N, rtsp://...")
-    parser.add_argument("--export", default="demo", help="an export folder, or demo (default: demo)")
+    parser.add_argument("--export", default="demo",
+                        help="an export folder, or demo: the bundled checkpoint's cached export (default: demo)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                         help="refuse an export of another precision (make one with flamingo-edge quantize)")
-    parser.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+    parser.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", type=text,
                         help="text after each frame; repeat to rotate prompts (default: 'caption:')")
     parser.add_argument("--few-shot", metavar="FILE",
                         help='JSON list of {"image": path, "text": ...} examples put before every frame')
-    parser.add_argument("--every", type=int, default=1, help="take every N-th frame (default: 1)")
+    parser.add_argument("--every", type=count, default=1, help="take every N-th frame (default: 1)")
     parser.add_argument("--fps", type=float, help="take at most F frames a second")
     parser.add_argument("--change-threshold", type=float, default=0.0,
                         help="frames differing less than this (mean 0-255 on a thumbnail) reuse the last one's "
                              "visual tokens (default: 0, identical frames only)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="(default: 16)")
+    parser.add_argument("--max-new-tokens", type=count, default=16, help="(default: 16)")
     parser.add_argument("--output", metavar="OUT.mp4", help="write the frames with the caption drawn on them")
     parser.add_argument("--display", action="store_true", help="show the frames in a window")
     parser.add_argument("--headless", action="store_true", help="JSON lines on stdout (default with no output)")
@@ -157,6 +160,9 @@ def main(argv=None) -> int:
     except FlamingoEdgeError as error:
         print(f"camera_app: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the stream runs (e.g. while `demo` is first exported); nothing is half-written
+        print("camera_app: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

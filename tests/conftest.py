@@ -38,7 +38,7 @@ def idefics_export(idefics_checkpoint, tmp_path_factory):
     """`flamingo-edge export` of `idefics_checkpoint` (checked against PyTorch while exporting)."""
     from flamingo_edge.export.export import export_all
 
-    out = tmp_path_factory.mktemp("export")
+    out = tmp_path_factory.mktemp("export") / "export"  # export_all writes a new folder
     export_all(idefics_checkpoint, out, seed=SEED)
     return out
 
@@ -123,3 +123,14 @@ def openflamingo_export(tmp_path_factory):
         return made[family]
 
     return get
+
+
+def assert_imports_without(module: str, banned: tuple[str, ...] = ("torch", "transformers", "PIL")) -> None:
+    """Importing `module` in a fresh interpreter loads none of `banned` (what an edge device does not install)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; bad = [m for m in {banned!r} if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -50,6 +50,7 @@ def run_app(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(APP), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_app_captions_a_video_of_demo_scenes(tmp_path, seed, demo_export):
     video, out = tmp_path / "scenes.mp4", tmp_path / "overlaid.mp4"
     truth = write_video(video, np.random.default_rng(seed), scenes_n=15, hold=3)
@@ -81,6 +82,7 @@ def test_a_truncated_video_ends_cleanly_and_says_so(tmp_path, seed, demo_export)
     assert result.returncode == 2 and "damaged or truncated file" in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_video_stays_playable(tmp_path, seed, demo_export):
     import signal
     import time

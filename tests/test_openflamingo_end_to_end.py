@@ -18,6 +18,10 @@ from flamingo_edge.runtime.pipeline import Pipeline
 
 from conftest import OPENFLAMINGO_FIXTURES
 
+# slow: the session converts and exports a checkpoint per family (~35 s on 2 cores) before any test here runs;
+# the fast loop keeps the model-level parity (tests/models/test_open_flamingo_parity.py).
+pytestmark = pytest.mark.slow
+
 FAMILIES = ("llama", "mpt", "gpt_neox")
 ROOT = Path(__file__).resolve().parents[1]
 

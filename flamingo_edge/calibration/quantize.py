@@ -12,17 +12,23 @@ The output folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import io
+import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
+from flamingo_edge.precision import QUANTIZED_PRECISIONS, Precision
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
+from flamingo_edge.extras import require
 from flamingo_edge.graphs import GRAPH_NAMES
 
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = tuple(p.value for p in QUANTIZED_PRECISIONS)  # the CLI choices
 METHODS = ("minmax", "entropy", "percentile")
 # Kept in float32 in fp16 graphs: LayerNorm and RMSNorm (mean of squares overflows fp16), softmax, and the exp/sqrt
 # behind them.
@@ -31,6 +37,8 @@ FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax
 INT8_OP_TYPES = ("MatMul", "Gemm", "Conv")
 INT8_DEFAULT_GRAPHS = ("vision", "resampler", "xattn_kv")
 
+logger = logging.getLogger(__name__)
+
 
 def _fp16(source: Path, target: Path, keep_fp32: tuple[str, ...]) -> None:
     import onnx
@@ -38,6 +46,32 @@ def _fp16(source: Path, target: Path, keep_fp32: tuple[str, ...]) -> None:
 
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, op_block_list=list(keep_fp32))
     atomic_write(target, model.SerializeToString())
+
+
+class _QuietQuantizationTools(logging.Filter):
+    """Drops onnxruntime.quantization's advice on the root logger ("Please consider pre-processing before
+    quantization", once per graph): it is about models we build ourselves, and says nothing the user can act on.
+    Its errors still pass, and everything does with verbose logging (flamingo-edge -v)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_tools = f"onnxruntime{os.sep}quantization{os.sep}" in record.pathname
+        return not from_tools or record.levelno >= logging.ERROR or logger.isEnabledFor(logging.INFO)
+
+
+@contextmanager
+def _quiet_quantization_tools() -> Iterator[None]:
+    """onnxruntime.quantization's warnings (root logger) and prints (its entropy and percentile calibrators print
+    their progress on stdout) kept off the terminal; the prints go to this module's log at INFO (-v). Stdout is
+    redirected for the whole process while it runs."""
+    quiet, printed = _QuietQuantizationTools(), io.StringIO()
+    logging.getLogger().addFilter(quiet)  # onnxruntime.quantization calls logging.warning(): the root logger
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+        for line in printed.getvalue().splitlines():
+            logger.info("onnxruntime.quantization: %s", line)
 
 
 def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str, ...]) -> None:
@@ -82,16 +116,16 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if method not in METHODS:
         raise UsageError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    graphs = list(graphs or (GRAPH_NAMES if precision == "fp16" else INT8_DEFAULT_GRAPHS))
+    graphs = list(graphs or (GRAPH_NAMES if precision == Precision.FP16 else INT8_DEFAULT_GRAPHS))
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown:
         raise UsageError(f"unknown graph(s) {unknown}; the graphs are {', '.join(GRAPH_NAMES)}")
     check_new_folder(out_dir)
     record = read_export_record(export_dir)
-    if record.precision != "fp32":
+    if record.precision != Precision.FP32:
         raise UsageError(f"{export_dir} is already {record.precision}; quantize the fp32 export it came from")
     calibration_record = None
-    if precision == "int8":
+    if precision == Precision.INT8:
         from flamingo_edge.calibration.trt_cache import header
 
         header(tensorrt_version)  # a bad version fails now, not after the work
@@ -103,6 +137,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         if calibration_record.export_graphs_sha256 != {n: g.sha256 for n, g in record.graphs.items()}:
             raise CalibrationError(f"{calibration} was recorded on another export ({calibration_record.export}); "
                                    f"run flamingo-edge calibrate {export_dir} again")
+    require("onnx", "export", "quantize (onnxruntime's quantization tools read and write ONNX with it)")
     try:
         import onnxruntime.quantization  # noqa: F401
     except ImportError as error:
@@ -124,20 +159,21 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                 continue
             if on_graph:
                 on_graph(name)
-            if precision == "fp16":
+            if precision == Precision.FP16:
                 _fp16(source, target, keep)
             else:
                 from flamingo_edge.calibration.record import iter_samples
 
                 from flamingo_edge.calibration.trt_cache import activation_amax, write_cache
 
-                _int8(source, target, iter_samples(calibration, name), method, op_types)
+                with _quiet_quantization_tools():
+                    _int8(source, target, iter_samples(calibration, name), method, op_types)
+                    amax = activation_amax(source, iter_samples(calibration, name), method)
                 caches[name] = f"{name}.int8-calib.cache"
-                amax = activation_amax(source, iter_samples(calibration, name), method)
                 atomic_write(partial / caches[name], write_cache(amax, tensorrt_version))
             files[name] = replace(entry, sha256=sha256_of(target), data_file=None, data_sha256=None)
         provenance = {"source_export": str(export_dir.resolve()), "graphs": graphs,
-                      "kept_in_float": list(keep) if precision == "fp16" else
+                      "kept_in_float": list(keep) if precision == Precision.FP16 else
                       f"every op except {', '.join(op_types)}"}
         if calibration_record is not None:
             provenance.update(method=method, calibration=str(Path(calibration).resolve()),

@@ -25,26 +25,13 @@ import numpy as np
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES
+from flamingo_edge.runtime.backend import RecordingSession
 from flamingo_edge.runtime.pipeline import Pipeline
+from flamingo_edge.runtime.processor import IMAGE_MARKER, prompt_items, read_prompt_file
 
 RECORD_FILE = "calibration.json"
 RECORD_VERSION = 1
 DEFAULT_PROMPTS = ("<image>caption:", "<image>question: what colour is the square? answer:")
-
-
-class RecordingSession:
-    """A session that keeps a copy of every feed it runs (forwarding to the real one)."""
-
-    def __init__(self, inner):
-        self.inner, self.spec = inner, inner.spec
-        self.feeds: list[dict[str, np.ndarray]] = []
-
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.feeds.append({name: np.array(feed[name]) for name in self.spec.input_names})
-        return self.inner.run(feed)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass
@@ -64,20 +51,16 @@ def calibration_prompts(prompts_file: str | Path | None) -> list[str]:
     """The prompt templates: one per line with exactly one `<image>`, or the defaults.
 
     Raises:
-        UsageError: an unreadable file, no prompt, or a line without exactly one `<image>`.
+        PromptError: an unreadable file or no prompt.
+        UsageError: a line without exactly one `<image>`.
     """
     if prompts_file is None:
         return list(DEFAULT_PROMPTS)
-    try:
-        lines = [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read the prompts file {prompts_file}: {error}") from None
-    if not lines:
-        raise UsageError(f"{prompts_file} has no prompt; write one per line, each with one <image>")
-    bad = [number for number, line in enumerate(lines, 1) if line.count("<image>") != 1]
+    lines = read_prompt_file(prompts_file)
+    bad = [number for number, line in enumerate(lines, 1) if line.count(IMAGE_MARKER) != 1]
     if bad:
-        raise UsageError(f"{prompts_file}: line(s) {bad} must have exactly one <image> (where the calibration image "
-                         "goes)")
+        raise UsageError(f"{prompts_file}: line(s) {bad} must have exactly one {IMAGE_MARKER} (where the calibration "
+                         "image goes)")
     return lines
 
 
@@ -90,8 +73,6 @@ def record_calibration(export_dir: str | Path, images: list[np.ndarray], prompts
         UsageError: `out_dir` already exists (nothing is overwritten).
         ExportError: `export_dir` is not a complete export.
     """
-    from flamingo_edge.cli.generate import prompt_items
-
     export_dir, out_dir = Path(export_dir), check_new_folder(out_dir)
     record = read_export_record(export_dir)
     with Pipeline.open(export_dir, device="cpu", prefix_cache_bytes=0) as pipeline:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.errors import CalibrationError, ImageError
-from flamingo_edge.runtime.image import IMAGE_SUFFIXES, load_image
+from flamingo_edge.runtime.image import IMAGE_SUFFIXES, import_opencv, load_image
 
 DEMO = "demo"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
@@ -30,6 +30,8 @@ def load_images(source: str | Path, n: int, seed: int) -> list[np.ndarray]:
     """
     if n < 1:
         raise CalibrationError(f"--n must be at least 1 (got {n})")
+    if seed < 0:
+        raise CalibrationError(f"--seed must be an integer >= 0 (got {seed})")
     if str(source) == DEMO:
         from flamingo_edge.demo import scenes
 
@@ -65,7 +67,7 @@ def _folder_images(folder: Path, n: int) -> list[np.ndarray]:
 def _video_frames(path: Path, n: int) -> list[np.ndarray]:
     """n frames spread evenly over the video (by its frame count; the first n when it reports none), decoding only
     those and skipping over the rest, so a long video costs no memory."""
-    import cv2
+    cv2 = import_opencv()
 
     capture = cv2.VideoCapture(str(path))
     try:

@@ -156,7 +156,7 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
     else:
         cudart = None
 
-    from flamingo_edge.engines.trt_compat import version_tuple
+    from flamingo_edge.trt_compat import version_tuple
 
     narrow_int64 = version_tuple(getattr(trt, "__version__", "10"))[0] < 10
 

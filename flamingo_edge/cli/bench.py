@@ -11,6 +11,7 @@ HELP = ("time an export on a backend per stage (preprocess, vision, resampler, x
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.arguments import count, natural
     from flamingo_edge.cli.backends import add_backend_arguments
 
     parser.add_argument("export_dir", metavar="EXPORT",
@@ -24,11 +25,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="EXPORT",
                         help="also run the workload on this export (e.g. the fp32 one a quantized export came from) "
                              "and print the ratios")
-    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default: 32)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default: 32)")
-    parser.add_argument("--images", type=int, default=1, help="images per prompt, new every run (default: 1)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random images (default: 0)")
+    parser.add_argument("--prompt-tokens", type=count, default=32, help="prompt length in tokens (default: 32)")
+    parser.add_argument("--new-tokens", type=count, default=32, help="tokens generated per run (default: 32)")
+    parser.add_argument("--images", type=count, default=1, help="images per prompt, new every run (default: 1)")
+    parser.add_argument("--runs", type=count, default=5, help="timed runs after one warm-up (default: 5)")
+    parser.add_argument("--seed", type=natural, default=0, help="seed of the random images (default: 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (docs/bench.md)")
 
 
@@ -69,25 +70,22 @@ def print_report(report: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.artifacts import atomic_write, check_output_file
     from flamingo_edge.cli.backends import pipeline_options
+    from flamingo_edge.cli.progress import Progress
+    from flamingo_edge.demo.bundle import resolve_export
     from flamingo_edge.errors import UsageError
     from flamingo_edge.tools.bench import Workload, bench
 
-    for name in ("prompt_tokens", "new_tokens", "images", "runs"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.new_tokens < 2:
         raise UsageError("--new-tokens must be at least 2 to measure decode speed")
-    from flamingo_edge.demo.bundle import resolve_export
-
+    if args.json:
+        check_output_file(args.json)  # before the work
     export_dir = resolve_export(args.export_dir)
     workload = Workload(images=args.images, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         runs=args.runs)
     stages = 2 + 2 * bool(args.reference) + bool(args.baseline)
-    with tqdm(desc="bench", unit="stage", total=stages, leave=False) as bar:
+    with Progress(desc="bench", unit="stage", total=stages, leave=False) as bar:
         report = bench(export_dir, workload, **pipeline_options(args), device=args.device, reference=args.reference,
                        baseline=args.baseline, seed=args.seed,
                        on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))

@@ -8,18 +8,20 @@ HELP = "build a TensorRT engine per graph of an export for a target GPU, with a 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.arguments import count, natural
     from flamingo_edge.engines.build import TARGETS
 
-    parser.add_argument("export_dir", metavar="EXPORT", help="an export folder (fp32, fp16 or int8)")
+    parser.add_argument("export_dir", metavar="EXPORT",
+                        help="an export folder (fp32, fp16 or int8; `demo`: the bundled checkpoint's cached export)")
     parser.add_argument("-o", "--output", metavar="ENGINES", help="folder to write (must not exist)")
     parser.add_argument("--target", choices=TARGETS,
                         help="; ".join(f"{name}: {t.note}" for name, t in TARGETS.items()))
     for name, default_help in (("max-batch", "sequences per run"), ("max-prompt", "tokens in one prefill"),
                                ("max-context", "prompt + generated tokens"), ("max-images", "images per sequence")):
-        parser.add_argument(f"--{name}", type=int, help=f"{default_help} (default: the target's preset, within the "
+        parser.add_argument(f"--{name}", type=count, help=f"{default_help} (default: the target's preset, within the "
                                                         "model's positions)")
-    parser.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace cap (default: the target's)")
-    parser.add_argument("--dla-core", type=int, metavar="N",
+    parser.add_argument("--workspace", type=count, metavar="MiB", help="builder workspace cap (default: the target's)")
+    parser.add_argument("--dla-core", type=natural, metavar="N",
                         help="Jetson Orin: build the vision graph for DLA core N with GPU fallback (fp16/int8 exports)")
     parser.add_argument("--timing-cache", metavar="PATH",
                         help="TensorRT timing cache: read if present, written after the build (faster rebuilds on "
@@ -52,23 +54,26 @@ def check_ops(export_dir: str, version: str) -> int:
 def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tqdm import tqdm
-
+    from flamingo_edge.artifacts import check_new_folder
+    from flamingo_edge.cli.progress import Progress
+    from flamingo_edge.demo.bundle import resolve_export
     from flamingo_edge.engines.build import TARGETS, build_engines
     from flamingo_edge.errors import UsageError
     from flamingo_edge.graphs import GRAPH_NAMES
 
     if args.check_ops:
-        return check_ops(args.export_dir, args.check_ops)
+        return check_ops(resolve_export(args.export_dir), args.check_ops)
     if not args.output or not args.target:
         raise UsageError("flamingo-edge build needs -o ENGINES and --target (or only --check-ops VERSION)")
+    check_new_folder(args.output)  # before `demo` is exported
+    export_dir = resolve_export(args.export_dir)
 
     limits = None
     given = {k: getattr(args, k) for k in ("max_batch", "max_prompt", "max_context", "max_images")
              if getattr(args, k) is not None}
     if given:
         limits = replace(TARGETS[args.target].limits, **given)
-    with tqdm(total=len(GRAPH_NAMES), desc=f"build ({args.target})", unit="graph") as bar:
+    with Progress(total=len(GRAPH_NAMES), desc=f"build ({args.target})", unit="graph") as bar:
         current = []  # the graph being built
 
         def on_graph(name: str) -> None:  # a bar step per finished graph, the one being built named
@@ -77,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             current[:] = [name]
             bar.set_postfix_str(name)
 
-        manifest = build_engines(args.export_dir, args.output, args.target, limits=limits,
+        manifest = build_engines(export_dir, args.output, args.target, limits=limits,
                                  workspace_mib=args.workspace, dla_core=args.dla_core,
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  version_compatible=args.version_compatible,

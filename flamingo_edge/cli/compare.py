@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 HELP = ("compare an export, run by a backend, with the checkpoint's PyTorch reference: per graph, per layer and end "
         "to end; exits 1 when it leaves the tolerance")
@@ -13,21 +12,23 @@ TEXT_ONLY_PROMPT = "question: what colour is the square? answer:"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.arguments import count, natural
     from flamingo_edge.cli.backends import add_backend_arguments
 
     parser.add_argument("checkpoint", help="the checkpoint folder the export was made from (`demo`: the bundled one)")
     parser.add_argument("export_dirs", nargs="+", metavar="EXPORT",
-                        help="the export folder (flamingo-edge export or quantize); several (e.g. fp32, fp16, int8) "
-                             "are compared on the same inputs and summed up side by side")
+                        help="the export folder (flamingo-edge export or quantize; `demo`: the bundled checkpoint's "
+                             "cached export); several (e.g. fp32, fp16, int8) are compared on the same inputs and "
+                             "summed up side by side")
     add_backend_arguments(parser)
     parser.add_argument("--images", nargs="+", default=[], metavar="IMAGE",
                         help="images to feed (default: two generated demo scenes)")
     parser.add_argument("--prompts", metavar="FILE",
                         help="one prompt per line, with <image> where each image goes; the images of --images are "
                              f"used in order (default: {DEFAULT_PROMPT!r} per image, plus one text-only prompt)")
-    parser.add_argument("--new-tokens", type=int, default=12,
+    parser.add_argument("--new-tokens", type=count, default=12,
                         help="greedy tokens per prompt for the token comparisons (default: 12)")
-    parser.add_argument("--task-n", type=int, default=100,
+    parser.add_argument("--task-n", type=natural, default=100,
                         help="held-out scenes scored on both sides when the checkpoint is the demo model; 0 skips "
                              "(default: 100)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (docs/compare.md)")
@@ -35,7 +36,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--polygraphy", metavar="DIR",
                         help="also write each graph's inputs and both sides' outputs as Polygraphy JSON "
                              "(<graph>_inputs.json, <graph>_outputs.json) to continue in Polygraphy; needs polygraphy")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated scenes (default: 0)")
+    parser.add_argument("--seed", type=natural, default=0, help="seed of the generated scenes (default: 0)")
 
 
 def build_prompts(images: list, prompts_file: str | None) -> list:
@@ -45,14 +46,12 @@ def build_prompts(images: list, prompts_file: str | None) -> list:
     Raises:
         PromptError: the markers and the images do not pair up, or the file has no prompt.
     """
-    from flamingo_edge.cli.generate import IMAGE_MARKER, prompt_items
     from flamingo_edge.errors import PromptError
+    from flamingo_edge.runtime.processor import IMAGE_MARKER, prompt_items, read_prompt_file
 
     if prompts_file is None:
         return [prompt_items(DEFAULT_PROMPT, [image]) for image in images] + [[TEXT_ONLY_PROMPT]]
-    lines = [line for line in _read(prompts_file).splitlines() if line.strip()]
-    if not lines:
-        raise PromptError(f"{prompts_file} has no prompt; write one per line")
+    lines = read_prompt_file(prompts_file)
     needed = sum(line.count(IMAGE_MARKER) for line in lines)
     if needed != len(images):
         raise PromptError(f"{prompts_file} has {needed} '{IMAGE_MARKER}' markers but {len(images)} images were given")
@@ -64,28 +63,21 @@ def build_prompts(images: list, prompts_file: str | None) -> list:
     return prompts
 
 
-def _read(prompts_file: str) -> str:
-    from flamingo_edge.errors import UsageError
-
-    try:
-        return Path(prompts_file).read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read the prompts file {prompts_file}: {error}") from None
-
-
 def _default_images(seed: int, prompts_file: str | None) -> list:
     """Generated demo scenes: two, or as many as the prompts file has markers."""
     import numpy as np
 
-    from flamingo_edge.cli.generate import IMAGE_MARKER
+    from flamingo_edge.runtime.processor import IMAGE_MARKER, read_prompt_file
     from flamingo_edge.demo import scenes
 
-    count = 2 if prompts_file is None else _read(prompts_file).count(IMAGE_MARKER)
+    count = 2 if prompts_file is None else sum(line.count(IMAGE_MARKER) for line in read_prompt_file(prompts_file))
     rng = np.random.default_rng(seed)
     return [scenes.make_scene(rng).image for _ in range(count)]
 
 
 def print_report(report) -> None:
+    from flamingo_edge.precision import Precision
+
     print(f"{'graph / layer':32} {'max abs':>10} {'max rel':>10} {'cosine':>10}")
     for name, graph in report.graphs.items():
         worst = max(graph.outputs.items(), key=lambda item: item[1].max_rel)
@@ -105,7 +97,7 @@ def print_report(report) -> None:
               f"{ours['caption_accuracy']:.1%}")
     verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
     rules = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in report.tolerance.items()
-                      if report.precision == "fp32" or name != "relative_error")
+                      if report.precision == Precision.FP32 or name != "relative_error")
     print(f"\n{verdict} ({report.precision} export; judged on: {rules})")
 
 
@@ -191,10 +183,10 @@ def plot_report(report, path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from flamingo_edge.artifacts import atomic_write
+    from flamingo_edge.artifacts import atomic_write, check_output_file
     from flamingo_edge.cli.backends import pipeline_options
+    from flamingo_edge.cli.progress import Progress
+    from flamingo_edge.demo.bundle import resolve_export
     from flamingo_edge.errors import UsageError
     from flamingo_edge.runtime.processor import load_image
     from flamingo_edge.tools.compare import compare
@@ -205,11 +197,14 @@ def main(args: argparse.Namespace) -> int:
         _polygraphy()
     if len(args.export_dirs) > 1 and (args.plot or args.polygraphy or args.engines):
         raise UsageError("--plot, --polygraphy and --engines take one export; run compare once per export for them")
+    for path in (args.json, args.plot):
+        if path:
+            check_output_file(path)  # before the work
     images = [load_image(path) for path in args.images] if args.images else _default_images(args.seed, args.prompts)
     prompts = build_prompts(images, args.prompts)
     reports = []
-    for export_dir in args.export_dirs:
-        with tqdm(total=7, desc="compare", unit="stage", leave=False) as bar:
+    for export_dir in [resolve_export(path) for path in args.export_dirs]:
+        with Progress(total=7, desc="compare", unit="stage", leave=False) as bar:
             def on_stage(name: str) -> None:
                 bar.set_postfix_str(name)
                 bar.update(1)

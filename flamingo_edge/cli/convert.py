@@ -8,6 +8,8 @@ HELP = "convert another family's checkpoint (OpenFlamingo) into a checkpoint fol
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.arguments import count
+
     families = parser.add_subparsers(dest="family", required=True, metavar="FAMILY")
     of = families.add_parser(
         "openflamingo", help="an open_flamingo 2.x checkpoint with its language model and open_clip vision tower",
@@ -23,7 +25,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     of.add_argument("--vision-weights", default=None, metavar="FILE",
                     help="open_clip (visual.* or whole CLIP) or HF CLIP weights of the vision tower; needed when "
                          "the checkpoint has no vision_encoder.* tensors (released checkpoints have none)")
-    of.add_argument("--cross-attn-every-n-layers", type=int, required=True, metavar="N",
+    of.add_argument("--cross-attn-every-n-layers", type=count, required=True, metavar="N",
                     help="a gated cross-attention block before decoder layer i where (i + 1) %% N == 0, as the "
                          "release was trained (3B: 1, 4B: 2, 9B: 4)")
     of.add_argument("-o", "--out-dir", required=True, help="checkpoint folder to write (must not exist)")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 HELP = ("export the bundled demo checkpoint (cached), then caption, answer, run a few-shot prompt with prefix reuse, "
         "and compare held-out accuracy of PyTorch and ONNX Runtime")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=500, help="held-out scenes for the accuracy check (default: 500)")
-    parser.add_argument("--seed", type=int, default=2024, help="seed of the scenes shown (default: 2024)")
+    from flamingo_edge.cli.arguments import count, natural
+
+    parser.add_argument("--n", type=count, default=500, help="held-out scenes for the accuracy check (default: 500)")
+    parser.add_argument("--seed", type=natural, default=2024, help="seed of the scenes shown (default: 2024)")
 
 
 def _generate(pipeline, prompt, max_new_tokens=12):
@@ -28,14 +29,14 @@ def _mark(ok: bool) -> str:
 
 def main(args: argparse.Namespace) -> int:
     import numpy as np
-    from tqdm import tqdm
 
+    from flamingo_edge.cli.progress import Progress
     from flamingo_edge.demo import scenes
     from flamingo_edge.demo.bundle import demo_export
     from flamingo_edge.demo.evaluate import evaluate, pipeline_answerer, pytorch_answerer
     from flamingo_edge.runtime.pipeline import Pipeline
 
-    with tqdm(total=4, unit="graph", desc="export (cached)", leave=False) as bar:
+    with Progress(total=4, unit="graph", desc="export (cached)", leave=False) as bar:
         export = demo_export(on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     print(f"demo export: {export}")
     rng = np.random.default_rng(args.seed)
@@ -60,7 +61,6 @@ def main(args: argparse.Namespace) -> int:
         for index in range(2):
             query = scenes.make_scene(rng)
             before = dict(pipeline.stats)
-            start = time.perf_counter()
             text, ttft, _ = _generate(pipeline, [*shots, *scenes.caption_prompt(query)])
             reused = pipeline.stats["prefix_tokens_reused"] - before.get("prefix_tokens_reused", 0)
             hits = pipeline.stats["image_cache_hits"] - before.get("image_cache_hits", 0)
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n4. held-out accuracy on {args.n} new scenes")
     backends = (("PyTorch", lambda: pytorch_answerer("demo")), ("ONNX Runtime", lambda: pipeline_answerer(export)))
     for name, answerer in backends:
-        with tqdm(total=2 * args.n, unit="prompt", desc=name, leave=False) as bar:
+        with Progress(total=2 * args.n, unit="prompt", desc=name, leave=False) as bar:
             report = evaluate(answerer(), n=args.n, on_batch=bar.update)
         print(f"   {name:13} answers {report.answer_accuracy:6.1%}   captions {report.caption_accuracy:6.1%}")
     print(f"\n5. speed (ONNX Runtime, CPU, one caption prompt): time to first token "

@@ -11,6 +11,7 @@ BACKENDS = ("pytorch", "onnxruntime")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from flamingo_edge.cli.arguments import count, natural
     from flamingo_edge.demo.evaluate import EVAL_SEED
 
     parser.add_argument("paths", nargs="+", metavar="CHECKPOINT_OR_EXPORT",
@@ -18,8 +19,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "`demo` names the bundled checkpoint (its cached export for onnxruntime); several exports "
                         "(e.g. fp32, fp16, int8) are scored side by side on the same scenes")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default: onnxruntime)")
-    parser.add_argument("--n", type=int, default=200, help="held-out scenes (default: 200)")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED,
+    parser.add_argument("--n", type=count, default=200, help="held-out scenes (default: 200)")
+    parser.add_argument("--seed", type=natural, default=EVAL_SEED,
                         help=f"seed of the held-out scenes; training used 0 (default: {EVAL_SEED})")
     parser.add_argument("--json", action="store_true", help="print one JSON object (n, answer_accuracy, "
                         "caption_accuracy) instead of text; with several paths, a list of them with path and "
@@ -29,7 +30,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def _answerer(path: Path, backend: str):
     from flamingo_edge.demo.evaluate import pipeline_answerer, pytorch_answerer
     from flamingo_edge.errors import ExportError
-    from flamingo_edge.models.checkpoint import DEMO, resolve_checkpoint
+    from flamingo_edge.artifacts import DEMO, resolve_checkpoint
 
     if str(path) == DEMO:  # the bundled checkpoint, or for onnxruntime its cached export
         if backend == "pytorch":
@@ -43,10 +44,10 @@ def _answerer(path: Path, backend: str):
             raise ExportError(f"{path} is an export; the pytorch backend needs the checkpoint it was exported from "
                               "(its path is in export.json under 'checkpoint')")
         return pytorch_answerer(path)
-    if not is_export:
+    if not is_export and (path / "config.json").is_file():
         raise ExportError(f"{path} is not an export folder (no export.json); export it first: "
                           f"flamingo-edge export {path} -o OUT, then flamingo-edge eval OUT")
-    return pipeline_answerer(path)
+    return pipeline_answerer(path)  # anything else that is not an export: Pipeline.open says what it is
 
 
 def _precision(path: str, backend: str) -> str:
@@ -58,14 +59,13 @@ def _precision(path: str, backend: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from flamingo_edge.cli.progress import Progress
     from flamingo_edge.demo.evaluate import evaluate
 
     answerers = [(path, _answerer(Path(path), args.backend)) for path in args.paths]  # every path checked first
     results = []
     for path, answer in answerers:
-        with tqdm(total=2 * args.n, unit="prompt", desc=f"eval ({args.backend})", disable=args.json) as bar:
+        with Progress(total=2 * args.n, unit="prompt", desc=f"eval ({args.backend})", disable=args.json) as bar:
             report = evaluate(answer, n=args.n, seed=args.seed, on_batch=bar.update)
         results.append({"path": path, "precision": _precision(path, args.backend), **report.to_dict()})
     if args.json:

@@ -13,7 +13,8 @@ HELP = ("print a checkpoint's architecture (parameters per component, layers, he
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_ENGINES",
                         help="an IDEFICS save_pretrained folder (config.json + weights), a folder written by "
-                             "flamingo-edge convert, or an engines folder written by flamingo-edge build")
+                             "flamingo-edge convert, an export folder, or an engines folder written by flamingo-edge "
+                             "build; `demo`: the bundled checkpoint, and where its export is cached")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
 
 
@@ -46,7 +47,7 @@ def engines_report(engines_dir: str) -> dict:
     run them: "yes", "no" (another TensorRT or GPU) or "unknown" (no TensorRT, cuda-python or GPU here)."""
     from dataclasses import asdict
 
-    from flamingo_edge.engines.manifest import check_runtime, read_manifest
+    from flamingo_edge.manifest import check_runtime, read_manifest
     from flamingo_edge.errors import EngineMismatchError, FeatureUnavailableError
     from flamingo_edge.runtime.tensorrt_backend import runtime_key
 
@@ -73,19 +74,51 @@ def format_engines(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _demo_export_line() -> tuple[str, dict]:
+    """Where `demo` (as an export) is cached, and whether it is there yet."""
+    from flamingo_edge.artifacts import read_export_record
+    from flamingo_edge.demo.bundle import demo_export_folder
+    from flamingo_edge.errors import ExportError
+
+    folder = demo_export_folder()
+    try:
+        read_export_record(folder)
+        exported = True
+    except ExportError:
+        exported = False
+    state = "exported" if exported else "not exported yet; the first command given `demo` as its export writes it"
+    return f"demo export {folder} ({state})", {"folder": str(folder), "exported": exported}
+
+
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    if (Path(args.checkpoint) / "manifest.json").is_file():
+    from flamingo_edge.artifacts import EXPORT_RECORD, read_export_record
+    from flamingo_edge.config import FlamingoConfig
+    from flamingo_edge.artifacts import DEMO
+    from flamingo_edge.manifest import MANIFEST
+
+    folder = Path(args.checkpoint)
+    if (folder / MANIFEST).is_file():
         report = engines_report(args.checkpoint)
         print(json.dumps(report, indent=2) if args.json else format_engines(report))
         return 0
     from flamingo_edge.models import load_config
     from flamingo_edge.models.summary import summarize
 
-    summary = summarize(load_config(args.checkpoint))
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, **summary.to_dict()}, indent=2))
+    extra, before, after = {}, [], []
+    if args.checkpoint != DEMO and (folder / EXPORT_RECORD).is_file():  # an export: the model it holds
+        record = read_export_record(folder, verify_hashes=False)
+        summary, checkpoint = summarize(FlamingoConfig.from_dict(record.config)), record.checkpoint
+        extra = {"export": str(folder), "precision": record.precision, "opset": record.opset}
+        before = [f"export      {folder} ({record.precision}, opset {record.opset}) of:"]
     else:
-        print(format_summary(args.checkpoint, summary))
+        summary, checkpoint = summarize(load_config(args.checkpoint)), args.checkpoint
+    if args.checkpoint == DEMO:
+        line, extra["demo_export"] = _demo_export_line()
+        after = [line]
+    if args.json:
+        print(json.dumps({"checkpoint": checkpoint, **summary.to_dict(), **extra}, indent=2))
+    else:
+        print("\n".join([*before, format_summary(checkpoint, summary), *after]))
     return 0

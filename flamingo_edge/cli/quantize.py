@@ -12,7 +12,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.calibration.quantize import METHODS, PRECISIONS
     from flamingo_edge.graphs import GRAPH_NAMES
 
-    parser.add_argument("export_dir", metavar="EXPORT", help="the fp32 export folder")
+    parser.add_argument("export_dir", metavar="EXPORT",
+                        help="the fp32 export folder (`demo`: the bundled checkpoint's cached export)")
     parser.add_argument("--precision", required=True, choices=PRECISIONS)
     parser.add_argument("--calibration", metavar="CALIB",
                         help="int8: a flamingo-edge calibrate folder recorded on this export")
@@ -29,12 +30,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from flamingo_edge.artifacts import check_new_folder
     from flamingo_edge.calibration.quantize import quantize_export
+    from flamingo_edge.cli.progress import Progress
+    from flamingo_edge.demo.bundle import resolve_export
 
-    with tqdm(desc=f"quantize ({args.precision})", unit="graph", leave=False) as bar:
-        out = quantize_export(args.export_dir, args.output, args.precision, calibration=args.calibration,
+    check_new_folder(args.output)  # before `demo` is exported
+    export_dir = resolve_export(args.export_dir)
+    with Progress(desc=f"quantize ({args.precision})", unit="graph", leave=False) as bar:
+        out = quantize_export(export_dir, args.output, args.precision, calibration=args.calibration,
                               method=args.method, graphs=args.graphs, exclude_ops=args.exclude_ops,
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
                               tensorrt_version=args.trt_version)

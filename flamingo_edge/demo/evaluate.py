@@ -51,7 +51,15 @@ def evaluate(answer_batch: Callable[[list[list]], list[str]], *, n: int, seed: i
         seed: seed of the held-out scenes.
         batch_size: prompts per call.
         on_batch: called with the number of prompts done after each batch (progress).
+
+    Raises:
+        UsageError: n or batch_size < 1, or a negative seed.
     """
+    from flamingo_edge.errors import UsageError
+
+    for name, value, minimum in (("n", n, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UsageError(f"{name} must be an integer >= {minimum}; got {value!r}")
     items = list(held_out_prompts(n, seed))
     right = {"caption": 0, "answer": 0}
     for start in range(0, len(items), batch_size):

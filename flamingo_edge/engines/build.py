@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
-from flamingo_edge.engines.manifest import MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
+from flamingo_edge.precision import BUILDER_FLAGS, Precision
+from flamingo_edge.manifest import DLA_GRAPHS, MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
-from flamingo_edge.engines.trt_compat import TensorRT, collecting_logger, load, progress_monitor
+from flamingo_edge.trt_compat import TensorRT, collecting_logger, load, progress_monitor
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 
 logger = logging.getLogger(__name__)
 # Graphs a Jetson DLA may take (with GPU fallback for the layers it cannot run): the convolutional vision stem.
-DLA_GRAPHS = ("vision",)
 
 @dataclass(frozen=True)
 class Target:
@@ -60,7 +60,7 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class BuildOptions:
-    precision: str  # the export's: "fp32", "fp16" or "int8" (Q/DQ)
+    precision: Precision  # the export's
     target: Target
     workspace_mib: int | None = None
     dla_core: int | None = None  # Jetson DLA core for DLA_GRAPHS (GPU fallback for what it cannot run)
@@ -74,7 +74,7 @@ def _configure_precision(trt: TensorRT, config, precision: str, *, strongly_type
     """Weakly typed TensorRT (8.5, or 10.x asked for implicit INT8) needs builder flags for what it should use."""
     if strongly_typed or not trt.precision_flags:
         return []  # the precision is the graph's
-    flags = ["INT8", "FP16"] if implicit_int8 else {"fp16": ["FP16"], "int8": ["INT8", "FP16"]}.get(precision, [])
+    flags = list(BUILDER_FLAGS[Precision.INT8_IMPLICIT if implicit_int8 else Precision(precision)])
     for name in flags:
         config.set_flag(getattr(trt.module.BuilderFlag, name))
     return flags
@@ -189,7 +189,7 @@ def _check_options(trt: TensorRT, options: BuildOptions, precision: str) -> None
             raise FeatureUnavailableError(
                 f"{trt.flavour} {trt.version} has no implicit INT8 calibration (TensorRT 8.5-10.x has); build the "
                 "Q/DQ int8 export (flamingo-edge quantize --precision int8) instead")
-        if precision != "fp32":
+        if precision != Precision.FP32:
             raise UsageError(f"implicit INT8 quantizes the fp32 graphs; this export is {precision}")
     if options.version_compatible and not trt.version_compatible:
         raise FeatureUnavailableError(f"{trt.flavour} {trt.version} cannot build version-compatible engines (TensorRT "
@@ -205,7 +205,7 @@ def _check_options(trt: TensorRT, options: BuildOptions, precision: str) -> None
         if trt.flavour != "tensorrt" or not hasattr(trt.module, "DeviceType"):
             raise FeatureUnavailableError(f"{trt.flavour} {trt.version} has no DLA; DLA cores are on Jetson Orin "
                                           "(TensorRT 8.5-10.7, or 11.4.1+)")
-        if precision == "fp32" and options.int8_caches is None:
+        if precision == Precision.FP32 and options.int8_caches is None:
             raise UsageError("the DLA runs fp16 and int8 only: build an fp16 or int8 export for --dla-core")
         cores = trt.module.Builder(trt.module.Logger(trt.module.Logger.ERROR)).num_DLA_cores
         if options.dla_core >= cores:
@@ -223,7 +223,7 @@ def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, byt
     record = read_export_record(calibration)
     provenance = record.quantization or {}
     caches = provenance.get("tensorrt_calibration_caches") or {}
-    if record.precision != "int8" or not caches:
+    if record.precision != Precision.INT8 or not caches:
         raise UsageError(f"{calibration} holds no TensorRT calibration caches; give the int8 export that "
                          "flamingo-edge quantize --precision int8 wrote")
     if Path(provenance["source_export"]).resolve() != export_dir.resolve():

@@ -15,8 +15,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from flamingo_edge.engines.trt_compat import version_tuple
+from flamingo_edge.trt_compat import version_tuple
 from flamingo_edge.errors import UsageError
+from flamingo_edge.extras import require
 
 _TENSORRT_8_5 = frozenset((
     "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool",
@@ -84,6 +85,7 @@ def support_for(version: str) -> OperatorSupport:
 def graph_problems(onnx_path: str | Path, support: OperatorSupport) -> list[str]:
     """What in one ONNX graph the TensorRT of `support` cannot import: its opset, and unsupported or custom-domain
     operators (with counts and a hint where one is known)."""
+    require("onnx", "tensorrt", "the TensorRT operator check (build for TensorRT, build --check-ops)")
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)

@@ -2,12 +2,14 @@
 
     checkpoint --load_checkpoint--> FlamingoModel --WRAPPERS[name]--> nn.Module per graph
         --torch.onnx.export--> <tmp>/<name>.onnx --check_graph--> --verify_graph (ORT vs PyTorch)--> OUT/<name>.onnx
-    OUT/export.json is written last: a folder without it (or whose hashes differ) is not an export.
+    OUT/export.json is written last: a folder without it (or whose hashes differ) is not an export. The whole folder
+    is written under a temporary name next to OUT and renamed when complete (`artifacts.atomic_folder`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -20,14 +22,15 @@ import torch
 from torch import nn
 
 from flamingo_edge import __version__
-from flamingo_edge.artifacts import EXPORT_RECORD, ExportRecord, GraphFile, atomic_write, sha256_of
-from flamingo_edge.errors import CheckpointError, ExportError, ParityError
+from flamingo_edge.artifacts import (EXPORT_RECORD, OPSETS, ExportRecord, GraphFile, atomic_folder, atomic_write,
+                                    check_new_folder, checkpoint_digest, sha256_of)
+from flamingo_edge.errors import CheckpointError, ExportError, ParityError, UsageError
 from flamingo_edge.export.checks import check_graph
 from flamingo_edge.export.wrappers import WRAPPERS
 from flamingo_edge.graphs import CONTRACT_VERSION, DEFAULT_OPSET, GRAPH_NAMES, GraphSpec, build_graphs, example_feed
-from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
+from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint, weight_files
 from flamingo_edge.models.flamingo import FlamingoModel
-from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -193,43 +196,55 @@ def verify_graph(path: Path, spec: GraphSpec, module: nn.Module, feeds: list[dic
     return worst
 
 
-def _copy_tokenizer_files(checkpoint: Path, out_dir: Path) -> list[str]:
+def _check_tokenizer(checkpoint: Path) -> None:
     if not (checkpoint / "tokenizer.json").is_file():
         raise CheckpointError(f"{checkpoint}: no tokenizer.json; the runtime needs the fast-tokenizer file: save it "
-                              "with AutoTokenizer.from_pretrained(checkpoint).save_pretrained(checkpoint)")
+                              "with AutoTokenizer.from_pretrained(checkpoint).save_pretrained(checkpoint) (a folder "
+                              "written by flamingo-edge convert: convert it again)")
+
+
+def _copy_tokenizer_files(checkpoint: Path, out_dir: Path) -> list[str]:
+    _check_tokenizer(checkpoint)
     copied = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
     for name in copied:
         atomic_write(out_dir / name, (checkpoint / name).read_bytes())
     return copied
 
 
-def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, seed: int | None = None,
-               on_graph: Callable[[str], None] | None = None,
-               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, decompose_layernorm: bool = False,
-               ) -> ExportRecord:
-    """Export the four graphs of a checkpoint, check each against PyTorch, and write OUT/export.json.
-
-    Args:
-        checkpoint: an IDEFICS save_pretrained folder.
-        out_dir: the export folder (created; an existing export there is replaced).
-        opset: ONNX opset (default 17, the newest TensorRT 8.5 parses).
-        seed: seed of the random check inputs (default: fresh).
-        on_graph: called with each graph's name before it is exported (progress display).
-        external_data_threshold: see `export_graph`.
-        decompose_layernorm: write LayerNormalization with primitive ops, for TensorRT 8.5 (JetPack 5).
-
-    Returns:
-        The record written to OUT/export.json.
+def check_export_target(checkpoint: Path, out_dir: Path, *, overwrite: bool = False) -> None:
+    """Refuse an export folder that would hide or destroy something: the checkpoint's own folder (or one that holds
+    it), an existing folder without `overwrite`, or with it anything that is not an earlier export.
 
     Raises:
-        CheckpointError: the checkpoint cannot be loaded.
-        GraphContractError, ParityError: a graph fails its checks (nothing is recorded for it).
+        UsageError: with the reason and another choice.
     """
-    checkpoint, out_dir = resolve_checkpoint(checkpoint), Path(out_dir)
-    model = load_checkpoint(checkpoint)
+    target, source = out_dir.resolve(), checkpoint.resolve()
+    try:
+        str(target).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{os.fsencode(out_dir)!r} has bytes that are not UTF-8, and torch's ONNX exporter cannot "
+                         "write to such a path; pick an output folder whose name is UTF-8") from None
+    if target == source or target in source.parents:
+        where = "the checkpoint's own folder" if target == source else f"a folder that holds the checkpoint {source}"
+        raise UsageError(f"{out_dir} is {where}; an export needs a folder of its own: pick another output folder")
+    if not out_dir.exists():
+        check_new_folder(out_dir)  # it can be created: refused now, not after the work
+        return
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file, not an export folder; remove it or pick another output folder")
+    if not overwrite:
+        raise UsageError(f"{out_dir} already exists; pick another output folder, or replace that export with "
+                         "--overwrite (overwrite=True): it is replaced only once the new export is complete")
+    if any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).is_file():
+        raise UsageError(f"{out_dir} is not an export (no {EXPORT_RECORD}) and not empty; --overwrite replaces only "
+                         "an earlier export: pick another output folder")
+
+
+def _export_graphs(model: FlamingoModel, out_dir: Path, *, opset: int, seed: int | None,
+                   on_graph: Callable[[str], None] | None, external_data_threshold: int,
+                   decompose_layernorm: bool) -> dict[str, GraphFile]:
+    """Every graph of `model` into `out_dir`, each checked against the contract and against PyTorch."""
     specs = build_graphs(model.config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EXPORT_RECORD).unlink(missing_ok=True)  # until the new record is written, this is no export
     rng = np.random.default_rng(seed)
     vocab = model.config.decoder.total_vocab_size
     graphs = {}
@@ -244,11 +259,54 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFA
         checks = [example_feed(specs[name], _sizes(model, sizes), rng=rng, vocab_size=vocab) for sizes in CHECK_SIZES]
         error = verify_graph(out_dir / graphs[name].file, specs[name], module, checks)
         logger.info("%s: exported, ONNX Runtime vs PyTorch relative error %.2e", name, error)
-    record = ExportRecord(
-        contract_version=CONTRACT_VERSION, opset=opset, flamingo_edge_version=__version__,
-        checkpoint=str(checkpoint.resolve()), config=model.config.to_dict(), graphs=graphs,
-        tokenizer_files=_copy_tokenizer_files(checkpoint, out_dir),
-        layer_norm="decomposed" if decompose_layernorm else "onnx",
-    )
-    atomic_write(out_dir / EXPORT_RECORD, record.to_json().encode())
+    return graphs
+
+
+def export_all(checkpoint: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, seed: int | None = None,
+               on_graph: Callable[[str], None] | None = None,
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, decompose_layernorm: bool = False,
+               overwrite: bool = False) -> ExportRecord:
+    """Export the four graphs of a checkpoint, check each against PyTorch, and write OUT/export.json.
+
+    The folder is written under a temporary name next to `out_dir` and renamed when complete: an export that fails
+    or is interrupted leaves nothing at `out_dir`.
+
+    Args:
+        checkpoint: an IDEFICS save_pretrained folder, a folder written by flamingo-edge convert, or "demo".
+        out_dir: the export folder to write; it must not exist, unless `overwrite`.
+        opset: ONNX opset (default 17, the newest TensorRT 8.5 parses; 13 to 20).
+        seed: seed of the random check inputs (default: fresh).
+        on_graph: called with each graph's name before it is exported (progress display).
+        external_data_threshold: see `export_graph`.
+        decompose_layernorm: write LayerNormalization with primitive ops, for TensorRT 8.5 (JetPack 5).
+        overwrite: replace an earlier export at `out_dir`, once the new one is complete (never merged into it).
+
+    Returns:
+        The record written to OUT/export.json.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded, or has no tokenizer.json.
+        UsageError: an unsupported opset; `out_dir` exists (without `overwrite`), is not an export (with it), is the
+            checkpoint's folder, or cannot be written.
+        GraphContractError, ParityError: a graph fails its checks (nothing is written).
+    """
+    checkpoint, out_dir = resolve_checkpoint(checkpoint), Path(out_dir)
+    if type(opset) is not int or opset not in OPSETS:
+        raise UsageError(f"opset {opset!r} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1} "
+                         f"(default {DEFAULT_OPSET}, the newest TensorRT 8.5 parses)")
+    check_export_target(checkpoint, out_dir, overwrite=overwrite)
+    model = load_checkpoint(checkpoint)
+    _check_tokenizer(checkpoint)  # before the work, not after it
+    digest = checkpoint_digest(weight_files(checkpoint))
+    with atomic_folder(out_dir, overwrite=overwrite) as partial:
+        graphs = _export_graphs(model, partial, opset=opset, seed=seed, on_graph=on_graph,
+                                external_data_threshold=external_data_threshold,
+                                decompose_layernorm=decompose_layernorm)
+        record = ExportRecord(
+            contract_version=CONTRACT_VERSION, opset=opset, flamingo_edge_version=__version__,
+            checkpoint=str(checkpoint.resolve()), config=model.config.to_dict(), graphs=graphs,
+            tokenizer_files=_copy_tokenizer_files(checkpoint, partial),
+            layer_norm="decomposed" if decompose_layernorm else "onnx", checkpoint_sha256=digest,
+        )
+        atomic_write(partial / EXPORT_RECORD, record.to_json().encode())
     return record

@@ -11,42 +11,26 @@ when no safetensors exist, and only with `torch.load(weights_only=True)`, which 
 from __future__ import annotations
 
 import logging
-import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from flamingo_edge.artifacts import read_json
+# The word "demo" and its folder are torch-free in artifacts (the runtime resolves them on the base install);
+# re-exported here for the loaders and their callers.
+from flamingo_edge.artifacts import DEMO, DEMO_CHECKPOINT, DEMO_OVERRIDE, read_json, resolve_checkpoint  # noqa: F401
 from flamingo_edge.errors import CheckpointError
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.config_checks import config_from_record, describe
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.models.importers import idefics
+from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
-
-
-DEMO = "demo"  # wherever a command takes a checkpoint, this word names the bundled demo checkpoint
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo" / "checkpoint"
-DEMO_OVERRIDE = "FLAMINGO_EDGE_DEMO_CHECKPOINT"  # names another folder as "demo" (e.g. one you trained)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder a user named: a path, or "demo" for the checkpoint bundled with the package.
-
-    Raises:
-        CheckpointError: "demo" was named but the bundled checkpoint is missing from this installation.
-    """
-    if str(path) != DEMO:
-        return Path(path)
-    folder = Path(os.environ.get(DEMO_OVERRIDE, DEMO_CHECKPOINT))
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"the demo checkpoint is missing ({folder}); train one with: python "
-                              f"samples/train_demo_model.py OUT, then set {DEMO_OVERRIDE}=OUT")
-    return folder
 
 
 def _check_folder(path: str | Path) -> Path:
@@ -55,29 +39,48 @@ def _check_folder(path: str | Path) -> Path:
         raise CheckpointError(f"{folder}: no such checkpoint folder; pass the folder written by save_pretrained")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: is a file, not a checkpoint folder; pass the folder that contains it")
+    if not (folder / "config.json").is_file():
+        _refuse_other_folder(folder)
     return folder
 
 
+def _refuse_other_folder(folder: Path) -> None:
+    """A folder flamingo-edge wrote that is not a checkpoint (an export, engines): say what to pass instead."""
+    from flamingo_edge.artifacts import EXPORT_RECORD
+    from flamingo_edge.manifest import MANIFEST
+
+    if (folder / EXPORT_RECORD).is_file():
+        try:
+            source = read_json(folder / EXPORT_RECORD).get("checkpoint")
+        except CheckpointError:
+            source = None
+        origin = f" ({source})" if isinstance(source, str) else ""
+        raise CheckpointError(f"{folder} is an export, not a checkpoint; pass the checkpoint it was exported "
+                              f"from{origin}")
+    if (folder / MANIFEST).is_file():
+        raise CheckpointError(f"{folder} is an engines folder (flamingo-edge build), not a checkpoint; pass the "
+                              "checkpoint its export was made from")
+
+
 OWN_MODEL_TYPE = "flamingo_edge"  # config.json "model_type" of a converted checkpoint (models/convert.py)
-_CHOICES = {"norm": ("rms", "layer"), "positions": ("rope", "alibi"), "mlp": ("swiglu", "mlp"),
-            "cross_norm": ("rms", "layer"), "cross_mlp": ("swiglu", "mlp")}
 
 
 def own_config(data: dict, source: str) -> FlamingoConfig:
     """The FlamingoConfig recorded in a converted checkpoint's config.json.
 
     Raises:
-        CheckpointError: the record is malformed or names a variant this version does not implement.
+        CheckpointError: the record is malformed (a missing or unknown key, a value of the wrong type or out of
+            range) or names a variant this version does not implement.
     """
-    try:
-        config = FlamingoConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: not a valid flamingo-edge model config ({type(error).__name__}: {error}); "
-                              "it was written by another flamingo-edge version: convert the model again") from None
-    for field, allowed in _CHOICES.items():
-        if getattr(config.decoder, field) not in allowed:
-            raise CheckpointError(f"{source}: decoder.{field}={getattr(config.decoder, field)!r}, expected one of "
-                                  f"{allowed}; convert the model again with this flamingo-edge version")
+    config, problems = config_from_record(data.get("config"))
+    if config is not None:
+        activations = (("vision.act", config.vision.act), ("resampler.act", config.resampler.act),
+                       ("decoder.act", config.decoder.act), ("decoder.cross_act", config.decoder.cross_act or "gelu"))
+        problems += [f"{name} is {describe(value)}, expected one of {sorted(ACTIVATIONS)}"
+                     for name, value in activations if isinstance(value, str) and value not in ACTIVATIONS]
+    if problems:
+        raise CheckpointError(f"{source}: not a valid flamingo-edge model config ({'; '.join(problems)}); "
+                              "fix that value, or convert the model again with this flamingo-edge version")
     return config
 
 
@@ -117,11 +120,15 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one weights file: safetensors, or a pickle read with `weights_only=True`.
+def load_weights(path: Path, *, resave: str) -> object:
+    """What a weights file holds: safetensors, or a pickle read with `weights_only=True` (never runs its code).
+
+    Args:
+        path: the file.
+        resave: how to re-save the file when it is not plain tensors (the end of that message).
 
     Raises:
-        CheckpointError: missing, corrupt, or not plain tensors.
+        CheckpointError: missing, corrupt or truncated, or a pickle holding objects that are not plain tensors.
     """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file; check the path")
@@ -129,16 +136,49 @@ def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
         raise CheckpointError(
-            f"{path}: cannot read weights ({type(error).__name__}: {error}); the file is corrupt or truncated, "
-            "download or copy it again"
+            f"{path}: cannot read weights ({type(error).__name__}: {plain_reason(error)}); the file is corrupt or "
+            "truncated, download or copy it again"
         ) from None
     except Exception as error:  # torch.load raises UnpicklingError & co. for anything that is not plain tensors
         raise CheckpointError(
-            f"{path}: not a plain tensor file ({type(error).__name__}: {error}); re-save the checkpoint with "
-            "save_pretrained(safe_serialization=True)"
+            f"{path}: not a plain tensor file ({type(error).__name__}: {plain_reason(error)}); {resave}"
         ) from None
+
+
+def is_state_dict(data: object) -> bool:
+    """A name -> tensor mapping."""
+    return isinstance(data, dict) and all(isinstance(t, torch.Tensor) for t in data.values())
+
+
+def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weights file: safetensors, or a pickle read with `weights_only=True`.
+
+    Raises:
+        CheckpointError: missing, corrupt, or not plain tensors.
+    """
+    resave = "re-save the checkpoint with save_pretrained(safe_serialization=True)"
+    tensors = load_weights(path, resave=resave)
+    if not is_state_dict(tensors):
+        raise CheckpointError(f"{path}: holds a {type(tensors).__name__} that is not a name -> tensor mapping; "
+                              f"{resave}")
+    return tensors
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colours, which torch puts in its pickle refusal
+
+
+def plain_reason(error: BaseException) -> str:
+    """A library's exception text as one plain line: colours removed and, for torch's refusal of a pickle, only what
+    it refused (e.g. "Unsupported global: GLOBAL fractions.Fraction was not an allowed global by default"), not its
+    advice to load the file with weights_only=False, which runs the file's code."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    refusal = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    if refusal:
+        return refusal[0].removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

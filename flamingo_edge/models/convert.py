@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from flamingo_edge import __version__
 from flamingo_edge.artifacts import atomic_folder, read_json, sha256_of
 from flamingo_edge.errors import CheckpointError, UsageError
-from flamingo_edge.models.checkpoint import OWN_MODEL_TYPE, read_tensors, read_tensors_file
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.models.checkpoint import (OWN_MODEL_TYPE, is_state_dict, load_weights, read_tensors,
+                                            read_tensors_file)
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.models.importers import open_flamingo as of
 from flamingo_edge.models.importers.language_models import is_unused, language_model
@@ -55,20 +55,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; pass the checkpoint.pt of an OpenFlamingo release")
-    try:
-        if path.suffix == ".safetensors":
-            data = load_file(path)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
-        raise CheckpointError(f"{path}: cannot read it ({type(error).__name__}: {error}); the file is corrupt or "
-                              "truncated, download it again") from None
-    except Exception as error:  # UnpicklingError & co.: objects that are not plain tensors
-        raise CheckpointError(f"{path}: not a plain tensor file ({type(error).__name__}: {error}); load it in "
-                              "open_flamingo and save model.state_dict() with safetensors") from None
+    data = load_weights(path, resave="load it in open_flamingo and save model.state_dict() with safetensors")
     if isinstance(data, dict) and isinstance(data.get("model_state_dict"), dict):
         data = data["model_state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(t, torch.Tensor) for t in data.values()):
+    if not is_state_dict(data):
         raise CheckpointError(f"{path}: holds no state dict of tensors; pass an OpenFlamingo checkpoint.pt")
     return {name.removeprefix("module."): tensor for name, tensor in data.items()}
 

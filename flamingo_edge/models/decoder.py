@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flamingo_edge.models.config import DecoderConfig
+from flamingo_edge.config import DecoderConfig
 from flamingo_edge.models.gated_xattn import GatedCrossAttention
 from flamingo_edge.models.layers import (
     alibi_slopes,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.models.decoder import Decoder
 from flamingo_edge.models.resampler import PerceiverResampler
 from flamingo_edge.models.vision import VisionEncoder

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flamingo_edge.models.config import DecoderConfig
+from flamingo_edge.config import DecoderConfig
 from flamingo_edge.models.layers import RMSNorm, attend, make_mlp, make_norm, merge_heads, split_heads
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flamingo_edge.models.config import ResamplerConfig
+from flamingo_edge.config import ResamplerConfig
 from flamingo_edge.models.layers import ACTIVATIONS, attend, merge_heads, split_heads
 
 

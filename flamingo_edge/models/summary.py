@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.models.flamingo import FlamingoModel
 
 

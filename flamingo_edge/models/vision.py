@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flamingo_edge.models.config import VisionConfig
+from flamingo_edge.config import VisionConfig
 from flamingo_edge.models.layers import ACTIVATIONS, attend, merge_heads, split_heads
 
 

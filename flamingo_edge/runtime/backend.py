@@ -12,6 +12,7 @@ No torch, no transformers, no TensorRT at import time: the backend modules are i
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flamingo_edge.errors import FeatureUnavailableError, GraphContractError
+from flamingo_edge.errors import FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec, format_dims, io_mismatches
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,77 @@ class Session(Protocol):
     def __enter__(self) -> Session: ...
 
     def __exit__(self, *exc) -> None: ...
+
+
+class BaseSession:
+    """What every backend's session shares: the contract check of every feed, the closed check, the context manager
+    and `last_run_seconds`. A backend implements `_run` (the feed is already checked) and `_release`.
+    """
+
+    spec: GraphSpec
+    last_run_seconds: float = 0.0  # wall time of the latest `run`, feed check included (bench reads it)
+    closed_hint = "open the graph again to run it"
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on `feed` (every input of `spec`, by name); return every output of `spec`, by name.
+
+        Raises:
+            GraphContractError: the feed breaks the contract (see `check_feed`).
+            UsageError: the session was closed.
+        """
+        start = time.perf_counter()
+        if self.closed:
+            raise UsageError(f"{self.spec.name}: this session was closed; {self.closed_hint}")
+        check_feed(self.spec, feed)
+        try:
+            return self._run(feed)
+        finally:
+            self.last_run_seconds = time.perf_counter() - start
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the graph and its device memory; the session cannot run afterwards. Closing twice is harmless."""
+        if not self.closed:
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RecordingSession:
+    """Forwards to a session and keeps copies of the feeds it runs: all of them (calibration), or the first of each
+    kind (`first_per_kind`; a kind is which inputs are empty, so the decoder's prefill and its decode steps are two
+    kinds: what compare checks)."""
+
+    def __init__(self, inner: Session, *, first_per_kind: bool = False):
+        self.inner, self.spec, self.first_per_kind = inner, inner.spec, first_per_kind
+        self._feeds: dict = {}
+
+    @property
+    def feeds(self) -> list[dict[str, np.ndarray]]:
+        return list(self._feeds.values())
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = tuple(name for name in self.spec.input_names if 0 in np.shape(feed[name])) if self.first_per_kind \
+            else len(self._feeds)
+        if key not in self._feeds:
+            self._feeds[key] = {name: np.array(feed[name]) for name in self.spec.input_names}
+        return self.inner.run(feed)
+
+    def __getattr__(self, name):  # everything else (close, probes, last_run_seconds) is the inner session's
+        return getattr(self.inner, name)
 
 
 def parse_choice(enum: type[Enum], value: str | Enum, what: str) -> Enum:

@@ -28,6 +28,8 @@ class GenerationStep:
     text: list[str]  # per row, the text this token adds ("" while a multi-byte character is incomplete)
     finished: list[bool]  # per row: it produced a stop token or stop string, or reached max_new_tokens
     seconds: float  # model time behind this token (the prefill, image encoding included, for index 0)
+    # per row, why it ended at this step: "stop_token", "stop_string" or "length"; None if it goes on or had ended
+    finish_reason: list[str | None] = ()
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,10 @@ def run_decoder(session, input_ids, attention_mask, cache, cross, image_attentio
 
 
 def step_speed(steps: list[GenerationStep]) -> tuple[float, float]:
-    """Time to first token (s) and decode tokens/s of one generation, from its steps' model time (nan for 1 step)."""
+    """Time to first token (s) and decode tokens/s of one generation, from its steps' model time (nan for 1 step).
+
+    The one place these rates are computed: `generate`, `demo` and `bench` all report them from here.
+    """
     decode_seconds = sum(step.seconds for step in steps[1:])
     return steps[0].seconds, (len(steps) - 1) / decode_seconds if decode_seconds > 0 else float("nan")
 
@@ -138,14 +143,17 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
     for index in range(stop.max_new_tokens):
         tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history)).astype(np.int64)
         texts = ["" if finished[row] else streams[row].push(int(tokens[row])) for row in range(batch)]
-        stopped = np.isin(tokens, list(stop.token_ids)) | np.array(
+        by_token = np.isin(tokens, list(stop.token_ids))
+        by_string = np.array(
             [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
         )
-        ending = ~finished & (stopped | (index + 1 == stop.max_new_tokens))
+        ending = ~finished & (by_token | by_string | (index + 1 == stop.max_new_tokens))
+        reasons = [None if not ending[row] else "stop_token" if by_token[row] else "stop_string" if by_string[row]
+                   else "length" for row in range(batch)]
         for row in np.flatnonzero(ending):
             texts[row] += streams[row].flush()
         finished |= ending
-        yield GenerationStep(index, tokens, texts, finished.tolist(), time.perf_counter() - start)
+        yield GenerationStep(index, tokens, texts, finished.tolist(), time.perf_counter() - start, reasons)
         if finished.all():
             return
         start = time.perf_counter()

@@ -17,6 +17,7 @@ Nothing here imports torch, transformers or Pillow.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -106,6 +107,23 @@ def _check_image(image: Any) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of images holds
 
 
+def import_opencv():
+    """OpenCV, with its own log lines (`[ WARN:0@0.01] ... PNG input buffer is incomplete`) and FFmpeg's (`moov atom
+    not found`, `Connection refused`) kept off the terminal: the typed error we raise says what went wrong, once.
+
+    Call it instead of `import cv2` wherever an image is decoded or a capture opened: FFmpeg reads its log level
+    once, when OpenCV first opens a capture with it. The user's own OPENCV_LOG_LEVEL / OPENCV_FFMPEG_LOGLEVEL win, and
+    so does verbose logging (flamingo-edge -v).
+    """
+    import cv2
+
+    if not logging.getLogger("flamingo_edge").isEnabledFor(logging.INFO):
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+        if "OPENCV_LOG_LEVEL" not in os.environ:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    return cv2
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8, like transformers' `load_image` (EXIF orientation applied, alpha dropped).
 
@@ -124,7 +142,7 @@ def load_image(path: str | Path) -> np.ndarray:
     except OSError as error:
         raise ImageError(f"cannot read image file {path}: {error.strerror or error}; "
                          "check the path and the file's permissions") from error
-    import cv2  # only image files need OpenCV; arrays from a camera or a caller do not
+    cv2 = import_opencv()  # only image files need OpenCV; arrays from a camera or a caller do not
 
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:

@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from flamingo_edge.errors import FeatureUnavailableError, GraphContractError, UsageError
+from flamingo_edge.errors import FeatureUnavailableError, GraphContractError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
-from flamingo_edge.runtime.backend import Device, check_feed, check_model_io, parse_choice
+from flamingo_edge.runtime.backend import BaseSession, Device, check_model_io, parse_choice
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _providers(device: Device) -> list[str]:
     return [CUDA, CPU] if device is not Device.CPU and CUDA in available else [CPU]
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(BaseSession):
     """One ONNX graph on ONNX Runtime, checked against its contract when opened and at every run.
 
     `run` returns fresh arrays on every call; they belong to the caller.
@@ -98,22 +98,11 @@ class OnnxRuntimeSession:
             logger.warning("%s: ONNX Runtime could not load CUDA and runs on %s", self.spec.name, active)
         return False
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph.
+    @property
+    def closed(self) -> bool:
+        return self.session is None
 
-        Args:
-            feed: every input of the contract, by name, with the contract's dtypes and ranks.
-
-        Returns:
-            Every output of the contract, by name (new arrays, owned by the caller).
-
-        Raises:
-            GraphContractError: the feed breaks the contract (see `check_feed`).
-            UsageError: the session was closed.
-        """
-        if self.session is None:
-            raise UsageError(f"{self.spec.name}: this session was closed; open the graph again to run it")
-        check_feed(self.spec, feed)
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.on_cuda:
             values = self.session.run(self.spec.output_names, dict(feed))
             return dict(zip(self.spec.output_names, values))
@@ -126,12 +115,6 @@ class OnnxRuntimeSession:
         # copy_outputs_to_cpu returns the outputs in the order they were bound.
         return dict(zip(self.spec.output_names, binding.copy_outputs_to_cpu()))
 
-    def close(self) -> None:
+    def _release(self) -> None:
         """Drop the ONNX Runtime session (and its device memory)."""
         self.session = None
-
-    def __enter__(self) -> OnnxRuntimeSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,14 +22,60 @@ import numpy as np
 from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, build_graphs, cross_key, cross_value
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.runtime.backend import BackendKind, open_session, parse_choice
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
 from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
 from flamingo_edge.runtime.processor import Processor
-from flamingo_edge.runtime.sampling import make_sampler
+from flamingo_edge.runtime.sampling import Sampler, make_sampler
 
 logger = logging.getLogger(__name__)
+
+
+def _check_integer(name: str, value, minimum: int, *, none_means: str | None = None) -> None:
+    """Refuse a setting that is not an integer >= minimum (or None, when `none_means` says what None does)."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        also = f", or None for {none_means}" if none_means else ""
+        raise UsageError(f"{name} must be an integer >= {minimum}{also}; got {value!r}")
+
+
+def check_open_settings(*, max_context, max_images, image_cache_size, prefix_cache_bytes) -> None:
+    """Refuse `Pipeline.open` limits that mean nothing (before any file is read).
+
+    Raises:
+        UsageError: naming the setting, the value received and what it must be.
+    """
+    _check_integer("max_context", max_context, 1, none_means="the model's own limit")
+    _check_integer("max_images", max_images, 1)
+    _check_integer("image_cache_size", image_cache_size, 0)
+    _check_integer("prefix_cache_bytes", prefix_cache_bytes, 0)
+
+
+def check_generate_settings(*, max_new_tokens, seed=None, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+                            stop_token_ids=None, stop_strings=()) -> None:
+    """Refuse `Pipeline.generate` settings of the wrong type or out of range, before any graph runs (the sampler
+    checks the ranges of temperature, top_k, top_p and repetition_penalty).
+
+    Raises:
+        UsageError: naming the setting, the value received and what it must be.
+        PromptError: a stop string that is not valid text.
+    """
+    from flamingo_edge.runtime.processor import check_text
+
+    _check_integer("max_new_tokens", max_new_tokens, 1)
+    _check_integer("seed", seed, 0, none_means="a fresh seed")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise UsageError(f"{name} must be a number; got {value!r}")
+    if isinstance(stop_strings, str) or not all(isinstance(s, str) for s in stop_strings):
+        raise UsageError(f"stop_strings must be a list of strings, e.g. [{'###'!r}]; got {stop_strings!r}")
+    for text in stop_strings:
+        check_text(text, "a stop string")
+    if stop_token_ids is not None and (isinstance(stop_token_ids, (str, bytes)) or not all(
+            i is None or (isinstance(i, (int, np.integer)) and not isinstance(i, bool)) for i in stop_token_ids)):
+        raise UsageError(f"stop_token_ids must be a list of token ids (integers); got {stop_token_ids!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +84,7 @@ class Completion:
 
     text: str
     token_ids: list[int]  # generated ids only, up to and including a stop token
+    finish_reason: str = "length"  # "stop_token", "stop_string" or "length" (max_new_tokens reached)
 
 
 class Pipeline:
@@ -86,11 +133,14 @@ class Pipeline:
 
         Raises:
             ExportError: the folder is incomplete, modified, or from another contract version.
+            UsageError: a limit of the wrong type or out of range (max_context 0, a negative cache size).
             GraphContractError: a graph does not match the contract.
             EngineMismatchError: (tensorrt) engines built from other graphs, or for another TensorRT or GPU.
             FeatureUnavailableError: (tensorrt) no TensorRT, cuda-python or GPU here.
             UsageError: tensorrt without `engines`, or `engines`/`cuda_graph` with another backend.
         """
+        check_open_settings(max_context=max_context, max_images=max_images, image_cache_size=image_cache_size,
+                            prefix_cache_bytes=prefix_cache_bytes)
         export_dir = Path(export_dir)
         record = read_export_record(export_dir)
         if record.contract_version != CONTRACT_VERSION:
@@ -222,7 +272,7 @@ class Pipeline:
     def generate(self, prompts: list, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_token_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
-                 ) -> Iterator[GenerationStep]:
+                 sampler: Sampler | None = None) -> Iterator[GenerationStep]:
         """Generate for a batch of prompts, yielding one `GenerationStep` per token (all rows at once).
 
         Args:
@@ -232,14 +282,28 @@ class Pipeline:
             stop_token_ids: tokens that end a row (default: the processor's, i.e. the prompt format's
                 `stop_tokens`, else the tokenizer's EOS; OpenFlamingo stops at `<|endofchunk|>`).
             stop_strings: strings that end a row once generated.
+            sampler: picks each next token instead of the settings above (a callable (logits [B, V] float32,
+                history [B, T] int64) -> tokens [B] int64, e.g. from `sampling.make_sampler`); it cannot be combined
+                with them.
 
         Raises:
             PromptTooLongError: prompt + max_new_tokens over the context, before any graph runs.
+            UsageError: max_new_tokens < 1, a negative seed, or another setting of the wrong type or out of range.
             PromptError, ImageError: a malformed prompt or image.
         """
+        check_generate_settings(max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids,
+                                stop_strings=stop_strings)
         start = time.perf_counter()
-        sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p,
-                               repetition_penalty=repetition_penalty, seed=seed)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        seed=seed)
+        if sampler is None:
+            sampler = make_sampler(**settings)
+        elif not callable(sampler):
+            raise UsageError(f"sampler must be a callable (logits, history) -> tokens; got {type(sampler).__name__}")
+        elif settings != dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None):
+            raise UsageError("pass either a sampler or sampling settings (temperature, top_k, top_p, "
+                             "repetition_penalty, seed), not both: the sampler decides alone")
         batch, cross, cache, keep_prefix = self._prepare(prompts, max_new_tokens)
         tokenizer = self.processor.tokenizer
         stop_ids = self.processor.stop_token_ids if stop_token_ids is None else stop_token_ids
@@ -252,15 +316,17 @@ class Pipeline:
             yield step
 
     def complete(self, prompts: list, **settings) -> list[Completion]:
-        """`generate` run to the end: the text and generated ids of every row."""
-        texts, ids, done = None, None, None
+        """`generate` run to the end: the text, generated ids and finish reason of every row."""
+        texts, ids, done, reasons = None, None, None, None
         for step in self.generate(prompts, **settings):
             texts = texts or [""] * len(step.tokens)
             ids = ids or [[] for _ in step.tokens]
+            reasons = reasons or ["length"] * len(step.tokens)
             done = done if done is not None else [False] * len(step.tokens)
             for row, token in enumerate(step.tokens):
                 if not done[row]:
                     texts[row] += step.text[row]
                     ids[row].append(int(token))
+                    reasons[row] = step.finish_reason[row] or reasons[row]
             done = step.finished
-        return [Completion(text, token_ids) for text, token_ids in zip(texts, ids)]
+        return [Completion(*row) for row in zip(texts, ids, reasons)]

@@ -33,7 +33,8 @@ from flamingo_edge.errors import CheckpointError, PromptError
 from flamingo_edge.runtime.image import ImagePreprocessor, load_image
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
-__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor", "load_image"]
+__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor", "load_image",
+           "IMAGE_MARKER", "prompt_items", "read_prompt_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class Processor:
         for position, item in enumerate(prompt):
             last_was_text = position > 0 and not last_was_image
             if isinstance(item, str):
+                check_text(item, f"prompt {index}, item {position}")
                 if add_end_of_utterance and last_was_text:
                     text += fmt.end_of_utterance_token
                 text += item.strip(" ") if fmt.strip_text else item
@@ -322,6 +324,57 @@ class Processor:
         latest[latest >= max_images] = -1
         mask = latest[..., None] == np.arange(max_images)  # [B, S, M]; -1 matches nothing
         return mask.astype(np.int64)
+
+
+IMAGE_MARKER = "<image>"  # where an image goes in a prompt written as text (CLI, prompt files), for every family
+
+
+def prompt_items(prompt: str, images: list) -> list:
+    """'A<image>B' with one image -> ["A", image, "B"]: the processor's items; empty text pieces are dropped.
+
+    Raises:
+        PromptError: the number of markers differs from the number of images.
+    """
+    pieces = prompt.split(IMAGE_MARKER)
+    if len(pieces) - 1 != len(images):
+        raise PromptError(f"the prompt has {len(pieces) - 1} '{IMAGE_MARKER}' markers but {len(images)} --image "
+                          f"were given; put one '{IMAGE_MARKER}' where each image goes")
+    items = [pieces[0]]
+    for image, piece in zip(images, pieces[1:]):
+        items += [image, piece]
+    return [item for item in items if not (isinstance(item, str) and item == "")]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """A prompts file: one prompt per line, `<image>` where each image goes; blank lines are skipped.
+
+    Raises:
+        PromptError: the file cannot be read as UTF-8 text, or holds no prompt.
+    """
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise PromptError(f"cannot read the prompts file {path}: {error}; pass a UTF-8 text file") from None
+    if not lines:
+        raise PromptError(f"{path} has no prompt; write one per line, with {IMAGE_MARKER} where each image goes")
+    return lines
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot take: lone surrogates, which is what Python makes of bytes that are not
+    UTF-8 on a command line or in a file read with errors="surrogateescape".
+
+    Raises:
+        PromptError: naming the first bad character (or byte) and its position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        got = (f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+               else f"a lone surrogate U+{code:04X}")
+        raise PromptError(f"{what} is not valid text: character {error.start} is {got}; pass UTF-8 text (set the "
+                          "terminal or the file to UTF-8)") from None
 
 
 def _as_batch(prompts: Any) -> list:

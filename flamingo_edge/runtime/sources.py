@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.errors import FeatureUnavailableError, ImageError, SourceError
-from flamingo_edge.runtime.image import IMAGE_SUFFIXES, load_image
+from flamingo_edge.runtime.image import IMAGE_SUFFIXES, import_opencv, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class FrameSource:
         self._open()
 
     def _open(self) -> None:
-        import cv2
+        cv2 = import_opencv()
 
         if self.kind == "folder":
             self._files = sorted(p for p in Path(self.target).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -121,7 +121,7 @@ class FrameSource:
         return frame
 
     def _read_image(self) -> np.ndarray | None:
-        import cv2
+        cv2 = import_opencv()
 
         if self._files is not None:
             position = self.index - self._start

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flamingo_edge.engines.manifest import Manifest, RuntimeKey, check_runtime, read_manifest
-from flamingo_edge.errors import EngineMismatchError, GraphContractError, PromptTooLongError, UsageError
+from flamingo_edge.manifest import DLA_GRAPHS, Manifest, RuntimeKey, check_runtime, read_manifest
+from flamingo_edge.errors import EngineMismatchError, GraphContractError, PromptTooLongError
 from flamingo_edge.graphs import GraphSpec, TensorSpec, format_dims
-from flamingo_edge.runtime.backend import check_feed, check_model_io
+from flamingo_edge.runtime.backend import BaseSession, check_model_io
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def select_profile(profiles: list[dict[str, tuple[Shape, Shape, Shape]]], shapes
     return best[1]
 
 
-class TensorRTSession:
+class TensorRTSession(BaseSession):
     """One engine, checked against its contract when opened and fed by name.
 
     `run` returns fresh arrays on every call; they belong to the caller.
@@ -88,7 +88,7 @@ class TensorRTSession:
             EngineMismatchError: TensorRT refuses the engine.
             GraphContractError: its inputs/outputs differ from `spec`.
         """
-        from flamingo_edge.engines.trt_compat import collecting_logger
+        from flamingo_edge.trt_compat import collecting_logger
         from flamingo_edge.runtime import cuda
 
         self.path, self.spec, self.trt, self.stream, self.cuda = Path(path), spec, trt, stream, cuda
@@ -158,18 +158,19 @@ class TensorRTSession:
                 sizes[tensor.name] = max(sizes.get(tensor.name, 0), nbytes)
         return sizes
 
-    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the engine.
+    closed_hint = "open the engines again to run them"
+
+    @property
+    def closed(self) -> bool:
+        return self.engine is None
+
+    def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the engine (the feed is checked).
 
         Raises:
-            GraphContractError: the feed breaks the contract.
             PromptTooLongError: the feed exceeds the engine's shape limits.
-            UsageError: the session was closed.
             CudaError: TensorRT or CUDA failed.
         """
-        if self.engine is None:
-            raise UsageError(f"{self.spec.name}: this session was closed; open the engines again to run them")
-        check_feed(self.spec, feed)
         shapes = {name: tuple(feed[name].shape) for name in self.spec.input_names}
         index = select_profile(self.profiles, shapes)
         context = self.contexts[index]
@@ -217,22 +218,15 @@ class TensorRTSession:
             raise self.cuda.CudaError(f"{self.spec.name}: TensorRT could not run {self.path.name} ("
                                       + ("; ".join(self.log.errors[-3:]) or "no message") + ")")
 
-    def close(self) -> None:
+    def _release(self) -> None:
         """Free the device memory, the pinned staging, the graphs and the engine."""
         if self.graph is not None:
             self.graph.close()
         for buffer in (*self.buffers.values(), *self.staging.values()):
             buffer.close()
         self.graph, self.buffers, self.staging = None, {}, {}
-        if self.engine is not None:
-            self.stream.release()
+        self.stream.release()
         self.contexts, self.engine = [], None
-
-    def __enter__(self) -> TensorRTSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def runtime_key(manifest: Manifest):
@@ -241,7 +235,7 @@ def runtime_key(manifest: Manifest):
     Raises:
         FeatureUnavailableError: that TensorRT, cuda-python or a GPU is missing.
     """
-    from flamingo_edge.engines.trt_compat import load
+    from flamingo_edge.trt_compat import load
     from flamingo_edge.runtime.cuda import device_info
 
     trt = load(manifest.tensorrt["flavour"])
@@ -259,7 +253,6 @@ def open_engines(engines_dir: str | Path, export_dir: str | Path | None, specs: 
         FeatureUnavailableError: no TensorRT, cuda-python or GPU here.
         GraphContractError: an engine's I/O differs from the contract.
     """
-    from flamingo_edge.engines.build import DLA_GRAPHS
     from flamingo_edge.runtime.cuda import Stream
 
     manifest = read_manifest(engines_dir, export_dir)

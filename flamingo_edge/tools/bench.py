@@ -24,6 +24,8 @@ import numpy as np
 
 from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.errors import PromptError, PromptTooLongError
+from flamingo_edge.extras import require
+from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.pipeline import Pipeline
 
 REPORT_VERSION = 1
@@ -50,7 +52,8 @@ class Spread:
 
 
 class _Timed:
-    """Forwards to `inner`, adding each call's seconds to `log[name]` (run() for sessions, __call__ otherwise)."""
+    """Forwards to `inner`, adding each call's seconds to `log[name]`: a session's own `last_run_seconds` for run(),
+    the wall time of __call__ otherwise."""
 
     def __init__(self, inner, name: str, log: dict[str, list[float]]):
         self._inner, self._name, self._log = inner, name, log
@@ -63,7 +66,10 @@ class _Timed:
             self._log[self._name].append(time.perf_counter() - start)
 
     def run(self, feed):
-        return self._timed(self._inner.run, feed)
+        """A session's run, timed by the session itself (`last_run_seconds`, the backend's own clock)."""
+        outputs = self._inner.run(feed)
+        self._log[self._name].append(self._inner.last_run_seconds)
+        return outputs
 
     def __call__(self, *args, **kwargs):
         return self._timed(self._inner, *args, **kwargs)
@@ -162,16 +168,13 @@ def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str =
         for run in range(workload.runs + 1):
             log.clear()
             prompt = [*random_images(rng, workload.images), prompt[-1]]  # new images: no cache hits
-            start = time.perf_counter()
-            first = None
-            for step in pipeline.generate([prompt], max_new_tokens=workload.new_tokens, stop_token_ids=[]):
-                first = time.perf_counter() - start if first is None else first
-            total = time.perf_counter() - start
+            steps = list(pipeline.generate([prompt], max_new_tokens=workload.new_tokens, stop_token_ids=[]))
             if run == 0:
                 continue  # warm-up
             decoder = log["decoder"]
+            first, decode = step_speed(steps)  # the rates generate and demo report, computed in one place
             runs["ttft_s"].append(first)
-            runs["decode_tokens_per_s"].append((workload.new_tokens - 1) / (total - first))
+            runs["decode_tokens_per_s"].append(decode)
             for name in ("preprocess", "vision", "resampler", "xattn_kv"):
                 runs[name].append(sum(log[name]))
             runs["prefill"].append(decoder[0])
@@ -188,6 +191,7 @@ def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str =
 
 def bench_transformers(checkpoint: Path, prompt_text: str, workload: Workload, seed: int) -> dict:
     """transformers' IdeficsForVisionText2Text.generate on the same workload."""
+    require("transformers", "test", "bench --reference of an IDEFICS checkpoint (transformers' Idefics)")
     import torch
     from PIL import Image
     from transformers import AutoProcessor, IdeficsForVisionText2Text
@@ -248,6 +252,8 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
     not known)."""
     import os
 
+    if reference is not None:  # before the backend's runs, not minutes later
+        require("torch", "export", "bench --reference (the PyTorch reference)")
     stage = on_stage or (lambda name: None)
     stage("backend")
     ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed, engines=engines,

@@ -19,15 +19,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from flamingo_edge.extras import require
+
+# Before importing torch, so that the base install gets the typed error naming the extra, not a ModuleNotFoundError.
+require("torch", "export", "comparing an export with the PyTorch reference (flamingo_edge.tools.compare)")
+
+import torch  # noqa: E402
 
 from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.graphs import GRAPH_NAMES, GraphSpec, build_graphs
 from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.precision import Precision
+from flamingo_edge.runtime.backend import RecordingSession
 from flamingo_edge.runtime.pipeline import Pipeline
 from flamingo_edge.runtime.processor import Processor
-from flamingo_edge.tools.tolerances import (FP16_TOP1_AGREEMENT, INT8_TASK_METRIC_DROP, LOGITS_REL_TOL,
+from flamingo_edge.tolerances import (FP16_TOP1_AGREEMENT, INT8_TASK_METRIC_DROP, LOGITS_REL_TOL,
                                             relative_error)
 
 logger = logging.getLogger(__name__)
@@ -68,24 +76,13 @@ class GraphReport:
 
 
 class TorchSession:
-    """A graph's PyTorch wrapper behind the runtime's Session protocol.
-
-    It keeps the first feed of each kind it is run with, a kind being which inputs are empty: the decoder's prefill
-    (no past tokens) and its decode steps are two kinds, and both are compared.
-    """
+    """A graph's PyTorch wrapper behind the runtime's Session protocol (compare records its feeds with the
+    runtime's RecordingSession, the first of each kind: the decoder's prefill and its decode steps)."""
 
     def __init__(self, spec: GraphSpec, module: torch.nn.Module):
         self.spec, self.module = spec, module
-        self._feeds: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
-
-    @property
-    def feeds(self) -> list[dict[str, np.ndarray]]:
-        return list(self._feeds.values())
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        kind = tuple(name for name, value in feed.items() if 0 in np.shape(value))
-        if kind not in self._feeds:
-            self._feeds[kind] = {name: np.array(value) for name, value in feed.items()}
         with torch.no_grad():
             outputs = self.module(*(torch.from_numpy(np.asarray(feed[name])) for name in self.spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -185,7 +182,7 @@ class GraphRun:
     backend: dict[str, np.ndarray]
 
 
-def compare_graph(name: str, reference: TorchSession, backend_session, graph_file: Path | None,
+def compare_graph(name: str, reference: RecordingSession, backend_session, graph_file: Path | None,
                   tolerance: float, runs: list[GraphRun] | None = None) -> GraphReport:
     """One graph on the reference's first recorded feed (and each later one, e.g. a decode step); each feed and
     both sides' outputs are appended to `runs` when given."""
@@ -306,7 +303,8 @@ def reference_pipeline(checkpoint: Path, export_dir: Path, config: FlamingoConfi
 
     model = load_checkpoint(checkpoint)
     specs = build_graphs(config)
-    sessions = {name: TorchSession(specs[name], WRAPPERS[name](model).eval()) for name in GRAPH_NAMES}
+    sessions = {name: RecordingSession(TorchSession(specs[name], WRAPPERS[name](model).eval()), first_per_kind=True)
+                for name in GRAPH_NAMES}
     return Pipeline(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
                     max_context=config.decoder.max_positions, max_images=16, image_cache_size=64,
                     prefix_cache_bytes=0)
@@ -333,6 +331,40 @@ def write_polygraphy(out_dir: Path, graph: str, runs: list[GraphRun], backend: s
     return [inputs, outputs]
 
 
+def _differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """'decoder.width 128 vs 64' for every leaf that differs between two config dicts."""
+    found = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            found.append(f"{prefix}{key} {a!r} vs {b!r}")
+    return found
+
+
+def check_exported_from(checkpoint: Path, export_dir: Path, record) -> None:
+    """Refuse an export made from another checkpoint, before any weight is loaded: the recorded model config must
+    be the checkpoint's, and the recorded hash of the weights (exports since it is recorded) theirs.
+
+    Raises:
+        CheckpointError: naming the checkpoint the export was made from.
+    """
+    from flamingo_edge.artifacts import checkpoint_digest
+    from flamingo_edge.errors import CheckpointError
+    from flamingo_edge.models.checkpoint import load_config, weight_files
+
+    made_from = f"{export_dir} was exported from {record.checkpoint}"
+    fix = (f"pass that checkpoint, or export this one and compare that export (flamingo-edge export {checkpoint} "
+           "-o OUT)")
+    differences = _differences(load_config(checkpoint).to_dict(), record.config)
+    if differences:
+        raise CheckpointError(f"{made_from}, a model unlike {checkpoint} ({'; '.join(differences[:3])}); {fix}")
+    if record.checkpoint_sha256 and checkpoint_digest(weight_files(checkpoint)) != record.checkpoint_sha256:
+        raise CheckpointError(f"{made_from} (weights sha256 {record.checkpoint_sha256[:16]}), not from the weights "
+                              f"of {checkpoint}; {fix}")
+
+
 def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, backend: str = "onnxruntime",
             new_tokens: int = 12, task_n: int = 0, on_stage=None, polygraphy_dir: str | Path | None = None,
             engines: str | Path | None = None, cuda_graph: bool = False) -> CompareReport:
@@ -348,10 +380,14 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
         task_n: held-out demo scenes to score on both sides (0: skip); only for the demo checkpoint.
         on_stage: called with a short name as each stage starts (progress).
         polygraphy_dir: also write each graph's feeds and both sides' outputs here in Polygraphy's formats.
+
+    Raises:
+        CheckpointError: the export was made from another checkpoint (its export.json says which).
     """
     stage = on_stage or (lambda name: None)
     checkpoint, export_dir = resolve_checkpoint(checkpoint), Path(export_dir)
     record = read_export_record(export_dir)
+    check_exported_from(checkpoint, export_dir, record)
     config = FlamingoConfig.from_dict(record.config)
     tolerance = LOGITS_REL_TOL
     failures = []
@@ -375,14 +411,14 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
         stage("task")
         task = _task_accuracy(checkpoint, export_dir, open_options, task_n)
     rules = {"relative_error": tolerance}
-    if record.precision == "fp32":  # every tensor within the fp32 tolerance
+    if record.precision == Precision.FP32:  # every tensor within the fp32 tolerance
         for name, graph in graphs.items():
             if not graph.passed:
                 where = f", first at layer {graph.first_divergent_layer}" if graph.first_divergent_layer else ""
                 failures.append(f"graph {name}: relative error {graph.max_rel:.3g} > {tolerance:g}{where}")
         if end_to_end.logits.max_rel > tolerance:
             failures.append(f"end to end: logits relative error {end_to_end.logits.max_rel:.3g} > {tolerance:g}")
-    elif record.precision == "int8" and task is not None:  # the task metric may drop this much, no more
+    elif record.precision == Precision.INT8 and task is not None:  # the task metric may drop this much, no more
         rules["task_metric_drop"] = INT8_TASK_METRIC_DROP
         for metric in ("answer_accuracy", "caption_accuracy"):
             drop = task["reference"][metric] - task["backend"][metric]

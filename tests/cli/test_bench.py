@@ -19,6 +19,7 @@ def bundled_demo(monkeypatch, tmp_path):
     monkeypatch.setenv("FLAMINGO_EDGE_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_bench_with_references_reports_every_stage_and_ratio(tmp_path, capsys):
     pytest.importorskip("transformers")
     path = tmp_path / "bench.json"

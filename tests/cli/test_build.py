@@ -11,12 +11,12 @@ import pytest
 
 from flamingo_edge.cli.main import main
 from flamingo_edge.engines.build import TARGETS, BuildOptions, Target, build_graph
-from flamingo_edge.engines.manifest import read_manifest
+from flamingo_edge.manifest import read_manifest
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
-from flamingo_edge.engines.trt_compat import load
+from flamingo_edge.trt_compat import load
 from flamingo_edge.errors import EngineBuildError
 from flamingo_edge.graphs import build_graphs
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 
 pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx with the test extras")
 
@@ -46,6 +46,7 @@ def precisions(request, tmp_path_factory):
     return {"fp32": export, "fp16": root / "fp16", "int8": root / "int8"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["rtx-sm86", "rtx-sm89"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys, target, precision):
@@ -79,6 +80,7 @@ def test_a_refused_build_quotes_tensorrt(demo_export):
         build_graph(load("tensorrt_rtx"), spec_file, profiles, BuildOptions("fp32", turing), name="xattn_kv")
 
 
+@pytest.mark.slow
 def test_layernorm_decomposed_for_tensorrt_8_5(idefics_checkpoint, tmp_path, capsys):
     """TensorRT 8.5 cannot import LayerNormalization: the operator check says so before a build, and an export with
     --decompose-layernorm (checked against PyTorch while exporting) passes it and builds."""
@@ -162,6 +164,7 @@ def test_bad_builds_fail_clearly(demo_export, tmp_path, capsys):
         assert "no TensorRT is installed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_build_reports_tensorrt_phases(demo_export, tmp_path):
     from flamingo_edge.engines.build import build_engines
 

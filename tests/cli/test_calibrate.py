@@ -14,7 +14,7 @@ from flamingo_edge.cli.main import main
 from flamingo_edge.demo import scenes
 from flamingo_edge.errors import CalibrationError
 from flamingo_edge.graphs import build_graphs
-from flamingo_edge.models.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig
 
 
 def write_video(path, frames: int, seed: int) -> list[np.ndarray]:

@@ -38,6 +38,7 @@ def test_the_bundled_checkpoint_is_small_safetensors_with_a_model_card(bundled):
     assert sum(p.stat().st_size for p in bundled.iterdir()) < 25 * 2**20
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_export_cache(bundled, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != DEMO_OVERRIDE}
     env["FLAMINGO_EDGE_CACHE"] = str(tmp_path)
@@ -78,6 +79,7 @@ def test_transformers_loads_the_bundled_folder_and_agrees(bundled, seed):
     assert [" ".join(t.split()) for t in ours] == [" ".join(t.split()) for t in theirs]
 
 
+@pytest.mark.slow
 def test_training_script_is_reproducible_and_writes_a_folder_both_load(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the training script uses transformers")
     from flamingo_edge.artifacts import sha256_of

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from flamingo_edge.cli.generate import prompt_items
+from flamingo_edge.runtime.processor import prompt_items
 from flamingo_edge.cli.main import main
 from flamingo_edge.errors import PromptError
 from flamingo_edge.runtime.pipeline import Pipeline
@@ -65,3 +65,18 @@ def test_generate_errors_exit_2(exported, tmp_path, capsys, problem, match):
         argv += ["--image", str(tmp_path / "broken.png")]
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_the_word_demo_names_the_cached_demo_export(tmp_path, monkeypatch, capsys):
+    """`generate demo` exports the bundled checkpoint into the cache on first use, then reuses it; so does
+    `compare demo demo` (the checkpoint, and its export)."""
+    monkeypatch.setenv("FLAMINGO_EDGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("FLAMINGO_EDGE_DEMO_CHECKPOINT", raising=False)
+    assert main(["generate", "demo", "--prompt", "caption:", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"]
+    [cached] = [p for p in tmp_path.iterdir()]
+    assert cached.name.startswith("demo-export-")
+    assert main(["compare", "demo", "demo", "--task-n", "0", "--new-tokens", "2"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert [p for p in tmp_path.iterdir()] == [cached]

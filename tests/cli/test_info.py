@@ -78,3 +78,21 @@ def test_info_on_an_engines_folder_says_what_it_was_built_for_and_if_it_runs_her
     (engines / "decoder.engine").write_bytes(b"damaged")
     assert main(["info", str(engines)]) == 2
     assert "missing or was modified" in capsys.readouterr().err
+
+
+def test_info_demo_says_where_its_export_is_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLAMINGO_EDGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("FLAMINGO_EDGE_DEMO_CHECKPOINT", raising=False)
+    assert main(["info", "demo"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"demo export {tmp_path}/demo-export-") and "not exported yet" in last
+    assert main(["info", "demo", "--json"]) == 0
+    cached = json.loads(capsys.readouterr().out)["demo_export"]
+    assert cached["folder"].startswith(str(tmp_path)) and cached["exported"] is False
+
+
+def test_info_of_an_export_describes_the_model_it_holds(demo_export, capsys):
+    assert main(["info", str(demo_export), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["export"] == str(demo_export) and report["precision"] == "fp32" and report["opset"] == 17
+    assert report["family"] == "idefics" and report["checkpoint"].endswith("checkpoint")

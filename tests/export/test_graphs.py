@@ -15,6 +15,7 @@ from flamingo_edge.export.export import CHECK_SIZES, export_all, verify_graph
 from flamingo_edge.export.wrappers import WRAPPERS
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs, example_feed
 from flamingo_edge.models import FlamingoConfig, load_checkpoint
+from flamingo_edge.tolerances import LOGITS_REL_TOL
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def test_graph_follows_the_contract_and_matches_pytorch(exported, graph, seed):
     rng = np.random.default_rng([seed, GRAPH_NAMES.index(graph)])
     sizes = [{**s, "L": model.config.visual_tokens_per_image} for s in CHECK_SIZES]
     feeds = [example_feed(spec, s, rng=rng, vocab_size=model.config.decoder.total_vocab_size) for s in sizes]
-    worst = verify_graph(path, spec, WRAPPERS[graph](model).eval(), feeds)  # raises ParityError beyond 1e-4
-    assert worst < 1e-4
+    worst = verify_graph(path, spec, WRAPPERS[graph](model).eval(), feeds)  # raises ParityError beyond the tolerance
+    assert worst <= LOGITS_REL_TOL
 
 
 def test_export_record(exported):
@@ -81,8 +82,9 @@ def test_graph_that_breaks_the_contract_is_named(exported):
         check_graph(out / "resampler.onnx", specs["vision"])
 
 
-def test_interrupted_export_leaves_no_graph_that_loads(idefics_checkpoint, tmp_path, monkeypatch):
-    """Ctrl-C while the decoder is being checked: nothing half-written, no record, the folder is refused."""
+@pytest.mark.slow
+def test_interrupted_export_leaves_nothing(idefics_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C while the decoder is being checked: no folder at OUT, no temporary sibling."""
     import flamingo_edge.export.export as export_module
 
     real_check = export_module.check_graph
@@ -95,19 +97,17 @@ def test_interrupted_export_leaves_no_graph_that_loads(idefics_checkpoint, tmp_p
     monkeypatch.setattr(export_module, "check_graph", interrupt_on_decoder)
     with pytest.raises(KeyboardInterrupt):
         export_all(idefics_checkpoint, tmp_path / "out")
-    left = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert left == ["resampler.onnx", "vision.onnx", "xattn_kv.onnx"]  # finished graphs only; no temp files
-    with pytest.raises(ExportError, match="no export.json"):
-        read_export_record(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the export is written under a temporary name, removed on the interrupt
 
 
 def test_external_data(idefics_checkpoint, tmp_path):
     """Graphs over the threshold (2 GB by default) keep their weights in <graph>.onnx.data; forced here at 0."""
-    record = export_all(idefics_checkpoint, tmp_path, external_data_threshold=0)
+    out = tmp_path / "out"
+    record = export_all(idefics_checkpoint, out, external_data_threshold=0)
     assert all(graph.data_file == f"{name}.onnx.data" for name, graph in record.graphs.items()
                if name != "resampler" or graph.data_file)
-    assert (tmp_path / "decoder.onnx.data").stat().st_size > (tmp_path / "decoder.onnx").stat().st_size
-    read_export_record(tmp_path)
+    assert (out / "decoder.onnx.data").stat().st_size > (out / "decoder.onnx").stat().st_size
+    read_export_record(out)
 
 
 def test_graph_whose_outputs_are_out_of_order_is_named(exported):

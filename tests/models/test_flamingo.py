@@ -8,7 +8,7 @@ import torch
 
 from flamingo_edge.models import FlamingoModel, load_checkpoint
 from flamingo_edge.models.flamingo import images_to_rows
-from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_frame_embeddings_follow_open_flamingo(seed):
     transformers = pytest.importorskip("transformers")
     from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
-    from flamingo_edge.models.config import ResamplerConfig
+    from flamingo_edge.config import ResamplerConfig
     from flamingo_edge.models.importers.idefics import upstream_names
     from flamingo_edge.models.resampler import PerceiverResampler
 

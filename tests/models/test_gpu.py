@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flamingo_edge.models import DecoderConfig, FlamingoConfig, FlamingoModel, ResamplerConfig, VisionConfig
-from flamingo_edge.tools.tolerances import FP16_TOP1_AGREEMENT, LOGITS_REL_TOL, relative_error
+from flamingo_edge.tolerances import FP16_TOP1_AGREEMENT, LOGITS_REL_TOL, relative_error
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
 from conftest import PROMPT_CASES, make_prompts, upstream_inputs  # noqa: E402
 from flamingo_edge.models import load_checkpoint  # noqa: E402
-from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error  # noqa: E402
+from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error  # noqa: E402
 
 CASES = PROMPT_CASES
 

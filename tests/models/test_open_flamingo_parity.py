@@ -23,6 +23,7 @@ from flamingo_edge.errors import CheckpointError, UsageError
 from flamingo_edge.models.checkpoint import load_checkpoint, load_config
 from flamingo_edge.models.convert import convert_openflamingo, read_state_dict
 from flamingo_edge.models.generate import greedy_generate
+from flamingo_edge.tolerances import LOGITS_REL_TOL
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "openflamingo"
 FAMILIES = ("llama", "mpt", "gpt_neox")
@@ -93,7 +94,7 @@ def test_logits_equal_open_flamingo(converted, case_index):
         scale = np.abs(expected).max()
         assert scale > 1.0
         error = np.abs(ours[row][real] - expected).max()
-        assert error <= 1e-4 * scale, f"{family} {case['name']} row {row}: {error:.3g} vs scale {scale:.3g}"
+        assert error <= LOGITS_REL_TOL * scale, f"{family} {case['name']} row {row}: {error:.3g} vs scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("case_index", [0, 1, 2])
@@ -253,7 +254,7 @@ def test_llama_checkpoint_without_head_rows_gets_zero_rows(tmp_path, caplog):
         ours = model(*(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values",
                                                             "image_attention_mask"))).numpy()
     expected = tensors[f"{case['name']}/logits"]
-    assert np.abs(ours[..., :base] - expected[..., :base]).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(ours[..., :base] - expected[..., :base]).max() <= LOGITS_REL_TOL * np.abs(expected).max()
 
 
 def test_hf_clip_vision_weights_give_clips_patch_tokens(tmp_path):
@@ -327,7 +328,7 @@ def test_released_3b_language_model_names(tmp_path):
         ours = model(*(torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values",
                                                             "image_attention_mask"))).numpy()
     expected = tensors[f"{case['name']}/logits"]
-    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(ours - expected).max() <= LOGITS_REL_TOL * np.abs(expected).max()
 
 
 def test_released_4b_checkpoint_buffers_are_skipped(tmp_path):

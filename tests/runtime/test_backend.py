@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
-from flamingo_edge.runtime.backend import check_feed, open_session
+from flamingo_edge.runtime.backend import RecordingSession, check_feed, open_session
 
 # toy: y = 2 x, next_ids = ids + 1, negated = -past, mask_out = mask; "free" [B, M*L] is fed and ignored.
 SPEC = GraphSpec(
@@ -231,8 +231,31 @@ def test_silent_cuda_fallback_is_refused_or_logged(toy_path, seed, cuda_listed_b
 def test_closed_session_refuses_to_run(toy_path, seed):
     session = open_session(toy_path, SPEC)
     session.close()
+    session.close()  # twice is harmless
     with pytest.raises(UsageError, match="toy: this session was closed"):
         session.run(make_feed(np.random.default_rng(seed)))
+
+
+def test_a_run_times_itself(toy_path, seed):
+    with open_session(toy_path, SPEC) as session:
+        assert session.last_run_seconds == 0.0
+        session.run(make_feed(np.random.default_rng(seed)))
+        assert session.last_run_seconds > 0.0
+
+
+def test_recording_keeps_every_feed_or_the_first_of_each_kind(toy_path, seed):
+    """Calibration keeps every feed; compare the first of each kind (which inputs are empty: prefill vs decode)."""
+    rng = np.random.default_rng(seed)
+    feeds = [make_feed(rng, past=0), make_feed(rng, past=2), make_feed(rng, past=0), make_feed(rng, past=3)]
+    with open_session(toy_path, SPEC) as session:
+        every, first = RecordingSession(session), RecordingSession(session, first_per_kind=True)
+        for feed in feeds:
+            np.testing.assert_array_equal(every.run(feed)["y"], feed["x"] * 2)
+            first.run(feed)
+        assert len(every.feeds) == 4 and len(first.feeds) == 2
+        np.testing.assert_array_equal(first.feeds[1]["past"], feeds[1]["past"])
+        feeds[0]["x"][:] = 0  # the recording holds copies
+        assert every.feeds[0]["x"].any()
 
 
 def test_runtime_modules_import_neither_torch_nor_transformers():

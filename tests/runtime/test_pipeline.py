@@ -17,7 +17,7 @@ from flamingo_edge.errors import ExportError, GraphContractError, PromptError, P
 from flamingo_edge.runtime.generation import run_decoder
 from flamingo_edge.runtime.kv_cache import SelfAttentionCache
 from flamingo_edge.runtime.pipeline import Pipeline
-from flamingo_edge.tools.tolerances import LOGITS_REL_TOL, relative_error
+from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,27 @@ def test_fixed_shape_decode_gives_the_same_tokens(exported, seed):
         assert [c.token_ids for c in fixed.complete(prompts, max_new_tokens=12, stop_token_ids=[])] == expected
     heads, head_dim = shapes[0][1], shapes[0][3]
     assert len(shapes) == 12 and shapes[0][2] == 0 and set(shapes[1:]) == {(2, heads, context - 1, head_dim)}
+
+
+def test_finish_reasons_and_a_sampler_object(demo_export):
+    """Each row says why it ended; a sampler object replaces the sampling settings (and cannot be mixed with them)."""
+    from flamingo_edge.errors import UsageError
+    from flamingo_edge.runtime.sampling import make_sampler
+
+    with Pipeline.open(demo_export) as pipeline:
+        eos = pipeline.processor.tokenizer.eos_token_id
+        greedy = pipeline.complete([["caption:"]], max_new_tokens=3)[0]
+        assert greedy.finish_reason in ("length", "stop_token")
+        assert (greedy.finish_reason == "stop_token") == (greedy.token_ids[-1] == eos)
+        forced = pipeline.complete([["caption:"]], max_new_tokens=3, stop_token_ids=[greedy.token_ids[0]])[0]
+        assert forced.finish_reason == "stop_token" and forced.token_ids == greedy.token_ids[:1]
+        first = greedy.text[:1]
+        if first:
+            by_text = pipeline.complete([["caption:"]], max_new_tokens=3, stop_strings=(first,))[0]
+            assert by_text.finish_reason in ("stop_string", "stop_token")
+        with_object = pipeline.complete([["caption:"]], max_new_tokens=3, sampler=make_sampler())[0]
+        assert with_object.token_ids == greedy.token_ids
+        with pytest.raises(UsageError, match="either a sampler or sampling settings"):
+            pipeline.complete([["caption:"]], max_new_tokens=3, sampler=make_sampler(), temperature=0.7)
+        with pytest.raises(UsageError, match="sampler must be a callable"):
+            pipeline.complete([["caption:"]], max_new_tokens=3, sampler="greedy")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flamingo_edge.cli.main import main
-from flamingo_edge.engines.manifest import RuntimeKey, check_runtime, read_manifest
+from flamingo_edge.manifest import RuntimeKey, check_runtime, read_manifest
 from flamingo_edge.errors import (EngineMismatchError, FeatureUnavailableError, PromptError, PromptTooLongError,
                                   UsageError)
 from flamingo_edge.runtime.pipeline import Pipeline

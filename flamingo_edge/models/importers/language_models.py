@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flamingo_edge.errors import CheckpointError
-from flamingo_edge.models.config import DecoderConfig
+from flamingo_edge.config import DecoderConfig
 from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from flamingo_edge.errors import CheckpointError
-from flamingo_edge.models.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from flamingo_edge.models.importers.language_models import LanguageModel, is_unused, lm_weights
 
 FAMILY = "openflamingo"

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flamingo_edge.artifacts import read_export_record, sha256_of
-from flamingo_edge.engines.trt_compat import version_tuple
+from flamingo_edge.trt_compat import version_tuple
 from flamingo_edge.errors import EngineBuildError, EngineMismatchError
+
+DLA_GRAPHS = ("vision",)  # the graphs a DLA build puts on the Jetson's DLA core (GPU fallback for the rest)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -36,7 +38,7 @@ class EngineEntry:
 class Manifest:
     version: int
     export: str
-    precision: str
+    precision: str  # the export's (a value of precision.EXPORT_PRECISIONS); implicit INT8 builds: build_flags say so
     tensorrt: dict  # {"flavour", "version"}
     target: str
     compute_capability: str  # "SM86"

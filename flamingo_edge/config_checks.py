@@ -1,0 +1,124 @@
+"""Checks of a FlamingoConfig's values: types, ranges and the constraints between fields. Plain Python (no torch).
+
+A config reaches us from files a user may have edited: a converted checkpoint's config.json and an export's
+export.json. The dataclasses in `config.py` take any value; these checks turn a wrong type, a null or an impossible
+size into one message per problem, before any of it becomes a tensor shape. Callers raise their own typed error
+(CheckpointError for a checkpoint, ExportError for an export) with these messages and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any
+
+from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+
+# The choices of the decoder's structural switches (docs/models.md).
+DECODER_CHOICES = {"norm": ("rms", "layer"), "positions": ("rope", "alibi"), "mlp": ("swiglu", "mlp"),
+                   "cross_norm": ("rms", "layer"), "cross_mlp": ("swiglu", "mlp")}
+# Fields that may be 0 (0 means "the default" or "none"); every other int or float field must be > 0.
+_ZERO_ALLOWED = {"additional_vocab_size", "rotary_dim", "cross_mlp_width", "cross_norm_eps", "max_frames"}
+_TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def describe(value: Any) -> str:
+    """A value as the user wrote it in JSON (null, true, "big"), shortened."""
+    text = {None: "null", True: "true", False: "false"}[value] if value is None or isinstance(value, bool) \
+        else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _type_problem(name: str, value: Any, annotation: str) -> str | None:
+    """What is wrong with the type of `value` for a field annotated `annotation` (our dataclasses' spelling)."""
+    if annotation == "int":
+        ok, expected = _is_int(value), "an integer"
+    elif annotation == "float":
+        ok, expected = _is_number(value), "a number"
+    elif annotation == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    elif annotation == "str":
+        ok, expected = isinstance(value, str), "a string"
+    elif annotation == "int | None":
+        ok, expected = value is None or _is_int(value), "an integer or null"
+    elif annotation == "tuple[int, ...]":
+        ok, expected = isinstance(value, tuple) and all(_is_int(v) for v in value), "a list of integers"
+    else:  # a field type this checker does not know: keep the check honest rather than silently pass
+        raise TypeError(f"config_checks: no type check for {annotation!r} ({name})")
+    return None if ok else f"{name} is {describe(value)}, expected {expected}"
+
+
+def _field_problems(section: str, part: Any) -> list[str]:
+    problems = []
+    for field in fields(part):
+        name, value = f"{section}.{field.name}", getattr(part, field.name)
+        problem = _type_problem(name, value, field.type)
+        if problem:
+            problems.append(problem)
+        elif field.name in _TOKEN_IDS:
+            if value is not None and value < 0:
+                problems.append(f"{name} is {value}, expected a token id >= 0 or null")
+        elif field.type in ("int", "float"):
+            minimum_ok = value >= 0 if field.name in _ZERO_ALLOWED else value > 0
+            if not minimum_ok:
+                bound = ">= 0" if field.name in _ZERO_ALLOWED else "> 0"
+                problems.append(f"{name} is {describe(value)}, expected {bound}")
+    return problems
+
+
+def _decoder_problems(decoder: DecoderConfig) -> list[str]:
+    problems = [f"decoder.{name} is {describe(getattr(decoder, name))}, expected one of {list(allowed)}"
+                for name, allowed in DECODER_CHOICES.items() if getattr(decoder, name) not in allowed]
+    if decoder.width % decoder.heads:
+        problems.append(f"decoder.width {decoder.width} is not a multiple of decoder.heads {decoder.heads}")
+    layers = list(decoder.cross_layers)
+    if layers != sorted(set(layers)) or any(not 0 <= i < decoder.layers for i in layers):
+        problems.append(f"decoder.cross_layers {layers} must be increasing indices of decoder layers "
+                        f"(0 to {decoder.layers - 1})")
+    if decoder.rotary_dim > decoder.head_dim:
+        problems.append(f"decoder.rotary_dim {decoder.rotary_dim} is larger than the head size {decoder.head_dim}")
+    return problems
+
+
+def config_problems(config: FlamingoConfig) -> list[str]:
+    """Every problem of `config`, one short sentence each (empty when the config can be built and run).
+
+    Types come first: when a field has the wrong type, the constraints between fields are not checked.
+    """
+    if not isinstance(config.family, str):
+        return [f"family is {describe(config.family)}, expected a string"]
+    parts = (("vision", config.vision, VisionConfig), ("resampler", config.resampler, ResamplerConfig),
+             ("decoder", config.decoder, DecoderConfig))
+    problems = [p for section, part, _ in parts for p in _field_problems(section, part)]
+    if problems:
+        return problems
+    vision = config.vision
+    if vision.width % vision.heads:
+        problems.append(f"vision.width {vision.width} is not a multiple of vision.heads {vision.heads}")
+    if vision.patch_size > vision.image_size:
+        problems.append(f"vision.patch_size {vision.patch_size} is larger than vision.image_size "
+                        f"{vision.image_size}")
+    return problems + _decoder_problems(config.decoder)
+
+
+def config_from_record(data: Any) -> tuple[FlamingoConfig | None, list[str]]:
+    """A FlamingoConfig from its `to_dict()` form (a converted checkpoint's or an export's record), and the problems
+    that stop it from being one (then the config is None)."""
+    if not isinstance(data, dict):
+        return None, [f"the config is {describe(data)}, expected a JSON object"]
+    for section in ("vision", "resampler", "decoder"):
+        if not isinstance(data.get(section), dict):
+            return None, [f"config.{section} is {describe(data.get(section))}, expected a JSON object"]
+    try:
+        config = FlamingoConfig.from_dict(data)
+    except (KeyError, TypeError) as error:  # a missing or unknown key
+        return None, [f"{type(error).__name__}: {error}"]
+    return config, config_problems(config)

@@ -1,0 +1,55 @@
+"""What the base install leaves out, in the quick loop: `require`, and the CLI in a process where torch, onnx and
+safetensors cannot be imported (a real base install in a fresh venv: tests/test_install.py, marked slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flamingo_edge.artifacts import DEMO_OVERRIDE
+from flamingo_edge.errors import FeatureUnavailableError
+from flamingo_edge.extras import require
+
+# Run the CLI as on the base install: a None in sys.modules makes both `import` and `find_spec` fail for that name.
+WITHOUT_EXPORT_EXTRA = ("import sys; sys.modules.update(torch=None, onnx=None, safetensors=None); "
+                        "from flamingo_edge.cli.main import main; sys.exit(main(sys.argv[1:]))")
+IMAGE = Path(__file__).parents[1] / "samples" / "data" / "shapes.png"
+
+
+def run_without_the_extra(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != DEMO_OVERRIDE}
+    return subprocess.run([sys.executable, "-c", WITHOUT_EXPORT_EXTRA, *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={**env, "FLAMINGO_EDGE_CACHE": str(tmp_path / "cache")})
+
+
+def test_require_names_the_extra_to_install():
+    require("numpy", "export", "anything")  # installed: nothing happens
+    with pytest.raises(FeatureUnavailableError, match=r"^frobnicate needs no_such_module_here, which this install "
+                                                      r"of flamingo-edge does not have; install it with: pip install "
+                                                      r"'flamingo-edge\[export\]'$"):
+        require("no_such_module_here", "export", "frobnicate")
+
+
+def test_generate_runs_without_torch_onnx_or_safetensors(demo_export, tmp_path):
+    result = run_without_the_extra("generate", str(demo_export), "--prompt", "<image>caption:", "--image", str(IMAGE),
+                                   "--max-new-tokens", "4", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("command", [["export", "demo", "-o", "out"], ["compare", "demo", "EXPORT"],
+                                     ["info", "demo"], ["convert", "openflamingo", "c.pt", "--lm", "lm", "--vision",
+                                                        "v", "--cross-attn-every-n-layers", "1", "-o", "out"]],
+                         ids=lambda command: command[0])
+def test_a_command_that_needs_the_extra_says_which(command, demo_export, tmp_path):
+    args = [str(demo_export) if part == "EXPORT" else part for part in command]
+    result = run_without_the_extra(*args, tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"flamingo-edge {command[0]}: error: ")
+    assert result.stderr.rstrip().endswith("install it with: pip install 'flamingo-edge[export]'")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
