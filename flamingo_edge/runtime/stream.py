@@ -25,6 +25,7 @@ import numpy as np
 
 from flamingo_edge.errors import UsageError
 from flamingo_edge.runtime.kv_cache import CrossAttentionCache
+from flamingo_edge.runtime.pipeline import check_generate_settings
 from flamingo_edge.runtime.sources import Frame, FrameSource
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,15 @@ class FrameStream:
             generation: more `Pipeline.generate` settings (temperature, stop_strings...).
 
         Raises:
-            UsageError: no prompts, or bad every/fps/threshold.
+            UsageError: no prompts, bad every/fps/threshold, or a generation setting out of range (max_new_tokens,
+                seed, ...), refused here rather than at the first frame.
         """
         if not prompts:
             raise UsageError("a frame stream needs at least one prompt")
         if every < 1 or (fps is not None and fps <= 0) or change_threshold < 0:
             raise UsageError("--every must be >= 1, --fps > 0 and the change threshold >= 0")
+        known = {"seed", "temperature", "top_p", "repetition_penalty", "stop_token_ids", "stop_strings"}
+        check_generate_settings(max_new_tokens=max_new_tokens, **{k: v for k, v in generation.items() if k in known})
         self.pipeline, self.source, self.prompts = pipeline, source, list(prompts)
         self.few_shot, self.every, self.fps = list(few_shot or []), every, fps
         self.max_new_tokens, self.change_threshold, self.generation = max_new_tokens, change_threshold, generation
