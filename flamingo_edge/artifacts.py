@@ -22,6 +22,7 @@ from flamingo_edge.errors import CheckpointError, ExportError, UsageError
 from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES
 
 EXPORT_RECORD = "export.json"
+MANIFEST = "manifest.json"  # an engines folder's record (manifest.py reads and writes it)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -362,7 +363,6 @@ def _record_problems(data: dict) -> list[str]:
 
 def _not_an_export(folder: Path) -> ExportError:
     """What a folder without export.json is, and what to pass instead."""
-    from flamingo_edge.manifest import MANIFEST
 
     if not folder.exists():
         return ExportError(f"{folder}: no such export folder; pass the folder flamingo-edge export wrote (or `demo`, "

@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flamingo_edge.artifacts import read_export_record, sha256_of
+from flamingo_edge.artifacts import MANIFEST, read_export_record, sha256_of
 from flamingo_edge.trt_compat import version_tuple
 from flamingo_edge.errors import EngineBuildError, EngineMismatchError
 
 DLA_GRAPHS = ("vision",)  # the graphs a DLA build puts on the Jetson's DLA core (GPU fallback for the rest)
 
-MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # RTX compute capability -> the build target for it (engines/build.py TARGETS).
 RTX_TARGETS = {"SM80": "rtx-sm80", "SM86": "rtx-sm86", "SM89": "rtx-sm89"}

@@ -1,4 +1,4 @@
-"""The package's layers (DESIGN.md "a foundation layer"; docs/architecture in README): every import runs down.
+"""The package's layers (DESIGN.md "a foundation layer"; docs/layers.md): every import runs down.
 
 Read from the source (every `import`/`from` naming flamingo_edge, lazy imports inside functions included), so a
 leak cannot hide behind a function-level import. A module may import its own package and anything below it.
@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flamingo_edge"
 LAYERS = (
     {"__init__", "errors", "precision", "config", "config_checks", "tolerances", "extras", "artifacts", "graphs",
      "trt_compat", "manifest"},
-    {"runtime"},  # torch-free: what runs on a device
+    {"runtime"},  # torch-free: what runs on a device (sessions.py, the factory, sits on the backends it opens)
     {"models"},  # the PyTorch reference, checkpoints, converters (write files the runtime reads)
     {"export"},
     {"demo"},  # the demo checkpoint, its scenes, its cached export

@@ -23,7 +23,8 @@ from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import CONTRACT_VERSION, GRAPH_NAMES, build_graphs, cross_key, cross_value
 from flamingo_edge.config import FlamingoConfig
-from flamingo_edge.runtime.backend import BackendKind, open_session, parse_choice
+from flamingo_edge.runtime.backend import BackendKind, parse_choice
+from flamingo_edge.runtime.sessions import open_session
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
 from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
 from flamingo_edge.runtime.processor import Processor

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, GraphContractError, UsageError
 from flamingo_edge.graphs import GraphSpec, TensorSpec
-from flamingo_edge.runtime.backend import RecordingSession, check_feed, open_session
+from flamingo_edge.runtime.backend import RecordingSession, check_feed
+from flamingo_edge.runtime.sessions import open_session
 
 # toy: y = 2 x, next_ids = ids + 1, negated = -past, mask_out = mask; "free" [B, M*L] is fed and ignored.
 SPEC = GraphSpec(
