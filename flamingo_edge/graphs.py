@@ -92,28 +92,18 @@ def io_mismatches(kind: str, declared, expected) -> list[str]:
     return problems
 
 
-def past_key(layer: int) -> str:
-    return f"past_key.{layer}"
+def _indexed(prefix: str):
+    def name(index: int) -> str:
+        return f"{prefix}.{index}"
+
+    name.__name__ = name.__qualname__ = prefix
+    return name
 
 
-def past_value(layer: int) -> str:
-    return f"past_value.{layer}"
-
-
-def present_key(layer: int) -> str:
-    return f"present_key.{layer}"
-
-
-def present_value(layer: int) -> str:
-    return f"present_value.{layer}"
-
-
-def cross_key(block: int) -> str:
-    return f"cross_key.{block}"
-
-
-def cross_value(block: int) -> str:
-    return f"cross_value.{block}"
+# The contract's per-layer and per-block tensor names: past_key(3) == "past_key.3".
+past_key, past_value = _indexed("past_key"), _indexed("past_value")  # per decoder layer
+present_key, present_value = _indexed("present_key"), _indexed("present_value")  # per decoder layer
+cross_key, cross_value = _indexed("cross_key"), _indexed("cross_value")  # per gated cross-attention block
 
 
 def _f32(name: str, *dims) -> TensorSpec:

@@ -11,26 +11,17 @@ from torch import Tensor, nn
 from flamingo_edge.models.flamingo import FlamingoModel
 
 
-class VisionGraph(nn.Module):
-    """pixel_values [N, 3, H, W] -> image_features [N, T, Dv]."""
+class PartGraph(nn.Module):
+    """A graph that is one part of the model called as it is: `vision` (pixel_values [N, 3, H, W] -> image_features
+    [N, T, Dv]) and `resampler` (image_features [N, F, T, Dv] -> visual_tokens [N, L, Dv])."""
 
-    def __init__(self, model: FlamingoModel):
+    def __init__(self, name: str, part: nn.Module):
         super().__init__()
-        self.vision = model.vision
+        self.name = name
+        self.add_module(name, part)  # under the part's own name: compare reports layers as "vision.blocks.3"
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.vision(pixel_values)
-
-
-class ResamplerGraph(nn.Module):
-    """image_features [N, F, T, Dv] -> visual_tokens [N, L, Dv]."""
-
-    def __init__(self, model: FlamingoModel):
-        super().__init__()
-        self.resampler = model.resampler
-
-    def forward(self, image_features: Tensor) -> Tensor:
-        return self.resampler(image_features)
+    def forward(self, tensor: Tensor) -> Tensor:
+        return getattr(self, self.name)(tensor)
 
 
 class CrossKVGraph(nn.Module):
@@ -63,4 +54,6 @@ class DecoderGraph(nn.Module):
         return (logits, *(tensor for pair in zip(keys, values) for tensor in pair))
 
 
-WRAPPERS = {"vision": VisionGraph, "resampler": ResamplerGraph, "xattn_kv": CrossKVGraph, "decoder": DecoderGraph}
+WRAPPERS = {"vision": lambda model: PartGraph("vision", model.vision),
+            "resampler": lambda model: PartGraph("resampler", model.resampler), "xattn_kv": CrossKVGraph,
+            "decoder": DecoderGraph}
