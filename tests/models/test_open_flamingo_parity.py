@@ -221,7 +221,7 @@ def test_pickles_with_code_and_training_wrappers(tmp_path):
         read_state_dict(evil)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((fixture("llama")[0] / "checkpoint.pt").read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"cannot read it .* corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"cannot read weights .* corrupt or truncated"):
         read_state_dict(truncated)
 
 
