@@ -22,11 +22,13 @@ _ZERO_ALLOWED = {"additional_vocab_size", "rotary_dim", "cross_mlp_width", "cros
 _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true is not a size)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
@@ -40,17 +42,17 @@ def describe(value: Any) -> str:
 def _type_problem(name: str, value: Any, annotation: str) -> str | None:
     """What is wrong with the type of `value` for a field annotated `annotation` (our dataclasses' spelling)."""
     if annotation == "int":
-        ok, expected = _is_int(value), "an integer"
+        ok, expected = is_int(value), "an integer"
     elif annotation == "float":
-        ok, expected = _is_number(value), "a number"
+        ok, expected = is_number(value), "a number"
     elif annotation == "bool":
         ok, expected = isinstance(value, bool), "true or false"
     elif annotation == "str":
         ok, expected = isinstance(value, str), "a string"
     elif annotation == "int | None":
-        ok, expected = value is None or _is_int(value), "an integer or null"
+        ok, expected = value is None or is_int(value), "an integer or null"
     elif annotation == "tuple[int, ...]":
-        ok, expected = isinstance(value, tuple) and all(_is_int(v) for v in value), "a list of integers"
+        ok, expected = isinstance(value, tuple) and all(is_int(v) for v in value), "a list of integers"
     else:  # a field type this checker does not know: keep the check honest rather than silently pass
         raise TypeError(f"config_checks: no type check for {annotation!r} ({name})")
     return None if ok else f"{name} is {describe(value)}, expected {expected}"

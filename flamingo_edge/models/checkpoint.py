@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 # The word "demo" and its folder are torch-free in artifacts (the runtime resolves them on the base install);
 # re-exported here for the loaders and their callers.
-from flamingo_edge.artifacts import DEMO, DEMO_CHECKPOINT, DEMO_OVERRIDE, read_json, resolve_checkpoint  # noqa: F401
+from flamingo_edge.artifacts import (DEMO, DEMO_CHECKPOINT, DEMO_OVERRIDE, EXPORT_RECORD, MANIFEST,  # noqa: F401
+                                     read_json, resolve_checkpoint)
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.config_checks import config_from_record, describe
@@ -46,9 +47,6 @@ def _check_folder(path: str | Path) -> Path:
 
 def _refuse_other_folder(folder: Path) -> None:
     """A folder flamingo-edge wrote that is not a checkpoint (an export, engines): say what to pass instead."""
-    from flamingo_edge.artifacts import EXPORT_RECORD
-    from flamingo_edge.manifest import MANIFEST
-
     if (folder / EXPORT_RECORD).is_file():
         try:
             source = read_json(folder / EXPORT_RECORD).get("checkpoint")

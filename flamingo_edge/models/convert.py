@@ -84,9 +84,12 @@ def _vision_tensors(vision_weights: str | Path | None, parts: of.Parts, checkpoi
     return parts.vision, str(checkpoint)
 
 
-def assemble(checkpoint: str | Path, *, lm_dir: str | Path, vision: str, vision_weights: str | Path | None,
-             every: int, vocab_size: int, special_tokens: Mapping[str, int | None]):
-    """Read every input, map it, check it: (config, our state dict). Nothing is written."""
+def assemble(checkpoint: str | Path, *, lm_dir: str | Path, vision: str, open_clip: Mapping[str, Any],
+             vision_weights: str | Path | None, every: int, vocab_size: int,
+             special_tokens: Mapping[str, int | None]):
+    """Read every input, map it, check it: (config, our state dict). Nothing is written.
+
+    `vision` is what the user named (for messages), `open_clip` its model config (`read_vision_config`)."""
     checkpoint, lm_dir = Path(checkpoint), Path(lm_dir)
     lm_config_path = lm_dir / "config.json"
     lm_hf = read_json(lm_config_path)
@@ -103,7 +106,7 @@ def assemble(checkpoint: str | Path, *, lm_dir: str | Path, vision: str, vision_
                               "trained with another language model: pass that one with --lm")
     parts = of.Parts(vision_tensors, parts.perceiver, {**lm_tensors, **parts.lm})  # the checkpoint's tensors win
     depth, latents = of.perceiver_shape(parts.perceiver, str(checkpoint))
-    config = of.flamingo_config(vision=of.vision_config(read_vision_config(vision), vision), lm=lm, lm_config=lm_hf,
+    config = of.flamingo_config(vision=of.vision_config(open_clip, vision), lm=lm, lm_config=lm_hf,
                                 lm_source=str(lm_config_path), every=every, vocab_size=vocab_size,
                                 perceiver_depth=depth, latents=latents, special_tokens=special_tokens)
     with torch.device("meta"):
@@ -133,15 +136,13 @@ def convert_openflamingo(checkpoint: str | Path, *, lm_dir: str | Path, vision: 
         UsageError: out_dir exists, or a flag is wrong.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UsageError(f"{out_dir} already exists; remove it or pick another output folder")
-    with atomic_folder(out_dir) as staging:
+    with atomic_folder(out_dir) as staging:  # refuses an existing out_dir before any work
         open_clip = read_vision_config(vision)
         size = int((open_clip.get("vision_cfg") or {}).get("image_size", 224))
         tokens = write_processor_files(lm_dir, staging, image_size=size)  # OpenAI CLIP's mean/std
-        config, state = assemble(checkpoint, lm_dir=lm_dir, vision=vision, vision_weights=vision_weights,
-                                 every=cross_attn_every_n_layers, vocab_size=tokens["vocab_size"],
-                                 special_tokens=tokens)
+        config, state = assemble(checkpoint, lm_dir=lm_dir, vision=vision, open_clip=open_clip,
+                                 vision_weights=vision_weights, every=cross_attn_every_n_layers,
+                                 vocab_size=tokens["vocab_size"], special_tokens=tokens)
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "flamingo_edge": __version__})
         record = {"model_type": OWN_MODEL_TYPE, "flamingo_edge_version": __version__, "config": config.to_dict(),
                   "converted_from": {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(checkpoint),

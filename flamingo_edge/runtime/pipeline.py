@@ -27,7 +27,7 @@ from flamingo_edge.runtime.backend import BackendKind, parse_choice
 from flamingo_edge.runtime.sessions import open_session
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
 from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
-from flamingo_edge.runtime.processor import Processor
+from flamingo_edge.runtime.processor import Processor, check_text
 from flamingo_edge.runtime.sampling import Sampler, make_sampler
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,6 @@ def check_generate_settings(*, max_new_tokens, seed=None, temperature=0.0, top_p
         UsageError: naming the setting, the value received and what it must be.
         PromptError: a stop string that is not valid text.
     """
-    from flamingo_edge.runtime.processor import check_text
-
     _check_integer("max_new_tokens", max_new_tokens, 1)
     _check_integer("seed", seed, 0, none_means="a fresh seed")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):

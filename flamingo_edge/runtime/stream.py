@@ -13,6 +13,7 @@ under `change_threshold` on a small thumbnail) reuses the last frame's cached vi
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -94,8 +95,9 @@ class FrameStream:
             raise UsageError("a frame stream needs at least one prompt")
         if every < 1 or (fps is not None and fps <= 0) or change_threshold < 0:
             raise UsageError("--every must be >= 1, --fps > 0 and the change threshold >= 0")
-        known = {"seed", "temperature", "top_p", "repetition_penalty", "stop_token_ids", "stop_strings"}
-        check_generate_settings(max_new_tokens=max_new_tokens, **{k: v for k, v in generation.items() if k in known})
+        checked = inspect.signature(check_generate_settings).parameters  # the rest the sampler checks
+        check_generate_settings(max_new_tokens=max_new_tokens,
+                                **{k: v for k, v in generation.items() if k in checked})
         self.pipeline, self.source, self.prompts = pipeline, source, list(prompts)
         self.few_shot, self.every, self.fps = list(few_shot or []), every, fps
         self.max_new_tokens, self.change_threshold, self.generation = max_new_tokens, change_threshold, generation

@@ -7,7 +7,6 @@ transformers 5.x `models/idefics/modeling_idefics.py` (shared/notes/reference-im
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
-from flamingo_edge.config_checks import config_problems, describe
+from flamingo_edge.config_checks import config_problems, describe, is_int, is_number
 from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
@@ -129,21 +128,13 @@ _REQUIRED = object()  # the default of a key the config must have
 _FIX_VALUE = "fix that value in config.json (or restore the file saved with the checkpoint)"
 # What a config value must be: a test, and its description for the message.
 _KINDS = {
-    "count": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "size": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "positive": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "count": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "size": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: is_number(v) and v > 0, "a positive number"),
     "flag": (lambda v: v is None or isinstance(v, bool), "true or false"),  # null reads as false, as in transformers
-    "token": (lambda v: v is None or (_is_int(v) and v >= 0), "a token id (an integer >= 0) or null"),
+    "token": (lambda v: v is None or (is_int(v) and v >= 0), "a token id (an integer >= 0) or null"),
     "name": (lambda v: isinstance(v, str), "a string"),
 }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)

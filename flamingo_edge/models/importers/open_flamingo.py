@@ -17,7 +17,7 @@ LM width), 4x GELU feed-forwards, LayerNorm (eps 1e-5), bias-free projections an
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,8 +225,21 @@ class _Source:
         self.used.add(name)
         return self.tensors[name].to(torch.float32)
 
-    def leftovers(self, skip=lambda name: False) -> list[str]:
-        return sorted(n for n in self.tensors if n not in self.used and not skip(n))
+    def check_all_used(self, fix: Callable[[str], str], skip=lambda name: False) -> None:
+        """Every tensor was read, but those `skip` knows the forward never uses; `fix(name)` says what to do.
+
+        Raises:
+            CheckpointError: naming the first one left over and how many there are.
+        """
+        names = sorted(n for n in self.tensors if n not in self.used and not skip(n))
+        if names:
+            raise _fail(self.source, f"{self.what} tensor {names[0]!r} maps to nothing ({len(names)} such tensors)",
+                        fix(names[0]))
+
+
+def _is_pooled_head(name: str) -> bool:
+    """open_clip's pooled-token head (`ln_post`, `proj`): OpenFlamingo takes the patch tokens before it."""
+    return name.startswith(("ln_post.", "proj"))
 
 
 def _vision_weights(src: _Source, config: VisionConfig) -> dict[str, torch.Tensor]:
@@ -252,9 +265,7 @@ def vision_state(tensors: Mapping[str, torch.Tensor], config: VisionConfig, sour
     """
     src = _Source(tensors, source, "vision")
     state = _vision_weights(src, config)
-    leftovers = src.leftovers(lambda n: n.startswith(("ln_post.", "proj")))
-    if leftovers:
-        raise _fail(source, f"vision tensor {leftovers[0]!r} maps to nothing", "pass the weights of this ViT")
+    src.check_all_used(lambda name: "pass the weights of this ViT", skip=_is_pooled_head)
     return state
 
 
@@ -318,13 +329,9 @@ def convert(parts: Parts, config: FlamingoConfig, lm: LanguageModel, sources: Ma
     language = _Source(parts.lm, sources["lm"], "language model")
     state = {**_vision_weights(vision, config.vision), **_perceiver_weights(perceiver, config.resampler.depth),
              **_lm_and_cross_weights(language, lm, config.decoder, tied)}
-    leftovers = [(vision, vision.leftovers(lambda n: n.startswith(("ln_post.", "proj")))),
-                 (perceiver, perceiver.leftovers()),
-                 (language, language.leftovers(lambda n: is_unused(lm, n)))]
-    for src, names in leftovers:
-        if names:
-            raise _fail(src.source, f"{src.what} tensor {names[0]!r} maps to nothing ({len(names)} such tensors)",
-                        _leftover_fix(names[0], config))
+    for src, skip in ((vision, _is_pooled_head), (perceiver, lambda name: False),
+                      (language, lambda name: is_unused(lm, name))):
+        src.check_all_used(lambda name: _leftover_fix(name, config), skip=skip)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise _fail(sources["lm"], f"no upstream tensor for {missing[0]}", "the checkpoint is incomplete")
