@@ -6,6 +6,9 @@
   symmetric int8 activations (what TensorRT's explicit quantization expects), calibrated on the feeds
   `flamingo-edge calibrate` recorded for that very export. Only the matrix products are quantized
   (`INT8_OP_TYPES`); normalisation, softmax, gates and residual adds stay in float.
+- int4, int8-weights: weight-only, block-wise, for the language model (decoder and xattn_kv): weights.py says how,
+  with round-to-nearest or GPTQ (calibrated), encoded for ONNX Runtime (MatMulNBits) or TensorRT 10+
+  (block-quantized DequantizeLinear, opset 21).
 
 The output folder is written under a temporary name and renamed when complete.
 """
@@ -22,14 +25,18 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
-from flamingo_edge.precision import QUANTIZED_PRECISIONS, Precision
+from flamingo_edge.precision import QUANTIZED_PRECISIONS, WEIGHT_BITS, WEIGHT_ONLY_PRECISIONS, Precision
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
 from flamingo_edge.extras import require
 from flamingo_edge.graphs import GRAPH_NAMES
 
 PRECISIONS = tuple(p.value for p in QUANTIZED_PRECISIONS)  # the CLI choices
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
+WEIGHT_METHODS = ("rtn", "gptq")  # int4 / int8-weights (weights.py)
+WEIGHT_TARGETS = ("onnxruntime", "tensorrt")  # which encoding weight-only graphs get (weights.ENCODINGS)
+WEIGHT_DEFAULT_GRAPHS = ("xattn_kv", "decoder")  # the language model's matrix products
+DEFAULT_BLOCK_SIZE = {Precision.INT4: 32, Precision.INT8_WEIGHTS: 128}
 # Kept in float32 in fp16 graphs: LayerNorm and RMSNorm (mean of squares overflows fp16), softmax, and the exp/sqrt
 # behind them.
 FP16_KEEP_FP32 = ("LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt",
@@ -88,23 +95,62 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
         atomic_write(target, out.read_bytes())
 
 
+def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
+                 target: str, accuracy_level: int, lm_head: bool, calibration, name: str) -> dict:
+    """Write the weight-only quantized `source` as `folder/file` (external data when large); its summary, with
+    the GraphFile fields under "files"."""
+    import onnx
+
+    from flamingo_edge.calibration.weights import ENCODINGS, quantize_graph
+    from flamingo_edge.export.export import EXTERNAL_DATA_THRESHOLD
+
+    samples = None
+    if method == "gptq":
+        from flamingo_edge.calibration.record import iter_samples
+
+        def samples():
+            return iter_samples(calibration, name)
+    model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
+                                    method=method, encoding=ENCODINGS[target], lm_head=lm_head,
+                                    accuracy_level=accuracy_level, samples=samples)
+    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_file = f"{file}.data" if external else None
+    path = folder / file
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file, size_threshold=0)
+    else:
+        atomic_write(path, model.SerializeToString())
+    summary["files"] = dict(sha256=sha256_of(path), data_file=data_file,
+                            data_sha256=sha256_of(folder / data_file) if external else None)
+    return summary
+
+
 def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str, *,
-                    calibration: str | Path | None = None, method: str = "minmax", graphs: list[str] | None = None,
-                    exclude_ops: list[str] | None = None, on_graph: Callable[[str], None] | None = None,
-                    tensorrt_version: str = "10.3") -> Path:
+                    calibration: str | Path | None = None, method: str | None = None,
+                    graphs: list[str] | None = None, exclude_ops: list[str] | None = None,
+                    on_graph: Callable[[str], None] | None = None, tensorrt_version: str = "10.3",
+                    block_size: int | None = None, target: str = "onnxruntime", accuracy_level: int = 4,
+                    lm_head: bool = True) -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
         export_dir: an fp32 export.
         out_dir: the folder to write; must not exist.
-        precision: "fp16" or "int8".
-        calibration: a `flamingo-edge calibrate` folder of this export (int8 only).
-        method: int8 activation calibration: "minmax", "entropy" or "percentile".
-        graphs: the graphs to convert (default: all four for fp16; vision, resampler, xattn_kv for int8).
+        precision: "fp16", "int8", "int4" or "int8-weights".
+        calibration: a `flamingo-edge calibrate` folder of this export (int8, and the gptq method).
+        method: int8 activation calibration: "minmax" (default), "entropy" or "percentile"; int4 and int8-weights:
+            "rtn" (default, no data) or "gptq" (needs `calibration`).
+        graphs: the graphs to convert (default: all four for fp16; vision, resampler, xattn_kv for int8; xattn_kv
+            and decoder for int4 and int8-weights).
         exclude_ops: op types to keep in float besides the defaults.
         on_graph: called with each graph's name before it is converted (progress).
         tensorrt_version: int8: the header of the TensorRT calibration caches written next to the graphs
             (`<graph>.int8-calib.cache`, for implicit INT8 of the fp32 graphs on TensorRT <= 10; trt_cache.py).
+        block_size: int4 / int8-weights: weights per scale (default 32 for int4, 128 for int8-weights).
+        target: int4 / int8-weights: "onnxruntime" (MatMulNBits) or "tensorrt" (DequantizeLinear, opset 21).
+        accuracy_level: MatMulNBits' compute type: 4 (int8 activations per block, VNNI on x86) or 0 (float32).
+        lm_head: int4 / int8-weights: quantize the LM head too.
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
@@ -114,9 +160,23 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if method not in METHODS:
-        raise UsageError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    graphs = list(graphs or (GRAPH_NAMES if precision == Precision.FP16 else INT8_DEFAULT_GRAPHS))
+    weight_only = precision in WEIGHT_ONLY_PRECISIONS
+    methods = WEIGHT_METHODS if weight_only else METHODS
+    method = method or methods[0]
+    if method not in methods:
+        raise UsageError(f"unknown method {method!r} for {precision}; choose one of {', '.join(methods)}")
+    if weight_only:
+        from flamingo_edge.calibration.weights import BLOCK_SIZES
+
+        block_size = block_size or DEFAULT_BLOCK_SIZE[Precision(precision)]
+        if block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+        if target not in WEIGHT_TARGETS:
+            raise UsageError(f"unknown target {target!r}; choose one of {', '.join(WEIGHT_TARGETS)}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"--accuracy-level {accuracy_level}: MatMulNBits takes 0 to 4")
+    defaults = {Precision.FP16: GRAPH_NAMES, Precision.INT8: INT8_DEFAULT_GRAPHS}
+    graphs = list(graphs or defaults.get(precision, WEIGHT_DEFAULT_GRAPHS))
     unknown = [g for g in graphs if g not in GRAPH_NAMES]
     if unknown:
         raise UsageError(f"unknown graph(s) {unknown}; the graphs are {', '.join(GRAPH_NAMES)}")
@@ -125,12 +185,14 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
     if record.precision != Precision.FP32:
         raise UsageError(f"{export_dir} is already {record.precision}; quantize the fp32 export it came from")
     calibration_record = None
-    if precision == Precision.INT8:
-        from flamingo_edge.calibration.trt_cache import header
+    if precision == Precision.INT8 or method == "gptq":
+        if precision == Precision.INT8:
+            from flamingo_edge.calibration.trt_cache import header
 
-        header(tensorrt_version)  # a bad version fails now, not after the work
+            header(tensorrt_version)  # a bad version fails now, not after the work
         if calibration is None:
-            raise UsageError("int8 needs --calibration CALIB (from flamingo-edge calibrate on this export)")
+            raise UsageError(f"{precision} with {method} needs --calibration CALIB (from flamingo-edge calibrate on "
+                             "this export)")
         from flamingo_edge.calibration.record import read_calibration
 
         calibration_record = read_calibration(calibration)
@@ -148,34 +210,58 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
     with atomic_folder(out_dir) as partial:
         for name in record.tokenizer_files:
             shutil.copy2(export_dir / name, partial / name)
-        files, caches = {}, {}
+        files, caches, summaries = {}, {}, {}
         for name, entry in record.graphs.items():
-            source, target = export_dir / entry.file, partial / entry.file
+            source, out_file = export_dir / entry.file, partial / entry.file
             if name not in graphs:
-                shutil.copy2(source, target)
+                shutil.copy2(source, out_file)
                 if entry.data_file:
                     shutil.copy2(export_dir / entry.data_file, partial / entry.data_file)
                 files[name] = entry
                 continue
             if on_graph:
                 on_graph(name)
+            if weight_only:
+                summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
+                                               target, accuracy_level, lm_head, calibration, name)
+                files[name] = replace(entry, **summaries[name].pop("files"))
+                continue
             if precision == Precision.FP16:
-                _fp16(source, target, keep)
+                _fp16(source, out_file, keep)
             else:
                 from flamingo_edge.calibration.record import iter_samples
 
                 from flamingo_edge.calibration.trt_cache import activation_amax, write_cache
 
                 with _quiet_quantization_tools():
-                    _int8(source, target, iter_samples(calibration, name), method, op_types)
+                    _int8(source, out_file, iter_samples(calibration, name), method, op_types)
                     amax = activation_amax(source, iter_samples(calibration, name), method)
                 caches[name] = f"{name}.int8-calib.cache"
                 atomic_write(partial / caches[name], write_cache(amax, tensorrt_version))
-            files[name] = replace(entry, sha256=sha256_of(target), data_file=None, data_sha256=None)
+            files[name] = replace(entry, sha256=sha256_of(out_file), data_file=None, data_sha256=None)
         provenance = {"source_export": str(export_dir.resolve()), "graphs": graphs,
                       "kept_in_float": list(keep) if precision == Precision.FP16 else
                       f"every op except {', '.join(op_types)}"}
-        if calibration_record is not None:
+        if weight_only:
+            from flamingo_edge.calibration.weights import ENCODINGS
+
+            provenance.update(kept_in_float="everything but the MatMul weights" +
+                              ("" if lm_head else " and the LM head"),
+                              method=method, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
+                              symmetric=True, target=target, encoding=ENCODINGS[target], lm_head=lm_head,
+                              weights={name: summary for name, summary in summaries.items()})
+            if ENCODINGS[target] == "MatMulNBits":
+                provenance["accuracy_level"] = accuracy_level
+            else:
+                from flamingo_edge.calibration.weights import DQ_OPSET
+
+                provenance["graph_opset"] = DQ_OPSET  # of the quantized graphs; the others keep the export's
+            if calibration_record is not None:
+                provenance.update(calibration=str(Path(calibration).resolve()),
+                                  calibration_source=calibration_record.source,
+                                  calibration_images=calibration_record.n_images,
+                                  calibration_seed=calibration_record.seed)
+        elif calibration_record is not None:
             provenance.update(method=method, calibration=str(Path(calibration).resolve()),
                               calibration_source=calibration_record.source,
                               calibration_images=calibration_record.n_images, calibration_seed=calibration_record.seed,

@@ -1,26 +1,41 @@
-"""`flamingo-edge quantize EXPORT --precision fp16|int8 -o OUT`: FP16 or INT8 (Q/DQ) graphs as a complete export."""
+"""`flamingo-edge quantize EXPORT --precision fp16|int8|int4|int8-weights -o OUT`: FP16, INT8 (Q/DQ) or weight-only
+4/8-bit graphs as a complete export."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = ("write an fp16 or int8 (explicit Q/DQ, calibrated) copy of an fp32 export that generate, eval, compare and "
-        "bench accept unchanged")
+HELP = ("write an fp16, int8 (explicit Q/DQ, calibrated) or weight-only int4/int8-weights copy of an fp32 export "
+        "that generate, eval, compare and bench accept unchanged")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flamingo_edge.calibration.quantize import METHODS, PRECISIONS
+    from flamingo_edge.calibration.quantize import METHODS, PRECISIONS, WEIGHT_METHODS, WEIGHT_TARGETS
+    from flamingo_edge.calibration.weights import BLOCK_SIZES
     from flamingo_edge.graphs import GRAPH_NAMES
 
     parser.add_argument("export_dir", metavar="EXPORT",
                         help="the fp32 export folder (`demo`: the bundled checkpoint's cached export)")
     parser.add_argument("--precision", required=True, choices=PRECISIONS)
     parser.add_argument("--calibration", metavar="CALIB",
-                        help="int8: a flamingo-edge calibrate folder recorded on this export")
-    parser.add_argument("--method", choices=METHODS, default="minmax",
-                        help="int8 activation ranges (default: minmax)")
+                        help="int8 and gptq: a flamingo-edge calibrate folder recorded on this export")
+    parser.add_argument("--method", choices=METHODS + WEIGHT_METHODS,
+                        help="int8: activation ranges (default: minmax); int4/int8-weights: rtn (default, no data) "
+                             "or gptq (needs --calibration)")
     parser.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, metavar="GRAPH",
-                        help="graphs to convert (default: all for fp16; vision resampler xattn_kv for int8)")
+                        help="graphs to convert (default: all for fp16; vision resampler xattn_kv for int8; "
+                             "xattn_kv decoder for int4/int8-weights)")
+    weights = parser.add_argument_group("int4 / int8-weights (weight-only)")
+    weights.add_argument("--block-size", type=int, choices=BLOCK_SIZES,
+                         help="weights per scale along the input dimension (default: 32 for int4, 128 for "
+                              "int8-weights)")
+    weights.add_argument("--target", choices=WEIGHT_TARGETS, default="onnxruntime",
+                         help="the encoding: onnxruntime (MatMulNBits, CPU and CUDA providers) or tensorrt "
+                              "(block-quantized DequantizeLinear, opset 21, TensorRT 10+); default: onnxruntime")
+    weights.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                         help="onnxruntime: MatMulNBits' compute type; 4 = int8 activations (VNNI dot products on "
+                              "x86), 0 = float32 (default: 4)")
+    weights.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
     parser.add_argument("--exclude-ops", nargs="+", default=[], metavar="OP",
                         help="ONNX op types to keep in float besides the defaults (docs/calibration.md)")
     parser.add_argument("--trt-version", default="10.3",
@@ -41,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
         out = quantize_export(export_dir, args.output, args.precision, calibration=args.calibration,
                               method=args.method, graphs=args.graphs, exclude_ops=args.exclude_ops,
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
-                              tensorrt_version=args.trt_version)
+                              tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
+                              accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head)
     print(f"wrote {out} ({args.precision})")
     return 0

@@ -1,0 +1,336 @@
+"""Weight-only block quantization of the language model: 4- or 8-bit weights, float activations.
+
+What is quantized: every `MatMul` whose second input is a 2-D float initializer `W` [K, N] (`y = x @ W`: the
+attention and MLP projections, the gated blocks' projections, the cross-attention K/V projections in `xattn_kv`, and
+the LM head unless it is kept). Embedding tables (`Gather`), norms, softmax and gates stay float.
+
+How: symmetric, per block of `block_size` consecutive input rows of one output column. A block's scale is
+max|W| / qmax and its weights are round(W / scale), clipped to [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8).
+Symmetric because TensorRT's block-quantized weights take no zero point; both encodings below then hold exactly the
+same integers and scales.
+
+- `rtn`: round to nearest, no data.
+- `gptq` (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+  Transformers"): quantizes the input rows one at a time and spreads each row's rounding error over the rows not yet
+  quantized, weighted by the inverse Hessian H = Xᵀ X of the layer's inputs X. X comes from the feeds
+  `flamingo-edge calibrate` recorded for this export, run through the fp32 graph.
+
+Encodings (recorded in export.json as `encoding`):
+- `MatMulNBits` (ONNX Runtime, com.microsoft; CPU and CUDA): B packed [N, K/block, block·bits/8] uint8 (two 4-bit
+  values per byte, the lower index in the low nibble), scales [N·K/block] float32, no zero points (the operator's
+  default zero point, 2^(bits-1), is the symmetric one). `accuracy_level` 4 lets the CPU kernels quantize the
+  activations to int8 per block and use the VNNI dot products; 0 computes in float32.
+- `DequantizeLinear` (TensorRT 10+, opset 21): the integers as an INT4 or INT8 initializer [K, N], scales
+  [K/block, N], `DequantizeLinear(axis=0, block_size)` feeding the MatMul: the weight-only form TensorRT recognises
+  (and NVIDIA ModelOpt writes). ONNX Runtime runs it too, so its accuracy is measured here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flamingo_edge.errors import CalibrationError, UsageError
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
+WEIGHT_METHODS = ("rtn", "gptq")
+ENCODINGS = {"onnxruntime": "MatMulNBits", "tensorrt": "DequantizeLinear"}  # --target -> encoding
+DQ_OPSET = 21  # INT4 and block-wise DequantizeLinear
+GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal (the paper's default)
+HESSIAN_BUDGET_BYTES = 2 << 30  # Hessians accumulated at once; more MatMul inputs take more passes over the samples
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    """One weight [K, N] as integers and per-block scales."""
+
+    q: np.ndarray  # int8 [K, N], in [-qmax, qmax]
+    scales: np.ndarray  # float32 [ceil(K / block_size), N]
+    bits: int
+    block_size: int
+
+    def dequantize(self) -> np.ndarray:
+        per_row = np.repeat(self.scales, self.block_size, axis=0)[: self.q.shape[0]]
+        return self.q.astype(np.float32) * per_row
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _scales(blocks_amax: np.ndarray, bits: int) -> np.ndarray:
+    scales = (blocks_amax / qmax(bits)).astype(np.float32)
+    scales[scales == 0] = 1.0  # an all-zero block: any scale holds it exactly
+    return scales
+
+
+def rtn(weight: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
+    """Round to nearest, symmetric, per block of `block_size` input rows."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    grouped = padded.reshape(blocks, block_size, n)
+    scales = _scales(np.abs(grouped).max(axis=1), bits)
+    q = np.clip(np.rint(grouped / scales[:, None, :]), -qmax(bits), qmax(bits)).astype(np.int8)
+    return BlockQuantized(q.reshape(-1, n)[:k], scales, bits, block_size)
+
+
+def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, *,
+         damping: float = GPTQ_DAMPING) -> BlockQuantized:
+    """GPTQ with block-wise symmetric scales, each block's scale taken from its error-updated weights.
+
+    Args:
+        weight: [K, N], `y = x @ weight`.
+        hessian: [K, K], Xᵀ X over the calibration inputs (any positive scale).
+    """
+    k, n = weight.shape
+    w = weight.astype(np.float64).T.copy()  # [N, K]: the rows GPTQ walks are our input rows (its columns)
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0  # inputs never active: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += damping * np.mean(np.diag(h))
+    try:
+        h_inv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H⁻¹
+    except np.linalg.LinAlgError:
+        raise CalibrationError("GPTQ: the calibration inputs give a singular Hessian; record more calibration "
+                               "data or use --method rtn") from None
+    top = qmax(bits)
+    blocks = -(-k // block_size)
+    scales = np.ones((blocks, n), np.float32)
+    q = np.zeros((n, k), np.int8)
+    lazy = block_size * max(1, 128 // block_size)  # columns updated together (a multiple of the block)
+    for start in range(0, k, lazy):
+        stop = min(start + lazy, k)
+        chunk = w[:, start:stop].copy()
+        errors = np.zeros_like(chunk)
+        inverse = h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            if column % block_size == 0:
+                group = chunk[:, i: i + block_size]
+                scales[column // block_size] = _scales(np.abs(group).max(axis=1), bits)
+            scale = scales[column // block_size].astype(np.float64)
+            values = np.clip(np.rint(chunk[:, i] / scale), -top, top)
+            q[:, column] = values
+            error = (chunk[:, i] - values * scale) / inverse[i, i]
+            chunk[:, i:] -= np.outer(error, inverse[i, i:])
+            errors[:, i] = error
+        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
+    return BlockQuantized(q.T.copy(), scales, bits, block_size)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A MatMul to quantize: its node, the weight initializer's name and the name of its activation input."""
+
+    node_index: int
+    weight: str
+    activation: str
+    lm_head: bool
+
+
+def find_matmuls(model, *, lm_head: bool = True) -> list[Target]:
+    """The MatMuls with a 2-D float initializer as second input; the LM head (a MatMul writing a graph output)
+    only if `lm_head`."""
+    from onnx import TensorProto
+
+    floats = {i.name: i for i in model.graph.initializer
+              if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    outputs = {o.name for o in model.graph.output}
+    found = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in floats:
+            continue
+        head = node.output[0] in outputs
+        if head and not lm_head:
+            continue
+        found.append(Target(index, node.input[1], node.input[0], head))
+    return found
+
+
+def collect_hessians(model_path: Path, targets: list[Target], samples: Callable[[], Iterable[Mapping]], *,
+                     budget_bytes: int = HESSIAN_BUDGET_BYTES,
+                     on_pass: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Xᵀ X (float64, [K, K]) of every target's activation input over the calibration feeds.
+
+    The fp32 graph runs on ONNX Runtime with those activations as extra outputs. MatMuls that share an input
+    (q/k/v, gate/up) share one Hessian. When the Hessians do not fit in `budget_bytes`, they are gathered in several
+    passes over the samples.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    widths = {t.activation: _weight_shape(model, t.weight)[0] for t in targets}
+    groups, current, size = [], [], 0
+    for name, width in widths.items():
+        need = width * width * 8
+        if current and size + need > budget_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += need
+    if current:
+        groups.append(current)
+    hessians: dict[str, np.ndarray] = {}
+    graph_outputs = {o.name for o in model.graph.output}
+    for number, names in enumerate(groups, 1):
+        if on_pass:
+            on_pass(number, len(groups))
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        for name in names:
+            if name not in graph_outputs:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        inputs = {i.name for i in session.get_inputs()}
+        sums = {name: np.zeros((widths[name], widths[name]), np.float64) for name in names}
+        seen = 0
+        for feed in samples():
+            values = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+            for name, value in zip(names, values):
+                x = value.reshape(-1, widths[name]).astype(np.float64)
+                sums[name] += x.T @ x
+            seen += 1
+        if seen == 0:
+            raise CalibrationError(f"{model_path.name}: the calibration folder has no samples for this graph")
+        hessians.update(sums)
+        del session
+    return hessians
+
+
+def _weight_shape(model, name: str) -> tuple[int, int]:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return tuple(init.dims)
+    raise KeyError(name)
+
+
+def pack_4bit(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis (even length), the lower index in the low nibble."""
+    nibbles = (values.astype(np.int16) & 0x0F).astype(np.uint8)
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+
+
+def matmulnbits_tensors(bq: BlockQuantized) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' B [N, blocks, block·bits/8] uint8 and scales [N·blocks] float32 for `bq`."""
+    k, n = bq.q.shape
+    blocks = bq.scales.shape[0]
+    unsigned = np.full((blocks * bq.block_size, n), 2 ** (bq.bits - 1), np.uint8)  # padding rows hold zero
+    unsigned[:k] = (bq.q.astype(np.int16) + 2 ** (bq.bits - 1)).astype(np.uint8)
+    per_column = unsigned.T.reshape(n, blocks, bq.block_size)
+    packed = pack_4bit(per_column) if bq.bits == 4 else per_column
+    return np.ascontiguousarray(packed), np.ascontiguousarray(bq.scales.T).reshape(-1)
+
+
+def _int_initializer(name: str, q: np.ndarray, bits: int):
+    from onnx import TensorProto, helper
+
+    if bits == 8:
+        return helper.make_tensor(name, TensorProto.INT8, q.shape, q.astype(np.int8).tobytes(), raw=True)
+    flat = q.reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    return helper.make_tensor(name, TensorProto.INT4, q.shape, pack_4bit(flat).tobytes(), raw=True)
+
+
+def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_level: int) -> None:
+    """Replace the target MatMul in `model` (in place) by the encoding of `bq`."""
+    from onnx import helper, numpy_helper
+
+    node = model.graph.node[target.node_index]
+    base = target.weight
+    k, n = bq.q.shape
+    if encoding == "MatMulNBits":
+        packed, scales = matmulnbits_tensors(bq)
+        model.graph.initializer.extend([numpy_helper.from_array(packed, f"{base}_Q{bq.bits}"),
+                                        numpy_helper.from_array(scales, f"{base}_scales")])
+        replacement = helper.make_node(
+            "MatMulNBits", [node.input[0], f"{base}_Q{bq.bits}", f"{base}_scales"], list(node.output),
+            name=f"{node.name}_Q{bq.bits}", domain="com.microsoft", K=k, N=n, bits=bq.bits,
+            block_size=bq.block_size, accuracy_level=accuracy_level)
+        model.graph.node.insert(target.node_index, replacement)
+        model.graph.node.remove(node)
+    elif encoding == "DequantizeLinear":
+        model.graph.initializer.extend([_int_initializer(f"{base}_Q{bq.bits}", bq.q, bq.bits),
+                                        numpy_helper.from_array(bq.scales, f"{base}_scale")])
+        dequantized = f"{base}_DQ"
+        node.input[1] = dequantized
+        model.graph.node.insert(target.node_index, helper.make_node(
+            "DequantizeLinear", [f"{base}_Q{bq.bits}", f"{base}_scale"], [dequantized],
+            name=f"{node.name}_DQ", axis=0, block_size=bq.block_size))
+    else:
+        raise UsageError(f"unknown weight encoding {encoding!r}; choose one of {sorted(ENCODINGS.values())}")
+
+
+def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, encoding: str,
+                   lm_head: bool = True, accuracy_level: int = 4,
+                   samples: Callable[[], Iterable[Mapping]] | None = None,
+                   on_weight: Callable[[int, int], None] | None = None):
+    """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
+
+    Args:
+        samples: a callable returning the calibration feeds of this graph (gptq only; called once per pass).
+        on_weight: called with (done, total) as weights are quantized (progress).
+    """
+    import onnx
+
+    if block_size not in BLOCK_SIZES:
+        raise UsageError(f"block size {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    if method not in WEIGHT_METHODS:
+        raise UsageError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+    model = onnx.load(str(source))
+    if encoding == "DequantizeLinear":
+        model = _to_opset(model, DQ_OPSET)  # before the quantized nodes, which only opset 21 knows
+    targets = find_matmuls(model, lm_head=lm_head)
+    hessians = {}
+    if method == "gptq":
+        if samples is None:
+            raise UsageError("gptq needs calibration feeds (--calibration CALIB from flamingo-edge calibrate)")
+        hessians = collect_hessians(source, targets, samples)
+    initializers = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    before = after = 0
+    # last node first, so that inserting a node does not move the indices still to come
+    for done, target in enumerate(sorted(targets, key=lambda t: -t.node_index), 1):
+        weight = onnx.numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
+        if method == "gptq":
+            bq = gptq(weight, hessians[target.activation], bits, block_size)
+        else:
+            bq = rtn(weight, bits, block_size)
+        encode(model, target, bq, encoding, accuracy_level)
+        before += weight.nbytes
+        after += bq.q.size * bits // 8 + bq.scales.nbytes
+        if uses[target.weight] == 1:
+            model.graph.initializer.remove(initializers[target.weight])
+        if on_weight:
+            on_weight(done, len(targets))
+    if encoding == "MatMulNBits" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets),
+               "float_bytes": before, "quantized_bytes": after}
+    logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)
+    return model, summary
+
+
+def _to_opset(model, opset: int):
+    """The model at `opset` for the default domain (DequantizeLinear with INT4 and block_size needs 21)."""
+    from onnx import version_converter
+
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return model
+    return version_converter.convert_version(model, opset)
