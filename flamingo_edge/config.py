@@ -139,3 +139,16 @@ class FlamingoConfig:
             resampler=ResamplerConfig(**data["resampler"]),
             decoder=DecoderConfig(**decoder),
         )
+
+
+def config_differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """'decoder.width 128 vs 64' for every leaf that differs between two config dicts (`FlamingoConfig.to_dict()`,
+    or the one an export.json records)."""
+    found = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            found.append(f"{prefix}{key} {a!r} vs {b!r}")
+    return found

@@ -23,8 +23,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "converted ones) and our PyTorch reference on this checkpoint (`demo`: the bundled "
                              "one); needs transformers")
     parser.add_argument("--baseline", metavar="EXPORT",
-                        help="also run the workload on this export (e.g. the fp32 one a quantized export came from) "
-                             "and print the ratios")
+                        help="also run the workload on this export of the same checkpoint (e.g. the fp32 one a "
+                             "quantized export came from), its runs interleaved with EXPORT's on the same images, "
+                             "and print the ratios (TTFT, decode, each stage); `demo`: the bundled checkpoint's export")
     parser.add_argument("--prompt-tokens", type=count, default=32, help="prompt length in tokens (default: 32)")
     parser.add_argument("--new-tokens", type=count, default=32, help="tokens generated per run (default: 32)")
     parser.add_argument("--images", type=count, default=1, help="images per prompt, new every run (default: 1)")
@@ -40,8 +41,9 @@ def _ms(spread: dict) -> str:
 def print_report(report: dict) -> None:
     ours = report["backend_result"]
     load = report["workload"]
-    print(f"{report['precision']} export, {report['backend']} ({report['device']}), {load['images']} image(s), {ours['prompt_tokens']} prompt "
-          f"tokens, {load['new_tokens']} new tokens; median (min–max) of {load['runs']} runs after a warm-up")
+    print(f"{report['precision']} export, {report['backend']} ({report['device']}), {load['images']} image(s), "
+          f"{ours['prompt_tokens']} prompt tokens, {load['new_tokens']} new tokens; median (min–max) of "
+          f"{load['runs']} runs after a warm-up")
     for stage, spread in ours["stages_s"].items():
         print(f"  {stage:18} {_ms(spread)}")
     print(f"  {'time to first token':18} {_ms(ours['ttft_s'])}")
@@ -57,6 +59,11 @@ def print_report(report: dict) -> None:
         print(f"  vs {report['baseline_precision']} baseline   TTFT {theirs['ttft_s']['median'] * 1000:.2f} ms, decode "
               f"{theirs['decode_tokens_per_s']['median']:.1f} tokens/s -> this {report['precision']} export is "
               f"x{ratio['ttft']:.2f} (TTFT), x{ratio['decode']:.2f} (decode)")
+        stages = report["stage_speedup_vs_baseline"]
+        print("    per stage (baseline / this): " + ", ".join(f"{s} x{r:.2f}" for s, r in stages.items()))
+        floor = report["baseline_memory_bandwidth"]
+        print(f"    baseline decode floor: {theirs['decode_bytes_per_token'] / 2**20:.2f} MiB read per token = "
+              f"{floor['decode_floor_s'] * 1000:.3f} ms; reached {floor['fraction_of_floor_reached']:.1%} of it")
     if "speedup_vs_transformers" in report:
         if report.get("transformers_skipped"):
             print(f"  vs transformers      skipped: {report['transformers_skipped']}")
@@ -84,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
     export_dir = resolve_export(args.export_dir)
     workload = Workload(images=args.images, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                         runs=args.runs)
-    stages = 2 + 2 * bool(args.reference) + bool(args.baseline)
+    stages = 2 + 2 * bool(args.reference)  # the backend (with the baseline interleaved), bandwidth, references
     with Progress(desc="bench", unit="stage", total=stages, leave=False) as bar:
         report = bench(export_dir, workload, **pipeline_options(args), device=args.device, reference=args.reference,
-                       baseline=args.baseline, seed=args.seed,
+                       baseline=resolve_export(args.baseline) if args.baseline else None, seed=args.seed,
                        on_stage=lambda name: (bar.set_postfix_str(name), bar.update(1)))
     print_report(report)
     if args.json:

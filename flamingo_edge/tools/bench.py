@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.artifacts import read_export_record
-from flamingo_edge.errors import PromptError, PromptTooLongError
+from flamingo_edge.config import config_differences
+from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError
 from flamingo_edge.extras import require
 from flamingo_edge.runtime.generation import step_speed
+from flamingo_edge.runtime.onnx_weights import weight_bytes_per_token
 from flamingo_edge.runtime.pipeline import Pipeline
 
 REPORT_VERSION = 1
@@ -127,20 +129,91 @@ def _seconds(function) -> float:
     return time.perf_counter() - start
 
 
-def decode_bytes_per_token(export_dir: Path, pipeline: Pipeline, workload: Workload, prompt_tokens: int) -> int:
-    """What one decode step must read at least: the decoder graph's weights (its files' size) plus the self- and
-    cross-attention K/V at the mean context length of the decode steps."""
-    record = read_export_record(export_dir)
-    entry = record.graphs["decoder"]
-    weights = (export_dir / entry.file).stat().st_size
-    if entry.data_file:
-        weights += (export_dir / entry.data_file).stat().st_size
-    text = pipeline.config.decoder
+def decode_bytes_per_token(export_dir: Path, config, workload: Workload, prompt_tokens: int) -> int:
+    """What one decode step must read at least: the decoder graph's weights as stored (packed 4-bit or 8-bit weights
+    and their scales for weight-only precisions, fp16 or fp32 otherwise; one row of an embedding table) plus the
+    self- and cross-attention K/V (fp32) at the mean context length of the decode steps."""
+    record = read_export_record(export_dir, verify_hashes=False)
+    weights = weight_bytes_per_token(export_dir / record.graphs["decoder"].file)
+    text = config.decoder
     context = prompt_tokens + workload.new_tokens / 2
     self_kv = 2 * text.layers * text.heads * text.head_dim * context * 4
     cross_kv = (2 * len(text.cross_layers) * text.cross_heads * text.cross_head_dim
-                * workload.images * pipeline.config.visual_tokens_per_image * 4)
+                * workload.images * config.visual_tokens_per_image * 4)
     return int(weights + self_kv + cross_kv)
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PipelineRuns:
+    """An export's Pipeline with its sessions and preprocessing under timers. Each `run` generates the workload once
+    on new images; `result` sums up the timed runs. Two of these in one process interleave two exports' runs."""
+
+    def __init__(self, export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
+                 device: str = "auto", seed: int = 0, engines: str | Path | None = None, cuda_graph: bool = False):
+        self.export_dir, self.workload = Path(export_dir), workload
+        self._rng = np.random.default_rng(seed)  # same seed, same images: two exports see the same workload
+        self._log: dict[str, list[float]] = defaultdict(list)
+        self._runs: dict[str, list[float]] = defaultdict(list)
+        self.pipeline = Pipeline.open(self.export_dir, backend=backend, device=device, prefix_cache_bytes=0,
+                                      engines=engines, cuda_graph=cuda_graph)
+        try:
+            self._prepare()
+        except BaseException:
+            self.pipeline.close()
+            raise
+
+    def _prepare(self) -> None:
+        pipeline, processor, workload = self.pipeline, self.pipeline.processor, self.workload
+        self.prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1],
+                                  random_images(self._rng, workload.images), workload.prompt_tokens)
+        self.prompt_tokens = processor.tokenize([self.prompt]).input_ids.shape[1]
+        if self.prompt_tokens + workload.new_tokens > pipeline.max_context:
+            raise PromptTooLongError(f"{self.prompt_tokens} prompt tokens + {workload.new_tokens} new tokens > "
+                                     f"{pipeline.max_context}, the model's context; lower --prompt-tokens or "
+                                     "--new-tokens")
+        log = self._log
+        pipeline.sessions = {name: _Timed(session, name, log) for name, session in pipeline.sessions.items()}
+        processor.image_preprocessor = _Timed(processor.image_preprocessor, "preprocess", log)
+        processor.tokenize = _Timed(processor.tokenize, "preprocess", log)
+
+    def run(self, *, timed: bool = True) -> None:
+        """One generation of the workload on new images (no cache hits); `timed=False` for a warm-up."""
+        log, runs = self._log, self._runs
+        log.clear()
+        prompt = [*random_images(self._rng, self.workload.images), self.prompt[-1]]
+        steps = list(self.pipeline.generate([prompt], max_new_tokens=self.workload.new_tokens, stop_token_ids=[]))
+        if not timed:
+            return
+        decoder = log["decoder"]
+        first, decode = step_speed(steps)  # the rates generate and demo report, computed in one place
+        runs["ttft_s"].append(first)
+        runs["decode_tokens_per_s"].append(decode)
+        for name in ("preprocess", "vision", "resampler", "xattn_kv"):
+            runs[name].append(sum(log[name]))
+        runs["prefill"].append(decoder[0])
+        runs["decode_per_token"].append(statistics.median(decoder[1:]) if len(decoder) > 1 else float("nan"))
+
+    def result(self) -> dict:
+        """Spreads of the timed runs, the prompt and the bytes a decode step reads (docs/bench.md)."""
+        report = {name: asdict(Spread.of(values)) for name, values in self._runs.items()}
+        bytes_per_token = decode_bytes_per_token(self.export_dir, self.pipeline.config, self.workload,
+                                                 self.prompt_tokens)
+        return {"prompt_tokens": self.prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
+                "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
+                "decode_bytes_per_token": bytes_per_token, "prompt": self.prompt[-1]}
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def __enter__(self) -> PipelineRuns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
@@ -148,45 +221,55 @@ def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str =
                    engines: str | Path | None = None, cuda_graph: bool = False) -> dict:
     """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload` (with
     "tensorrt", the export's `engines`)."""
-    export_dir = Path(export_dir)
-    rng = np.random.default_rng(seed)
-    log: dict[str, list[float]] = defaultdict(list)
-    runs = defaultdict(list)
-    with Pipeline.open(export_dir, backend=backend, device=device, prefix_cache_bytes=0, engines=engines,
-                       cuda_graph=cuda_graph) as pipeline:
-        processor = pipeline.processor
-        prompt = make_prompt(lambda p: processor.tokenize([p]).input_ids.shape[1],
-                             random_images(rng, workload.images), workload.prompt_tokens)
-        prompt_tokens = processor.tokenize([prompt]).input_ids.shape[1]
-        if prompt_tokens + workload.new_tokens > pipeline.max_context:
-            raise PromptTooLongError(f"{prompt_tokens} prompt tokens + {workload.new_tokens} new tokens > "
-                                     f"{pipeline.max_context}, the model's context; lower --prompt-tokens or "
-                                     "--new-tokens")
-        pipeline.sessions = {name: _Timed(session, name, log) for name, session in pipeline.sessions.items()}
-        processor.image_preprocessor = _Timed(processor.image_preprocessor, "preprocess", log)
-        processor.tokenize = _Timed(processor.tokenize, "preprocess", log)
+    with PipelineRuns(export_dir, workload, backend=backend, device=device, seed=seed, engines=engines,
+                      cuda_graph=cuda_graph) as runs:
         for run in range(workload.runs + 1):
-            log.clear()
-            prompt = [*random_images(rng, workload.images), prompt[-1]]  # new images: no cache hits
-            steps = list(pipeline.generate([prompt], max_new_tokens=workload.new_tokens, stop_token_ids=[]))
-            if run == 0:
-                continue  # warm-up
-            decoder = log["decoder"]
-            first, decode = step_speed(steps)  # the rates generate and demo report, computed in one place
-            runs["ttft_s"].append(first)
-            runs["decode_tokens_per_s"].append(decode)
-            for name in ("preprocess", "vision", "resampler", "xattn_kv"):
-                runs[name].append(sum(log[name]))
-            runs["prefill"].append(decoder[0])
-            runs["decode_per_token"].append(statistics.median(decoder[1:]) if len(decoder) > 1 else float("nan"))
-            if on_run:
+            runs.run(timed=run > 0)  # the first is a warm-up
+            if run and on_run:
                 on_run()
-        bytes_per_token = decode_bytes_per_token(export_dir, pipeline, workload, prompt_tokens)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    report = {name: asdict(Spread.of(values)) for name, values in runs.items()}
-    return {"prompt_tokens": prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
-            "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
-            "peak_rss_bytes": peak_rss, "decode_bytes_per_token": bytes_per_token, "prompt": prompt[-1]}
+        result = runs.result()
+    return {**result, "peak_rss_bytes": peak_rss()}
+
+
+def bench_with_baseline(export_dir: str | Path, baseline: str | Path, workload: Workload, *,
+                        backend: str = "onnxruntime", baseline_backend: str = "onnxruntime", device: str = "auto",
+                        seed: int = 0, engines: str | Path | None = None,
+                        cuda_graph: bool = False) -> tuple[dict, dict]:
+    """The export and its baseline in one process on the same images and prompt, their timed runs interleaved
+    (alternating which goes first), so that the machine's drift and noise fall on both alike.
+
+    Peak RSS is the export's own, taken after its warm-up, before the baseline is opened; the baseline's is None
+    (in the same process, its peak would include the export's).
+    """
+    options = {"device": device, "seed": seed}
+    with PipelineRuns(export_dir, workload, backend=backend, engines=engines, cuda_graph=cuda_graph,
+                      **options) as ours:
+        ours.run(timed=False)
+        ours_rss = peak_rss()
+        with PipelineRuns(baseline, workload, backend=baseline_backend, **options) as theirs:
+            theirs.run(timed=False)
+            for run in range(workload.runs):
+                for side in ((ours, theirs) if run % 2 == 0 else (theirs, ours)):
+                    side.run()
+            return {**ours.result(), "peak_rss_bytes": ours_rss}, {**theirs.result(), "peak_rss_bytes": None}
+
+
+def check_same_model(export_dir: Path, baseline: Path) -> None:
+    """Refuse a baseline that is not an export of the same checkpoint: the same model config, and the same weights'
+    sha256 where both exports record it (exports made before it was recorded are judged by the config alone).
+
+    Raises:
+        ExportError: naming the checkpoint each was exported from.
+    """
+    ours, theirs = (read_export_record(folder, verify_hashes=False) for folder in (export_dir, baseline))
+    made = f"{export_dir} was exported from {ours.checkpoint}, the baseline {baseline} from {theirs.checkpoint}"
+    fix = (f"pass as --baseline the fp32 export of {ours.checkpoint} (flamingo-edge export {ours.checkpoint} -o OUT)")
+    differences = config_differences(ours.config, theirs.config)
+    if differences:
+        raise ExportError(f"{made}, another model ({'; '.join(differences[:3])}); {fix}")
+    if ours.checkpoint_sha256 and theirs.checkpoint_sha256 and ours.checkpoint_sha256 != theirs.checkpoint_sha256:
+        raise ExportError(f"{made}, other weights (sha256 {ours.checkpoint_sha256[:16]} vs "
+                          f"{theirs.checkpoint_sha256[:16]}); {fix}")
 
 
 def bench_transformers(checkpoint: Path, prompt_text: str, workload: Workload, seed: int) -> dict:
@@ -243,38 +326,60 @@ def ratios(ours: dict, theirs: dict) -> dict:
             "ttft": theirs["ttft_s"]["median"] / ours["ttft_s"]["median"]}
 
 
+def stage_ratios(ours: dict, theirs: dict) -> dict:
+    """{stage: their median seconds ÷ ours} for each stage (above 1: ours is faster)."""
+    return {stage: theirs["stages_s"][stage]["median"] / ours["stages_s"][stage]["median"] for stage in STAGES}
+
+
+def bandwidth_floor(result: dict, bandwidth: float) -> dict:
+    """The shortest decode step the copy bandwidth allows for the bytes it reads, and the fraction of it reached."""
+    floor = result["decode_bytes_per_token"] / bandwidth
+    per_token = result["stages_s"]["decode_per_token"]["median"]
+    return {"decode_floor_s": floor, "fraction_of_floor_reached": floor / per_token}
+
+
 def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime", device: str = "auto",
           reference: str | Path | None = None, baseline: str | Path | None = None, seed: int = 0,
           on_stage: Callable[[str], None] | None = None, engines: str | Path | None = None,
           cuda_graph: bool = False) -> dict:
     """The whole `flamingo-edge bench` report (docs/bench.md describes every key). With backend "tensorrt",
     `engines` is the engines folder of `export_dir` (the baseline, if any, runs on ONNX Runtime: its engines are
-    not known)."""
+    not known). A baseline (an export of the same checkpoint, e.g. the fp32 one a quantized export was made from)
+    runs interleaved with the export, in the same process, on the same images and prompt.
+
+    Raises:
+        ExportError: the baseline is an export of another checkpoint.
+    """
     import os
 
+    export_dir = Path(export_dir)
+    if baseline is not None:
+        check_same_model(export_dir, Path(baseline))
     if reference is not None:  # before the backend's runs, not minutes later
         require("torch", "export", "bench --reference (the PyTorch reference)")
     stage = on_stage or (lambda name: None)
-    stage("backend")
-    ours = bench_pipeline(export_dir, workload, backend=backend, device=device, seed=seed, engines=engines,
-                          cuda_graph=cuda_graph)
+    options = {"device": device, "seed": seed, "engines": engines, "cuda_graph": cuda_graph}
+    if baseline is None:
+        stage("backend")
+        ours, theirs = bench_pipeline(export_dir, workload, backend=backend, **options), None
+    else:
+        stage("backend and baseline")
+        ours, theirs = bench_with_baseline(export_dir, baseline, workload, backend=backend,
+                                           baseline_backend="onnxruntime" if engines else backend, **options)
     stage("bandwidth")
     bandwidth = copy_bandwidth()
-    floor = ours["decode_bytes_per_token"] / bandwidth
-    per_token = ours["stages_s"]["decode_per_token"]["median"]
     report = {"version": REPORT_VERSION, "export": str(export_dir), "backend": backend, "device": device,
               "engines": str(engines) if engines else None,
               "workload": asdict(workload), "cpu_count": os.cpu_count(), "backend_result": ours,
-              "memory_bandwidth": {"copy_bytes_per_s": bandwidth, "decode_floor_s": floor,
-                                   "fraction_of_floor_reached": floor / per_token},
+              "memory_bandwidth": {"copy_bytes_per_s": bandwidth, **bandwidth_floor(ours, bandwidth)},
               "gpu_memory_bytes": None}
-    report["precision"] = read_export_record(export_dir).precision
-    if baseline is not None:  # e.g. the fp32 export an fp16/int8 one was made from, same workload and backend
-        stage("baseline")
-        theirs = bench_pipeline(baseline, workload, backend="onnxruntime" if engines else backend, device=device,
-                                seed=seed)
-        report.update(baseline=str(baseline), baseline_precision=read_export_record(baseline).precision,
-                      baseline_result=theirs, speedup_vs_baseline=ratios(ours, theirs))
+    report["precision"] = read_export_record(export_dir, verify_hashes=False).precision
+    if theirs is not None:
+        baseline_record = read_export_record(baseline, verify_hashes=False)
+        report.update(baseline=str(baseline), baseline_precision=baseline_record.precision, baseline_result=theirs,
+                      speedup_vs_baseline=ratios(ours, theirs),
+                      stage_speedup_vs_baseline=stage_ratios(ours, theirs),
+                      baseline_memory_bandwidth=bandwidth_floor(theirs, bandwidth))
     if reference is not None:
         from flamingo_edge.models.checkpoint import is_own_format, resolve_checkpoint
 

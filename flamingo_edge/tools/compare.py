@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.graphs import GRAPH_NAMES, GraphSpec, build_graphs
 from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
-from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig, config_differences
 from flamingo_edge.precision import Precision
 from flamingo_edge.runtime.backend import RecordingSession
 from flamingo_edge.runtime.pipeline import Pipeline
@@ -331,18 +331,6 @@ def write_polygraphy(out_dir: Path, graph: str, runs: list[GraphRun], backend: s
     return [inputs, outputs]
 
 
-def _differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
-    """'decoder.width 128 vs 64' for every leaf that differs between two config dicts."""
-    found = []
-    for key in sorted(set(ours) | set(theirs)):
-        a, b = ours.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            found.append(f"{prefix}{key} {a!r} vs {b!r}")
-    return found
-
-
 def check_exported_from(checkpoint: Path, export_dir: Path, record) -> None:
     """Refuse an export made from another checkpoint, before any weight is loaded: the recorded model config must
     be the checkpoint's, and the recorded hash of the weights (exports since it is recorded) theirs.
@@ -357,7 +345,7 @@ def check_exported_from(checkpoint: Path, export_dir: Path, record) -> None:
     made_from = f"{export_dir} was exported from {record.checkpoint}"
     fix = (f"pass that checkpoint, or export this one and compare that export (flamingo-edge export {checkpoint} "
            "-o OUT)")
-    differences = _differences(load_config(checkpoint).to_dict(), record.config)
+    differences = config_differences(load_config(checkpoint).to_dict(), record.config)
     if differences:
         raise CheckpointError(f"{made_from}, a model unlike {checkpoint} ({'; '.join(differences[:3])}); {fix}")
     if record.checkpoint_sha256 and checkpoint_digest(weight_files(checkpoint)) != record.checkpoint_sha256:

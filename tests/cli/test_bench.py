@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
 from flamingo_edge.cli.main import main
+from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
 from flamingo_edge.tools.bench import STAGES, make_prompt
 
@@ -59,3 +61,55 @@ def test_bad_workloads_exit_2(capsys):
     assert "--new-tokens must be at least 2" in capsys.readouterr().err
     assert main(["bench", "demo", "--prompt-tokens", "60", "--new-tokens", "30", "--runs", "1"]) == 2
     assert "the model's context" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_fp16(demo_export, tmp_path_factory):
+    """The demo export in fp16: another precision of the same checkpoint."""
+    from flamingo_edge.calibration.quantize import quantize_export
+
+    return quantize_export(demo_export, tmp_path_factory.mktemp("fp16") / "export", "fp16")
+
+
+def test_bench_against_a_baseline_reports_ratios_per_stage(demo_export, demo_fp16, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", str(demo_fp16), "--baseline", str(demo_export), "--runs", "2", "--prompt-tokens", "12",
+                 "--new-tokens", "4", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "vs fp32 baseline" in out and "per stage (baseline / this)" in out and "baseline decode floor" in out
+    report = json.loads(path.read_text())
+    ours, theirs = report["backend_result"], report["baseline_result"]
+    assert report["precision"] == "fp16" and report["baseline_precision"] == "fp32"
+    assert theirs["prompt"] == ours["prompt"] and theirs["prompt_tokens"] == ours["prompt_tokens"] == 12
+    assert ours["peak_rss_bytes"] > 0 and theirs["peak_rss_bytes"] is None  # one process: only ours is its own
+    for result in (ours, theirs):
+        for spread in [*result["stages_s"].values(), result["ttft_s"], result["decode_tokens_per_s"]]:
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"] and math.isfinite(spread["max"])
+    ratios = report["stage_speedup_vs_baseline"]
+    assert set(ratios) == set(STAGES)
+    for stage, ratio in ratios.items():
+        assert ratio == pytest.approx(theirs["stages_s"][stage]["median"] / ours["stages_s"][stage]["median"])
+    speedup = report["speedup_vs_baseline"]
+    assert speedup["decode"] == pytest.approx(ours["decode_tokens_per_s"]["median"]
+                                              / theirs["decode_tokens_per_s"]["median"])
+    # A decode step reads the decoder's weights, fp16 ones half the bytes (norms stay fp32), and the same fp32 K/V
+    config = FlamingoConfig.from_dict(json.loads((demo_export / "export.json").read_text())["config"])
+    text, context = config.decoder, 12 + 4 / 2  # the mean context of the decode steps
+    kv = 4 * 2 * (text.layers * text.heads * text.head_dim * context
+                  + len(text.cross_layers) * text.cross_heads * text.cross_head_dim * config.resampler.latents)
+    assert 1.8 < (theirs["decode_bytes_per_token"] - kv) / (ours["decode_bytes_per_token"] - kv) <= 2
+    floor = report["baseline_memory_bandwidth"]
+    assert floor["decode_floor_s"] == pytest.approx(theirs["decode_bytes_per_token"]
+                                                    / report["memory_bandwidth"]["copy_bytes_per_s"])
+
+
+def test_a_baseline_of_another_checkpoint_is_refused(demo_export, idefics_export, tmp_path, capsys):
+    assert main(["bench", str(demo_export), "--baseline", str(idefics_export), "--runs", "1"]) == 2
+    assert "another model (decoder." in capsys.readouterr().err
+    other = tmp_path / "other-weights"
+    shutil.copytree(demo_export, other)
+    record = json.loads((other / "export.json").read_text())
+    record["checkpoint_sha256"] = "0" * 64
+    (other / "export.json").write_text(json.dumps(record))
+    assert main(["bench", str(demo_export), "--baseline", str(other), "--runs", "1"]) == 2
+    assert "other weights (sha256" in capsys.readouterr().err
