@@ -34,7 +34,7 @@ from flamingo_edge.graphs import GRAPH_NAMES
 PRECISIONS = tuple(p.value for p in QUANTIZED_PRECISIONS)  # the CLI choices
 METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
 WEIGHT_METHODS = ("rtn", "gptq")  # int4 / int8-weights (weights.py)
-WEIGHT_TARGETS = ("onnxruntime", "tensorrt")  # which encoding weight-only graphs get (weights.ENCODINGS)
+WEIGHT_TARGETS = ("onnxruntime", "tensorrt")  # which encoding weight-only graphs get (weights.encoding_for)
 WEIGHT_DEFAULT_GRAPHS = ("xattn_kv", "decoder")  # the language model's matrix products
 DEFAULT_BLOCK_SIZE = {Precision.INT4: 32, Precision.INT8_WEIGHTS: 128}
 # Kept in float32 in fp16 graphs: LayerNorm and RMSNorm (mean of squares overflows fp16), softmax, and the exp/sqrt
@@ -96,12 +96,12 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
 
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
-                 target: str, accuracy_level: int, lm_head: bool, calibration, name: str) -> dict:
+                 encoding: str, accuracy_level: int, lm_head: bool, calibration, name: str) -> dict:
     """Write the weight-only quantized `source` as `folder/file` (external data when large); its summary, with
     the GraphFile fields under "files"."""
     import onnx
 
-    from flamingo_edge.calibration.weights import ENCODINGS, quantize_graph
+    from flamingo_edge.calibration.weights import quantize_graph
     from flamingo_edge.export.export import EXTERNAL_DATA_THRESHOLD
 
     samples = None
@@ -111,7 +111,7 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
         def samples():
             return iter_samples(calibration, name)
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
-                                    method=method, encoding=ENCODINGS[target], lm_head=lm_head,
+                                    method=method, encoding=encoding, lm_head=lm_head,
                                     accuracy_level=accuracy_level, samples=samples)
     external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{file}.data" if external else None
@@ -146,7 +146,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         exclude_ops: op types to keep in float besides the defaults.
         on_graph: called with each graph's name before it is converted (progress).
         tensorrt_version: int8: the header of the TensorRT calibration caches written next to the graphs
-            (`<graph>.int8-calib.cache`, for implicit INT8 of the fp32 graphs on TensorRT <= 10; trt_cache.py).
+            (`<graph>.int8-calib.cache`, for implicit INT8 of the fp32 graphs on TensorRT <= 10; trt_cache.py);
+            int4 for target "tensorrt": the TensorRT that will build (before 10.16: TRT_INT4DequantizeLinear).
         block_size: int4 / int8-weights: weights per scale (default 32 for int4, 128 for int8-weights).
         target: int4 / int8-weights: "onnxruntime" (MatMulNBits) or "tensorrt" (DequantizeLinear, opset 21).
         accuracy_level: MatMulNBits' compute type: 4 (int8 activations per block, VNNI on x86) or 0 (float32).
@@ -173,6 +174,9 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             raise UsageError(f"--block-size {block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
         if target not in WEIGHT_TARGETS:
             raise UsageError(f"unknown target {target!r}; choose one of {', '.join(WEIGHT_TARGETS)}")
+        from flamingo_edge.calibration.weights import encoding_for
+
+        encoding = encoding_for(target, WEIGHT_BITS[Precision(precision)], tensorrt_version)
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"--accuracy-level {accuracy_level}: MatMulNBits takes 0 to 4")
     defaults = {Precision.FP16: GRAPH_NAMES, Precision.INT8: INT8_DEFAULT_GRAPHS}
@@ -223,7 +227,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                 on_graph(name)
             if weight_only:
                 summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
-                                               target, accuracy_level, lm_head, calibration, name)
+                                               encoding, accuracy_level, lm_head, calibration, name)
                 files[name] = replace(entry, **summaries[name].pop("files"))
                 continue
             if precision == Precision.FP16:
@@ -243,19 +247,15 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                       "kept_in_float": list(keep) if precision == Precision.FP16 else
                       f"every op except {', '.join(op_types)}"}
         if weight_only:
-            from flamingo_edge.calibration.weights import ENCODINGS
-
             provenance.update(kept_in_float="everything but the MatMul weights" +
                               ("" if lm_head else " and the LM head"),
                               method=method, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
-                              symmetric=True, target=target, encoding=ENCODINGS[target], lm_head=lm_head,
+                              symmetric=True, target=target, encoding=encoding, lm_head=lm_head,
                               weights={name: summary for name, summary in summaries.items()})
-            if ENCODINGS[target] == "MatMulNBits":
+            if encoding == "MatMulNBits":
                 provenance["accuracy_level"] = accuracy_level
             else:
-                from flamingo_edge.calibration.weights import DQ_OPSET
-
-                provenance["graph_opset"] = DQ_OPSET  # of the quantized graphs; the others keep the export's
+                provenance["tensorrt_version"] = tensorrt_version
             if calibration_record is not None:
                 provenance.update(calibration=str(Path(calibration).resolve()),
                                   calibration_source=calibration_record.source,

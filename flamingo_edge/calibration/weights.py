@@ -20,9 +20,14 @@ Encodings (recorded in export.json as `encoding`):
   values per byte, the lower index in the low nibble), scales [N·K/block] float32, no zero points (the operator's
   default zero point, 2^(bits-1), is the symmetric one). `accuracy_level` 4 lets the CPU kernels quantize the
   activations to int8 per block and use the VNNI dot products; 0 computes in float32.
-- `DequantizeLinear` (TensorRT 10+, opset 21): the integers as an INT4 or INT8 initializer [K, N], scales
-  [K/block, N], `DequantizeLinear(axis=0, block_size)` feeding the MatMul: the weight-only form TensorRT recognises
-  (and NVIDIA ModelOpt writes). ONNX Runtime runs it too, so its accuracy is measured here.
+- `DequantizeLinear` (TensorRT whose ONNX parser imports opset 21): int4 as an INT4 initializer [K, N] with scales
+  [K/block, N] and `DequantizeLinear(axis=0, block_size)` feeding the MatMul, the weight-only form TensorRT
+  recognises (and NVIDIA ModelOpt writes); int8 as an INT8 initializer with one scale per output column
+  (`axis=1`, no blocks: TensorRT's block quantization is for 4-bit weights). ONNX Runtime runs both, so their
+  accuracy is measured here.
+- `TRT_INT4DequantizeLinear` (TensorRT 10.0-10.15, JetPack 6: parsers that stop at opset 20): the same int4 weights
+  through TensorRT's own operator in the `trt` domain, which its ONNX parser has imported since 10.0; the graph keeps
+  its opset. Only TensorRT runs it.
 """
 
 from __future__ import annotations
@@ -40,8 +45,34 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 WEIGHT_METHODS = ("rtn", "gptq")
-ENCODINGS = {"onnxruntime": "MatMulNBits", "tensorrt": "DequantizeLinear"}  # --target -> encoding
+ENCODINGS = ("MatMulNBits", "DequantizeLinear", "TRT_INT4DequantizeLinear")
 DQ_OPSET = 21  # INT4 and block-wise DequantizeLinear
+TRT_DOMAIN = "trt"
+# The first TensorRT releases whose ONNX parser imports opset 21 that flamingo-edge knows of (engines/operators.py
+# lists 10.3 at opset 20 and 10.16 at 24); older 10.x get TRT_INT4DequantizeLinear.
+TRT_OPSET_21 = (10, 16)
+
+
+def encoding_for(target: str, bits: int, tensorrt_version: str) -> str:
+    """The encoding of weight-only graphs for `target` ("onnxruntime" or "tensorrt").
+
+    Raises:
+        UsageError: TensorRT before 10 (JetPack 5), which has no weight-only quantization.
+    """
+    from flamingo_edge.trt_compat import version_tuple
+
+    if target == "onnxruntime":
+        return "MatMulNBits"
+    try:
+        version = version_tuple(tensorrt_version)
+    except ValueError:
+        raise UsageError(f"--trt-version {tensorrt_version!r} is not a TensorRT version (e.g. 10.3)") from None
+    if version < (10,):
+        raise UsageError(f"TensorRT {tensorrt_version} (JetPack 5) has no INT4 and no weight-only quantization (both "
+                         "came with TensorRT 10): quantize --precision int8 (Q/DQ) or fp16 for it, and plan with int8")
+    if bits == 4 and version < TRT_OPSET_21:
+        return "TRT_INT4DequantizeLinear"
+    return "DequantizeLinear"
 GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal (the paper's default)
 HESSIAN_BUDGET_BYTES = 2 << 30  # Hessians accumulated at once; more MatMul inputs take more passes over the samples
 
@@ -261,16 +292,19 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
             block_size=bq.block_size, accuracy_level=accuracy_level)
         model.graph.node.insert(target.node_index, replacement)
         model.graph.node.remove(node)
-    elif encoding == "DequantizeLinear":
+    elif encoding in ("DequantizeLinear", "TRT_INT4DequantizeLinear"):
+        per_column = bq.scales.shape[0] == 1  # one block spans the input: per-channel, axis 1
+        scales = bq.scales[0] if per_column else bq.scales
+        attributes = dict(axis=1) if per_column else dict(axis=0, block_size=bq.block_size)
         model.graph.initializer.extend([_int_initializer(f"{base}_Q{bq.bits}", bq.q, bq.bits),
-                                        numpy_helper.from_array(bq.scales, f"{base}_scale")])
+                                        numpy_helper.from_array(scales, f"{base}_scale")])
         dequantized = f"{base}_DQ"
         node.input[1] = dequantized
         model.graph.node.insert(target.node_index, helper.make_node(
-            "DequantizeLinear", [f"{base}_Q{bq.bits}", f"{base}_scale"], [dequantized],
-            name=f"{node.name}_DQ", axis=0, block_size=bq.block_size))
+            encoding, [f"{base}_Q{bq.bits}", f"{base}_scale"], [dequantized], name=f"{node.name}_DQ",
+            domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
     else:
-        raise UsageError(f"unknown weight encoding {encoding!r}; choose one of {sorted(ENCODINGS.values())}")
+        raise UsageError(f"unknown weight encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
 def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, encoding: str,
@@ -287,10 +321,11 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
 
     if block_size not in BLOCK_SIZES:
         raise UsageError(f"block size {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    per_column = encoding == "DequantizeLinear" and bits == 8  # TensorRT: int8 weights take per-channel scales
     if method not in WEIGHT_METHODS:
         raise UsageError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
     model = onnx.load(str(source))
-    if encoding == "DequantizeLinear":
+    if encoding == "DequantizeLinear" and bits == 4:
         model = _to_opset(model, DQ_OPSET)  # before the quantized nodes, which only opset 21 knows
     targets = find_matmuls(model, lm_head=lm_head)
     hessians = {}
@@ -307,10 +342,11 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     # last node first, so that inserting a node does not move the indices still to come
     for done, target in enumerate(sorted(targets, key=lambda t: -t.node_index), 1):
         weight = onnx.numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
+        block = weight.shape[0] if per_column else block_size
         if method == "gptq":
-            bq = gptq(weight, hessians[target.activation], bits, block_size)
+            bq = gptq(weight, hessians[target.activation], bits, block)
         else:
-            bq = rtn(weight, bits, block_size)
+            bq = rtn(weight, bits, block)
         encode(model, target, bq, encoding, accuracy_level)
         before += weight.nbytes
         after += bq.q.size * bits // 8 + bq.scales.nbytes
@@ -318,9 +354,11 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
             model.graph.initializer.remove(initializers[target.weight])
         if on_weight:
             on_weight(done, len(targets))
-    if encoding == "MatMulNBits" and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets),
+    domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
+    if domain and not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets), "encoding": encoding,
+               "block_size": "per-channel" if per_column else block_size,
                "float_bytes": before, "quantized_bytes": after}
     logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)
     return model, summary

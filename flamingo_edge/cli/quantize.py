@@ -40,7 +40,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="ONNX op types to keep in float besides the defaults (docs/calibration.md)")
     parser.add_argument("--trt-version", default="10.3",
                         help="int8: the TensorRT (8.5-10.x) whose implicit INT8 reads the calibration caches written "
-                             "next to the graphs; the cache header must match it (default: 10.3, JetPack 6)")
+                             "next to the graphs; the cache header must match it. int4 --target tensorrt: the TensorRT "
+                             "that will build (10.0-10.15 get TensorRT's TRT_INT4DequantizeLinear, later ones opset-21 "
+                             "DequantizeLinear; 8.x has no INT4). Default: 10.3, JetPack 6")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (must not exist)")
 
 

@@ -269,7 +269,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     """Build every graph of an export for a target and write the engines and the manifest.
 
     Args:
-        export_dir: an export folder (fp32, fp16 or int8).
+        export_dir: an export folder (fp32, fp16, int8, or int4 / int8-weights quantized with --target tensorrt).
         out_dir: the engines folder to write (must not exist).
         target_name: a key of TARGETS.
         limits: shape limits (default: the target's preset, within the model's positions).
@@ -295,6 +295,11 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     check_new_folder(out_dir)
     record = read_export_record(export_dir)
+    encoding = (record.quantization or {}).get("encoding")
+    if encoding == "MatMulNBits":
+        raise UsageError(f"{export_dir} is {record.precision} encoded for ONNX Runtime (MatMulNBits, an operator "
+                         "TensorRT does not import): quantize the fp32 export again with --target tensorrt "
+                         "--trt-version VERSION for engines")
     config = FlamingoConfig.from_dict(record.config)
     limits = _limits_for(target, limits, config.decoder.max_positions)
     options = BuildOptions(record.precision, target,

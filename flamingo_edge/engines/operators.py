@@ -57,6 +57,9 @@ SUPPORT = {
     "11.1": OperatorSupport("11.1", _10_16 | {"Swish"}, 24),
 }
 # What to do about an operator an older TensorRT lacks.
+# TensorRT's own operators (domain "trt") that flamingo-edge writes, and the first release whose parser imports them
+# (onnx-tensorrt's changelog: "Added support for INT4 quantization", 10.0 EA, through TRT_INT4DequantizeLinear).
+TENSORRT_OWN_OPERATORS = {("trt", "TRT_INT4DequantizeLinear"): (10, 0)}
 HINTS = {"LayerNormalization": "export with --decompose-layernorm (TensorRT 8.5 has no LayerNormalization importer)",
          "Gelu": "export at opset 17, where GELU is written with Erf"}
 
@@ -95,7 +98,8 @@ def graph_problems(onnx_path: str | Path, support: OperatorSupport) -> list[str]
         problems.append(f"opset {opset} > {support.max_opset}, the newest TensorRT {support.version} imports "
                         f"(export with --opset {support.max_opset})")
     counts = Counter((node.domain, node.op_type) for node in model.graph.node
-                     if node.domain not in ("", "ai.onnx") or node.op_type not in support.operators)
+                     if (node.domain not in ("", "ai.onnx") or node.op_type not in support.operators)
+                     and _key(support.version) < TENSORRT_OWN_OPERATORS.get((node.domain, node.op_type), (99,)))
     for (domain, op), count in sorted(counts.items()):
         name = f"{domain}::{op}" if domain not in ("", "ai.onnx") else op
         hint = f": {HINTS[op]}" if op in HINTS else ""
