@@ -164,8 +164,8 @@ class Pipeline:
         else:
             if (record.quantization or {}).get("encoding") == "TRT_INT4DequantizeLinear":
                 raise ExportError(f"{export_dir}: its int4 graphs use TensorRT's own TRT_INT4DequantizeLinear "
-                                  "(quantized for TensorRT 10.0-10.15), which only TensorRT runs: build engines from it, or "
-                                  "quantize the fp32 export with --target onnxruntime to run it here")
+                                  "(quantized for TensorRT 10.0-10.15), which only TensorRT runs: build engines from "
+                                  "it, or quantize the fp32 export with --target onnxruntime to run it here")
             sessions = {name: open_session(export_dir / record.graphs[name].file, specs[name], backend, device=device)
                         for name in GRAPH_NAMES}
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
