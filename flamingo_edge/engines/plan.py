@@ -1,0 +1,500 @@
+"""The memory plan: what a model needs at each precision, and whether it fits a device (`flamingo-edge plan`).
+
+Torch-free and TensorRT-free: it reads a config (an export's record, a checkpoint's config.json, or a public
+config.json with no weights) and counts. docs/plan.md gives every figure's source.
+
+    weights     per graph (vision, resampler, xattn_kv, decoder; in the decoder the embedding and LM head apart),
+                from the config's parameter counts at the precision's bytes per weight, or the files of an export
+    self KV     2 x layers x H x Dh x P x B x 4 bytes (the graph contract's K/V are float32 at every precision)
+    cross K/V   2 x gated blocks x Hx x Dh x M x L x B x 4 bytes, plus the runtime's per-image cache
+    activations from the engine profiles' largest shapes (engines/profiles.py): the biggest tensors a graph holds
+                at once, per execution context
+    runtime     the process and the libraries; on a Jetson the OS and CUDA come off the board's memory first
+
+Two runtimes are modelled: TensorRT engines on a Jetson or a GPU (`tensorrt`), and ONNX Runtime's CPU provider
+(`onnxruntime-cpu`), where the prediction is a process's peak RSS and its constants were measured (docs/plan.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from flamingo_edge.artifacts import EXPORT_RECORD, read_export_record, read_json
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.config_checks import config_from_record
+from flamingo_edge.engines.profiles import ShapeLimits
+from flamingo_edge.errors import CheckpointError, UsageError
+from flamingo_edge.graphs import GRAPH_NAMES
+from flamingo_edge.precision import EXPORT_PRECISIONS, Precision
+
+GIB = 1 << 30
+MIB = 1 << 20
+FLOAT_BYTES = 4  # the graph contract's float tensors (K/V, features, logits) are float32 at every precision
+RUNTIMES = ("tensorrt", "onnxruntime-cpu")
+# Most accurate first: the precision `plan` recommends is the first that fits.
+PRECISION_ORDER = (Precision.FP32, Precision.FP16, Precision.INT8_WEIGHTS, Precision.INT8, Precision.INT4)
+# What `flamingo-edge quantize` converts at each precision (calibration/quantize.py's defaults; a test checks they
+# agree): weight-only precisions the language model's graphs, int8 Q/DQ the image side.
+WEIGHT_ONLY_GRAPHS = ("xattn_kv", "decoder")
+INT8_GRAPHS = ("vision", "resampler", "xattn_kv")
+BLOCK_SIZE = {Precision.INT4: 32, Precision.INT8_WEIGHTS: 128}  # weights per fp32 scale
+IMAGE_CACHE = 64  # images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size; a test checks it)
+
+
+@dataclass(frozen=True)
+class Device:
+    """Memory one process can use on a board: the total less what JetPack's OS and the CUDA context take."""
+
+    total_gib: float
+    usable_gib: float
+    note: str
+
+
+# docs/plan.md gives the sources; Jetson memory is shared by the CPU and the GPU.
+DEVICES = {
+    "orin-nano-8gb": Device(7.4, 6.0, "Jetson Orin Nano 8 GB"),
+    "orin-nx-16gb": Device(14.9, 13.2, "Jetson Orin NX 16 GB"),
+    "agx-orin-32gb": Device(29.8, 27.8, "Jetson AGX Orin 32 GB"),
+    "agx-orin-64gb": Device(59.6, 57.4, "Jetson AGX Orin 64 GB"),
+    "thor": Device(119.2, 116.0, "Jetson AGX Thor 128 GB"),
+}
+# `build --target` -> the board the plan checks (AGX Orin comes in 32 and 64 GB: the build refuses only what the
+# larger cannot hold, and warns when the smaller cannot). RTX and datacenter targets have no board: no check.
+BUILD_TARGET_DEVICES = {"orin-nano": ("orin-nano-8gb",), "orin-nx": ("orin-nx-16gb",),
+                        "agx-orin": ("agx-orin-64gb", "agx-orin-32gb"), "thor": ("thor",)}
+
+# -- TensorRT on a Jetson: assumptions (docs/plan.md)
+TRT_RUNTIME_BYTES = 512 * MIB  # Python, numpy, tokenizers, OpenCV and TensorRT's runtime beyond the CUDA context
+TRT_STAGING_COPIES = 2  # every engine I/O tensor has a device buffer and a pinned host buffer (tensorrt_backend.py)
+
+# -- ONNX Runtime CPU: measured (docs/plan.md "Measured on ONNX Runtime CPU"; onnxruntime 1.32, x86-64, glibc)
+ORT_PROCESS_BYTES = 55 * MIB  # Python + numpy + onnxruntime + tokenizers + flamingo_edge.runtime, imported
+ORT_OPENCV_BYTES = 15 * MIB  # OpenCV, which the runtime imports to read image files and cameras
+ORT_SESSION_BYTES = 15 * MIB  # the first session's one-time cost (environment, kernel registry, thread pools)
+# RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them: fp32 MatMul weights are pre-packed
+# for MLAS and part of the originals' memory stays in the heap; MatMulNBits keeps its packed blocks and scales beside
+# the originals; fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts into fp32 copies).
+ORT_RSS_PER_BYTE = {"float32": 1.18, "float16": 3.25, "nbits": 1.85, "other": 1.0}
+ORT_ARENA_SLACK = 2  # the CPU arena grows in powers of two: up to twice the largest activations it ever held
+
+
+@dataclass(frozen=True)
+class GraphParameters:
+    """The parameters of one graph by how precisions treat them."""
+
+    matmul: int = 0  # weights of matrix products (what int8 and the weight-only precisions quantize)
+    lm_head: int = 0  # the decoder's output projection (a matrix product; weight-only quantizes it by default)
+    embedding: int = 0  # the decoder's token embedding (a Gather: stays float)
+    other: int = 0  # norms, biases, gates, latents, position tables, the patch convolution
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.lm_head + self.embedding + self.other
+
+
+def _linear(rows: int, cols: int, bias: bool) -> tuple[int, int]:
+    """(matrix weights, bias) of one projection."""
+    return rows * cols, rows if bias else 0
+
+
+def _norm(kind: str, dim: int, bias: bool = True) -> int:
+    return dim * (2 if kind == "layer" and bias else 1)
+
+
+def _mlp(kind: str, dim: int, hidden: int, bias: bool) -> tuple[int, int]:
+    """(matrix weights, biases) of a SwiGLU (gate, up, down) or plain (up, down) MLP."""
+    matrices = 3 if kind == "swiglu" else 2
+    biases = (hidden * (matrices - 1) + dim) if bias and kind != "swiglu" else 0
+    return matrices * dim * hidden, biases
+
+
+def _vision(config: FlamingoConfig) -> GraphParameters:
+    v = config.vision
+    per_block_matmul = 4 * v.width * v.width + 2 * v.width * v.mlp_width
+    per_block_other = 4 * v.width + v.mlp_width + v.width + 4 * v.width  # q/k/v/out and fc biases, two LayerNorms
+    stem = v.num_channels * v.patch_size ** 2 * v.width + v.width + v.num_positions * v.width + 2 * v.width
+    return GraphParameters(matmul=v.layers * per_block_matmul, other=v.layers * per_block_other + stem)
+
+
+def _resampler(config: FlamingoConfig) -> GraphParameters:
+    r, width = config.resampler, config.vision.width
+    if not r.enabled:
+        return GraphParameters()
+    inner = r.heads * r.head_dim
+    per_block_matmul = 4 * width * inner + 2 * width * r.mlp_width
+    per_block_other = 3 * 2 * width + (4 * r.head_dim if r.qk_layer_norms else 0)
+    other = r.depth * per_block_other + r.latents * width + r.max_frames * width + 2 * width
+    return GraphParameters(matmul=r.depth * per_block_matmul, other=other)
+
+
+def _cross_kv(config: FlamingoConfig) -> GraphParameters:
+    text, blocks = config.decoder, len(config.decoder.cross_layers)
+    inner = text.cross_heads * text.cross_head_dim
+    return GraphParameters(matmul=blocks * 2 * config.vision.width * inner,
+                           other=blocks * (text.cross_head_dim if text.cross_qk_norms else 0))
+
+
+def _decoder(config: FlamingoConfig) -> GraphParameters:
+    t = config.decoder
+    attn_matmul, attn_bias = _linear(t.width, t.width, t.attn_bias)
+    mlp_matmul, mlp_bias = _mlp(t.mlp, t.width, t.mlp_width, t.mlp_bias)
+    norms = 2 * _norm(t.norm, t.width, t.norm_bias) + (2 * _norm(t.norm, t.width, t.norm_bias) if t.qk_norm else 0)
+    layer_matmul, layer_other = 4 * attn_matmul + mlp_matmul, 4 * attn_bias + mlp_bias + norms
+    inner = t.cross_heads * t.cross_head_dim
+    cross_mlp, cross_mlp_bias = _mlp(t.cross_mlp, t.width, t.cross_mlp_width or t.mlp_width, False)
+    gates = 2 * (t.width if t.vector_gates else 1)
+    cross_other = (2 * _norm(t.cross_norm, t.width) + gates + cross_mlp_bias
+                   + (t.cross_head_dim if t.cross_qk_norms else 0))  # q_norm here; k_norm is xattn_kv's
+    blocks = len(t.cross_layers)
+    return GraphParameters(
+        matmul=t.layers * layer_matmul + blocks * (2 * t.width * inner + cross_mlp),
+        lm_head=t.width * t.total_vocab_size, embedding=t.width * t.total_vocab_size,
+        other=t.layers * layer_other + blocks * cross_other + _norm(t.norm, t.width, t.norm_bias))
+
+
+def parameter_counts(config: FlamingoConfig) -> dict[str, GraphParameters]:
+    """The parameters of each graph of the contract, counted from the config (equal to the PyTorch reference's,
+    tests/engines/test_plan.py)."""
+    return {"vision": _vision(config), "resampler": _resampler(config), "xattn_kv": _cross_kv(config),
+            "decoder": _decoder(config)}
+
+
+def _quantized_bytes(weights: int, precision: Precision) -> float:
+    """Bytes of `weights` matrix weights at a weight-only precision: the integers plus one fp32 scale a block."""
+    bits = 4 if precision is Precision.INT4 else 8
+    return weights * (bits / 8 + FLOAT_BYTES / BLOCK_SIZE[precision])
+
+
+def graph_bytes(name: str, params: GraphParameters, precision: Precision, *, lm_head: bool = True) -> dict[str, float]:
+    """Bytes of one graph's weights at `precision`, split into {"matmul", "lm_head", "embedding", "other"}, as
+    `flamingo-edge quantize` writes them: weight-only precisions quantize the matrix products of WEIGHT_ONLY_GRAPHS
+    (the LM head unless `lm_head` is False) and leave the rest fp32; int8 quantizes INT8_GRAPHS' matrix products to
+    one byte (per-channel scales are negligible); fp16 halves everything."""
+    floats = 2 if precision is Precision.FP16 else FLOAT_BYTES
+    sizes = {kind: float(count * floats) for kind, count in asdict(params).items()}
+    if precision in BLOCK_SIZE and name in WEIGHT_ONLY_GRAPHS:
+        sizes["matmul"] = _quantized_bytes(params.matmul, precision)
+        if lm_head:
+            sizes["lm_head"] = _quantized_bytes(params.lm_head, precision)
+    elif precision is Precision.INT8 and name in INT8_GRAPHS:
+        sizes["matmul"] = float(params.matmul)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a plan is made for: a config, and for an export its precision and its graphs' sizes on disk."""
+
+    path: str
+    kind: str  # "export", "checkpoint" or "config"
+    config: FlamingoConfig
+    precision: Precision | None = None  # an export's
+    file_bytes: dict[str, int] = field(default_factory=dict)  # graph -> bytes of its files (an export's)
+
+
+def _config_from_json(path: Path) -> FlamingoConfig:
+    from flamingo_edge.idefics_config import config_from_hf
+
+    data = read_json(path)
+    if data.get("model_type") == "flamingo_edge":  # a converted checkpoint (models/convert.py)
+        config, problems = config_from_record(data.get("config"))
+        if problems:
+            raise CheckpointError(f"{path}: not a valid flamingo-edge model config ({'; '.join(problems)}); convert "
+                                  "the model again with this flamingo-edge version")
+        return config
+    return config_from_hf(data, source=str(path))
+
+
+def read_source(path: str | Path) -> Source:
+    """An export folder, a checkpoint folder, or a config.json (IDEFICS, or a converted checkpoint's).
+
+    Raises:
+        CheckpointError, ExportError: nothing readable there; the message says what to pass.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / EXPORT_RECORD).is_file():
+        record = read_export_record(path, verify_hashes=False)
+        sizes = {}
+        for name, graph in record.graphs.items():
+            files = [graph.file] + ([graph.data_file] if graph.data_file else [])
+            sizes[name] = sum((path / file).stat().st_size for file in files)
+        return Source(str(path), "export", FlamingoConfig.from_dict(record.config), Precision(record.precision),
+                      sizes)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: neither an export (export.json) nor a checkpoint (config.json); pass "
+                                  "one of those, or a config.json file")
+        return Source(str(path), "checkpoint", _config_from_json(path / "config.json"))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; pass an export, a checkpoint or a config.json")
+    return Source(str(path), "config", _config_from_json(path))
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of a plan."""
+
+    name: str
+    bytes: int
+    note: str = ""
+    graph: str = ""  # the graph whose weights these are
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The memory one precision needs at the given limits."""
+
+    precision: Precision
+    runtime: str
+    limits: ShapeLimits
+    items: tuple[Item, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(item.bytes for item in self.items)
+
+    def item(self, name: str) -> int:
+        return sum(item.bytes for item in self.items if item.name == name)
+
+
+def self_kv_bytes(config: FlamingoConfig, context: int, batch: int) -> int:
+    """Self-attention K and V of every layer at `context` tokens: 2 x layers x H x Dh x P x B x 4."""
+    t = config.decoder
+    return 2 * t.layers * t.heads * t.head_dim * context * batch * FLOAT_BYTES
+
+
+def cross_kv_bytes(config: FlamingoConfig, images: int) -> int:
+    """Cross-attention K and V of `images` images: 2 x gated blocks x Hx x Dh x L x images x 4."""
+    t = config.decoder
+    return (2 * len(t.cross_layers) * t.cross_heads * t.cross_head_dim * config.visual_tokens_per_image * images
+            * FLOAT_BYTES)
+
+
+def _largest_tensors(config: FlamingoConfig, limits: ShapeLimits) -> dict[str, int]:
+    """Elements of the biggest tensor each graph holds at the profiles' largest shapes, and of its residual stream.
+
+    vision: attention scores [N, H, T, T] or the MLP's hidden [N, T, mlp]; resampler: scores [N, H, L, T + L] or
+    its MLP; xattn_kv: its outputs [N, Hx, L, Dh] for every block; decoder prefill: scores [B, H, S, P + S],
+    the MLP [B, S, mlp] or logits [B, S, V]; decoder decode: the same with S = 1.
+    """
+    v, r, t = config.vision, config.resampler, config.decoder
+    images, tokens, latents = limits.max_batch * limits.max_images, v.num_tokens, config.visual_tokens_per_image
+    batch, prompt, context = limits.max_batch, limits.max_prompt, limits.max_context
+
+    def decoder(s: int) -> int:
+        return batch * s * max(t.heads * context, t.mlp_width, t.total_vocab_size, 2 * t.width)
+
+    return {
+        "vision": images * tokens * max(v.heads * tokens, v.mlp_width, 2 * v.width),
+        "resampler": images * max(r.heads * latents * (tokens + latents), latents * r.mlp_width, tokens * v.width),
+        "xattn_kv": cross_kv_bytes(config, images) // FLOAT_BYTES,
+        "decoder (prefill)": decoder(prompt),
+        "decoder (decode)": decoder(1),
+    }
+
+
+def _weights(config: FlamingoConfig, precision: Precision, source: Source | None, lm_head: bool) -> list[Item]:
+    """A line per graph (the decoder's embedding and LM head apart): the export's files when the plan is for the
+    export's own precision, otherwise counted from the config."""
+    counts = parameter_counts(config)
+    items = []
+    for name in GRAPH_NAMES:
+        sizes = graph_bytes(name, counts[name], precision, lm_head=lm_head)
+        if source is not None and source.precision is precision and name in source.file_bytes:
+            scale = source.file_bytes[name] / max(sum(sizes.values()), 1)  # what is on disk, split as counted
+            sizes = {kind: size * scale for kind, size in sizes.items()}
+        if name == "decoder":
+            items.append(Item("decoder: embedding", int(sizes.pop("embedding")), "token embedding (float)", name))
+            items.append(Item("decoder: LM head", int(sizes.pop("lm_head")), "output projection", name))
+        items.append(Item(f"weights: {name}" if name != "decoder" else "decoder: layers", int(sum(sizes.values())),
+                          f"{counts[name].total / 1e6:.1f} M parameters", name))
+    return items
+
+
+def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: int | None) -> list[Item]:
+    """Caches, activations and runtime of TensorRT engines (a reasoned estimate; docs/plan.md)."""
+    largest = _largest_tensors(config, limits)
+    batch, images = limits.max_batch, limits.max_batch * limits.max_images
+    self_kv = self_kv_bytes(config, limits.max_context, batch)
+    cross = cross_kv_bytes(config, images)
+    # A context holds its input, its output and one tensor of the largest size at once; TensorRT reuses the rest.
+    activations = sum(3 * elements * FLOAT_BYTES for elements in largest.values())
+    scratch = max(largest.values()) * FLOAT_BYTES  # tactic scratch of the biggest GEMM/attention, within the cap
+    if workspace_mib:
+        scratch = min(scratch, workspace_mib * MIB)
+    return [
+        Item("self-attention K/V", TRT_STAGING_COPIES * 2 * self_kv,
+             f"past and present at P={limits.max_context}, B={batch}; device + pinned host buffers"),
+        Item("cross-attention K/V", TRT_STAGING_COPIES * 2 * cross + cross_kv_bytes(config, IMAGE_CACHE),
+             f"M={limits.max_images} images x B={batch} (xattn_kv out, decoder in) + {IMAGE_CACHE} cached images"),
+        Item("activations", activations, "5 execution contexts at the profiles' largest shapes"),
+        Item("workspace", scratch, "tactic scratch of the largest layer" + (f" (cap {workspace_mib} MiB)"
+                                                                             if workspace_mib else "")),
+        Item("runtime", TRT_RUNTIME_BYTES, "Python, numpy, tokenizers, OpenCV, TensorRT runtime"),
+    ]
+
+
+def _ort_weight_rss(items: list[Item], precision: Precision, lm_head: bool) -> int:
+    """ONNX Runtime CPU's resident bytes for the weights (ORT_RSS_PER_BYTE by how its kernels hold them)."""
+    def kind(item: Item) -> str:
+        if item.name == "decoder: embedding" or (item.name == "decoder: LM head" and not lm_head):
+            return "other" if precision is not Precision.FP16 else "float16"
+        if precision in BLOCK_SIZE and item.graph in WEIGHT_ONLY_GRAPHS:
+            return "nbits"
+        return "float16" if precision is Precision.FP16 else "float32"
+
+    return int(sum(item.bytes * ORT_RSS_PER_BYTE[kind(item)] for item in items))
+
+
+def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: list[Item],
+                       precision: Precision, lm_head: bool) -> list[Item]:
+    """The rest of a process's peak RSS on ONNX Runtime's CPU provider (measured constants; docs/plan.md)."""
+    largest = _largest_tensors(config, limits)
+    batch, images = limits.max_batch, limits.max_batch * limits.max_images
+    resident = _ort_weight_rss(weights, precision, lm_head) - sum(item.bytes for item in weights)
+    # Past and present are both alive during a step; the cross K/V sit in the image cache and in the decoder's feed.
+    caches = 2 * self_kv_bytes(config, limits.max_context, batch) + 2 * cross_kv_bytes(config, images)
+    activations = ORT_ARENA_SLACK * 3 * max(largest.values()) * FLOAT_BYTES
+    return [
+        Item("weights: kernel copies", resident, "MLAS pre-packing, MatMulNBits blocks, fp16 folded to fp32"),
+        Item("K/V caches", caches, f"self at P={limits.max_context}, cross for {images} images"),
+        Item("activations", activations, "largest intermediates, arena growth"),
+        Item("runtime", ORT_PROCESS_BYTES + ORT_OPENCV_BYTES + ORT_SESSION_BYTES,
+             "Python + numpy + onnxruntime + tokenizers + OpenCV, the first session's setup"),
+    ]
+
+
+def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *, runtime: str = "tensorrt",
+             workspace_mib: int | None = None, lm_head: bool = True) -> Plan:
+    """The memory `source` needs at `precision` and `limits`.
+
+    Args:
+        source: from `read_source`.
+        precision: one of EXPORT_PRECISIONS.
+        limits: batch, prompt, context and images (engines/profiles.py); context within the model's positions.
+        runtime: "tensorrt" (engines on a Jetson or GPU) or "onnxruntime-cpu" (a process's peak RSS).
+        workspace_mib: the TensorRT builder's workspace cap, if any.
+        lm_head: weight-only precisions quantize the LM head too (quantize's default).
+
+    Raises:
+        UsageError: an unknown precision or runtime, or limits that make no engine.
+    """
+    if precision not in [p.value for p in EXPORT_PRECISIONS]:
+        raise UsageError(f"precision {precision!r}; choose one of {', '.join(p.value for p in EXPORT_PRECISIONS)}")
+    if runtime not in RUNTIMES:
+        raise UsageError(f"runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    precision, config = Precision(precision), source.config
+    limits.check(config.decoder.max_positions)
+    weights = _weights(config, precision, source, lm_head)
+    rest = (_tensorrt_items(config, limits, workspace_mib) if runtime == "tensorrt"
+            else _onnxruntime_items(config, limits, weights, precision, lm_head))
+    return Plan(precision, runtime, limits, tuple(weights + rest))
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+
+
+def budget_bytes(target: str) -> int:
+    """Bytes one process may use on a target: a DEVICES name, or a number of GiB (a GPU, or a host's memory).
+
+    Raises:
+        UsageError: neither.
+    """
+    if target in DEVICES:
+        return int(DEVICES[target].usable_gib * GIB)
+    try:
+        gib = float(target)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0:
+        raise UsageError(f"target {target!r}: give one of {', '.join(DEVICES)} or a memory size in GiB (e.g. 24)")
+    return int(gib * GIB)
+
+
+def largest_fit(plan_at, low: int, high: int, budget: int) -> int:
+    """The largest n in [low, high] with plan_at(n).total <= budget (totals grow with n), or 0 if none."""
+    if plan_at(low).total > budget:
+        return 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if plan_at(middle).total <= budget else (low, middle - 1)
+    return low
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where one precision stands against a budget."""
+
+    plan: Plan
+    fits: bool
+    max_context: int  # the longest context that fits with the asked images (0: none)
+    max_images: int  # the most images that fit with the asked context (0: none)
+
+
+def fit(source: Source, precision: Precision, limits: ShapeLimits, budget: int, **options) -> Fit:
+    """`plan_for` at `limits`, and the largest context and image count within `budget`."""
+    plan = plan_for(source, precision, limits, **options)
+    positions = source.config.decoder.max_positions
+
+    def at_context(context: int) -> Plan:
+        return plan_for(source, precision, replace(limits, max_context=context,
+                                                   max_prompt=min(limits.max_prompt, context)), **options)
+
+    def at_images(images: int) -> Plan:
+        return plan_for(source, precision, replace(limits, max_images=images), **options)
+
+    return Fit(plan, plan.total <= budget, largest_fit(at_context, 1, positions, budget),
+               largest_fit(at_images, 1, 4096, budget))
+
+
+def recommend(fits: list[Fit]) -> Precision | None:
+    """The most accurate precision (PRECISION_ORDER) that fits, or None."""
+    fitting = {f.plan.precision for f in fits if f.fits}
+    return next((p for p in PRECISION_ORDER if p in fitting), None)
+
+
+def plan_report(source: str | Path, *, target: str | None = None, precision: list[str] | None = None,
+                runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
+                max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
+                ) -> dict:
+    """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
+
+    Args:
+        source: an export folder, a checkpoint folder or a config.json.
+        target: a DEVICES name or a size in GiB (default: every Jetson in DEVICES).
+        precision: precisions to plan (default: all of EXPORT_PRECISIONS, most accurate first).
+        runtime: "tensorrt" or "onnxruntime-cpu".
+        max_context, max_images, max_batch, max_prompt: the limits (defaults: the model's positions, 1 image,
+            batch 1, 512-token prompts, within the context).
+        workspace_mib: the TensorRT builder's workspace cap.
+
+    Raises:
+        CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
+    """
+    read = read_source(source)
+    context = min(max_context or read.config.decoder.max_positions, read.config.decoder.max_positions)
+    limits = ShapeLimits(max_batch=max_batch or 1, max_prompt=min(max_prompt or 512, context), max_context=context,
+                         max_images=max_images or 1)
+    precisions = [Precision(p) for p in (precision or [p.value for p in PRECISION_ORDER])]
+    options = dict(runtime=runtime, workspace_mib=workspace_mib)
+    plans = [plan_for(read, p, limits, **options) for p in precisions]
+    targets = []
+    for name in [target] if target else list(DEVICES):
+        budget = budget_bytes(name)
+        fits = [fit(read, p, limits, budget, **options) for p in precisions]
+        targets.append({"target": name, "budget": budget, "recommended": (r := recommend(fits)) and r.value,
+                        "precisions": [{"precision": f.plan.precision.value, "fits": f.fits,
+                                        "max_context": f.max_context, "max_images": f.max_images} for f in fits]})
+    return {"source": read.path, "kind": read.kind,
+            "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
+            "limits": asdict(limits),
+            "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
+                      for p in plans],
+            "targets": targets}
