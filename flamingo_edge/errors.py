@@ -62,3 +62,7 @@ class EngineBuildError(FlamingoEdgeError):
 
 class SourceError(FlamingoEdgeError):
     """A frame source (video file, image folder, camera, stream) that cannot be opened, or that was lost for good."""
+
+
+class MemoryPlanError(FlamingoEdgeError):
+    """The memory plan says the target cannot hold what was asked for (engines, context, images)."""

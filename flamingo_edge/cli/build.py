@@ -33,6 +33,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-ops", metavar="VERSION",
                         help="only check every graph against the ONNX operators and opset TensorRT VERSION imports "
                              "(e.g. 8.5 for JetPack 5, 10.3 for JetPack 6); exit 1 if one cannot be imported")
+    parser.add_argument("--force", action="store_true",
+                        help="build even when the memory plan (flamingo-edge plan) says the Jetson cannot hold the "
+                             "engines")
     parser.add_argument("--int8-calibration", metavar="INT8_EXPORT",
                         help="TensorRT <= 10: implicit INT8 of this fp32 export with the calibration caches of the "
                              "int8 export flamingo-edge quantize made from it")
@@ -86,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
                                  workspace_mib=args.workspace, dla_core=args.dla_core,
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  version_compatible=args.version_compatible,
-                                 hardware_compatible=args.hardware_compatible, on_graph=on_graph,
+                                 hardware_compatible=args.hardware_compatible, force=args.force,
+                                 on_graph=on_graph,
                                  on_progress=lambda phase: bar.set_postfix_str(f"{current[0]}: {phase}"))
         bar.update(bar.total - bar.n)
     for name, entry in manifest.engines.items():

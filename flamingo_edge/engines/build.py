@@ -23,6 +23,7 @@ from pathlib import Path
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.precision import BUILDER_FLAGS, Precision
 from flamingo_edge.manifest import DLA_GRAPHS, MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
+from flamingo_edge.engines.plan import check_build_fits
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
 from flamingo_edge.trt_compat import TensorRT, collecting_logger, load, progress_monitor
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
@@ -263,7 +264,7 @@ def _timing_holder(trt: TensorRT, path: str | Path | None) -> dict | None:
 def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str, *,
                   limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
                   int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
-                  version_compatible: bool = False, hardware_compatible: bool = False,
+                  version_compatible: bool = False, hardware_compatible: bool = False, force: bool = False,
                   on_graph: Callable[[str], None] | None = None,
                   on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Build every graph of an export for a target and write the engines and the manifest.
@@ -281,6 +282,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
             the same graphs on the same GPU and TensorRT then skip most tactic timing; TensorRT for RTX ignores it).
         version_compatible: engines later TensorRT runtimes load (TensorRT 8.6+; may be slower).
         hardware_compatible: engines every Ampere-or-newer discrete GPU runs (TensorRT 8.6+, target datacenter).
+        force: build even when the memory plan (engines/plan.py) says the Jetson target cannot hold the engines.
         on_graph: called with each graph's name before it is built (progress display).
         on_progress: called with TensorRT's optimizer phase within a graph's build (TensorRT 10+ and RTX).
 
@@ -288,6 +290,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         UsageError: an unknown target, bad limits, or an existing `out_dir`.
         FeatureUnavailableError: the target's TensorRT is not installed, or cannot do what was asked from here.
         EngineBuildError: TensorRT refused a graph (its own error messages are quoted).
+        MemoryPlanError: the plan says the Jetson target cannot hold the engines (and not `force`).
     """
     if target_name not in TARGETS:
         raise UsageError(f"unknown target {target_name!r}; choose one of {', '.join(TARGETS)}")
@@ -302,6 +305,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
                          "--trt-version VERSION for engines")
     config = FlamingoConfig.from_dict(record.config)
     limits = _limits_for(target, limits, config.decoder.max_positions)
+    if not force:
+        check_build_fits(export_dir, target_name, limits, workspace_mib or target.workspace_mib)
     options = BuildOptions(record.precision, target,
                            workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
                            {} if int8_calibration is not None else None, version_compatible, hardware_compatible)

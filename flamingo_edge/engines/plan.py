@@ -498,3 +498,44 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],
             "targets": targets}
+
+
+def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimits,
+                     workspace_mib: int | None) -> None:
+    """Refuse a build whose engines the target board cannot hold at `limits` (BUILD_TARGET_DEVICES; other targets
+    are not checked). AGX Orin is checked against 64 GB, with a warning when 32 GB would not do.
+
+    Raises:
+        MemoryPlanError: the plan's total exceeds the board's memory; the message gives the figures and the ways
+            out (a smaller precision or limits, `--force`).
+    """
+    import logging
+
+    from flamingo_edge.errors import MemoryPlanError
+
+    boards = BUILD_TARGET_DEVICES.get(target_name)
+    if not boards:
+        return
+    source = read_source(export_dir)
+    plan = plan_for(source, source.precision, limits, workspace_mib=workspace_mib)
+    largest, *smaller = boards
+    for board in smaller:
+        if plan.total > budget_bytes(board):
+            logging.getLogger(__name__).warning(
+                "the engines need %.1f GiB (flamingo-edge plan): more than %s has for a process (%.1f GiB)",
+                plan.total / GIB, DEVICES[board].note, DEVICES[board].usable_gib)
+    budget = budget_bytes(largest)
+    if plan.total <= budget:
+        return
+    weights = sum(item.bytes for item in plan.items if item.graph)
+    fits = [fit(source, p, limits, budget, workspace_mib=workspace_mib) for p in PRECISION_ORDER]
+    better = recommend(fits)
+    advice = (f"quantize the export to {better.value} (flamingo-edge quantize --precision {better.value})"
+              if better else "lower --max-context/--max-images/--max-batch")
+    raise MemoryPlanError(
+        f"{DEVICES[largest].note} cannot hold these {source.precision.value} engines: the plan needs "
+        f"{plan.total / GIB:.1f} GiB (weights {weights / GIB:.1f}, self-attention K/V "
+        f"{plan.item('self-attention K/V') / GIB:.1f} at context {limits.max_context}, the rest "
+        f"{(plan.total - weights - plan.item('self-attention K/V')) / GIB:.1f}) and a process gets "
+        f"{budget / GIB:.1f} GiB there; {advice}, see flamingo-edge plan {export_dir} --target {largest}, or "
+        "build anyway with --force")

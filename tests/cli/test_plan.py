@@ -1,0 +1,141 @@
+"""`flamingo-edge plan`: parameter counts against the PyTorch reference, the table and JSON, fitting, the build's
+refusal. The peak-RSS check against ONNX Runtime is tests/engines/test_plan_rss.py (slow)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from flamingo_edge.cli.main import main
+from flamingo_edge.engines.plan import (BLOCK_SIZE, IMAGE_CACHE, INT8_GRAPHS, WEIGHT_ONLY_GRAPHS, parameter_counts,
+                                        plan_for, read_source)
+from flamingo_edge.engines.profiles import ShapeLimits
+from flamingo_edge.errors import CheckpointError, MemoryPlanError, UsageError
+from flamingo_edge.precision import Precision
+
+CONFIGS = Path(__file__).resolve().parents[2] / "docs" / "configs"
+PUBLIC = sorted(CONFIGS.glob("*.json"))
+
+
+def reference_counts(config) -> dict[str, int]:
+    """Parameters per graph of the PyTorch reference (built on the meta device: no memory, any size)."""
+    torch = pytest.importorskip("torch")
+    from flamingo_edge.models.flamingo import FlamingoModel
+
+    with torch.device("meta"):
+        model = FlamingoModel(config=config)
+    counts = dict.fromkeys(("vision", "resampler", "xattn_kv", "decoder"), 0)
+    for name, tensor in model.state_dict().items():
+        graph = name.split(".")[0]
+        if name.startswith("decoder.cross_blocks") and name.rsplit(".", 2)[-2] in ("k", "v", "k_norm"):
+            graph = "xattn_kv"  # what project_visual computes: the xattn_kv graph's weights
+        counts[graph] += tensor.numel()
+    return counts
+
+
+@pytest.mark.parametrize("path", PUBLIC, ids=[p.stem for p in PUBLIC])
+def test_parameter_counts_equal_the_reference(path):
+    config = read_source(path).config
+    assert {name: p.total for name, p in parameter_counts(config).items()} == reference_counts(config)
+
+
+def test_public_configs_have_their_published_sizes():
+    totals = {p.stem: sum(g.total for g in parameter_counts(read_source(p).config).values()) / 1e9 for p in PUBLIC}
+    assert round(totals["idefics-9b"], 1) == 8.9 and round(totals["idefics-80b"]) == 80
+    assert 2.5 < totals["openflamingo-3b"] < 3.3 and 3.5 < totals["openflamingo-4b"] < 4.5
+    assert 8 < totals["openflamingo-9b"] < 9
+
+
+def test_the_plans_defaults_are_quantizes_and_the_pipelines():
+    from flamingo_edge.calibration import quantize
+    from flamingo_edge.idefics_config import ACTIVATION_NAMES
+    from flamingo_edge.runtime.pipeline import Pipeline
+
+    assert tuple(quantize.WEIGHT_DEFAULT_GRAPHS) == WEIGHT_ONLY_GRAPHS
+    assert tuple(quantize.INT8_DEFAULT_GRAPHS) == INT8_GRAPHS
+    assert quantize.DEFAULT_BLOCK_SIZE == BLOCK_SIZE
+    assert inspect.signature(Pipeline.open).parameters["image_cache_size"].default == IMAGE_CACHE
+    if pytest.importorskip("torch"):
+        from flamingo_edge.models.layers import ACTIVATIONS
+
+        assert sorted(ACTIVATIONS) == sorted(ACTIVATION_NAMES)
+
+
+def test_weight_bytes_per_precision():
+    source = read_source(CONFIGS / "idefics-9b.json")
+    limits = ShapeLimits(1, 128, 256, 1)
+    layers = {p: plan_for(source, p, limits).item("decoder: layers") for p in ("fp32", "fp16", "int8-weights", "int4")}
+    assert layers["fp16"] / layers["fp32"] == pytest.approx(0.5, abs=1e-3)
+    # int4: 4 bits + an fp32 scale per 32 weights = 0.625 bytes a weight; int8-weights: 1 + 4/128
+    assert layers["int4"] / layers["fp32"] == pytest.approx(0.625 / 4, rel=1e-3)
+    assert layers["int8-weights"] / layers["fp32"] == pytest.approx(1.03125 / 4, rel=1e-3)
+    embedding = {p: plan_for(source, p, limits).item("decoder: embedding") for p in ("fp32", "int4")}
+    assert embedding["int4"] == embedding["fp32"]  # a Gather: never quantized
+
+
+def test_self_attention_cache_grows_with_the_context():
+    source = read_source(CONFIGS / "idefics-9b.json")
+    at = {p: plan_for(source, "int4", ShapeLimits(1, 128, p, 1)).item("self-attention K/V") for p in (512, 1024)}
+    # 2 (K, V) x 32 layers x 32 heads x 128 x P x 4 bytes, past + present, device + pinned host
+    assert at[512] == 2 * 32 * 32 * 128 * 512 * 4 * 4
+    assert at[1024] == 2 * at[512]
+
+
+def test_plan_table_and_json(capsys):
+    assert main(["plan", str(CONFIGS / "idefics-9b.json"), "--target", "orin-nano-8gb", "--max-context", "512"]) == 0
+    table = capsys.readouterr().out
+    assert "decoder: LM head" in table and "orin-nano-8gb" in table and "recommended: none fits" in table
+    assert main(["plan", str(CONFIGS / "openflamingo-3b.json"), "--target", "orin-nx-16gb", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (target,) = report["targets"]
+    # 2.7 B parameters: 10.6 GiB in fp32 + 3.2 GiB of self-attention K/V at 2048 tokens > 13.2 GiB; fp16 fits
+    assert target["recommended"] == "fp16"
+    rows = {row["precision"]: row for row in target["precisions"]}
+    assert rows["int4"]["max_images"] > rows["fp16"]["max_images"] > 0 == rows["fp32"]["max_images"]
+    assert 0 < rows["fp32"]["max_context"] < 2048 == rows["fp16"]["max_context"]
+    assert main(["plan", str(CONFIGS / "openflamingo-9b.json"), "--target", "orin-nx-16gb", "--max-context", "1024",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["targets"][0]["recommended"] == "int4"
+
+
+def test_plan_of_an_export_uses_its_files(demo_export, capsys):
+    assert main(["plan", str(demo_export), "--precision", "fp32", "--target", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    items = {item["name"]: item["bytes"] for item in report["plans"][0]["items"]}
+    stored = sum((demo_export / f).stat().st_size for f in ("vision.onnx", "resampler.onnx", "xattn_kv.onnx",
+                                                            "decoder.onnx"))
+    weights = sum(v for k, v in items.items() if k.startswith(("weights: ", "decoder: ")))
+    assert weights == pytest.approx(stored, abs=8)  # the files' sizes, rounded per line
+    assert report["export_precision"] == "fp32" and report["kind"] == "export"
+
+
+def test_plan_errors(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        read_source(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="neither an export"):
+        read_source(tmp_path)
+    with pytest.raises(UsageError, match="give one of orin-nano-8gb"):
+        from flamingo_edge.engines.plan import budget_bytes
+
+        budget_bytes("orin-tiny")
+    assert main(["plan", str(CONFIGS / "idefics-9b.json"), "--target", "-1"]) == 2
+    assert "memory size in GiB" in capsys.readouterr().err
+
+
+def test_build_refuses_what_the_board_cannot_hold(demo_export, tmp_path, capsys):
+    args = ["build", str(demo_export), "-o", str(tmp_path / "engines"), "--target", "orin-nano", "--max-batch",
+            "4096", "--max-images", "8", "--max-context", "64", "--max-prompt", "64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Jetson Orin Nano 8 GB cannot hold these fp32 engines" in err and "--force" in err
+    from flamingo_edge.engines.build import build_engines
+
+    with pytest.raises(MemoryPlanError, match="a process gets 6.0 GiB"):
+        build_engines(demo_export, tmp_path / "engines", "orin-nano", limits=ShapeLimits(4096, 64, 64, 8))
+    # --force goes past the plan to the next check (here: TensorRT itself, or the GPU)
+    assert main(args + ["--force"]) == 2
+    assert "cannot hold" not in capsys.readouterr().err
+    assert not (tmp_path / "engines").exists()
