@@ -31,12 +31,12 @@ from flamingo_edge.artifacts import read_export_record
 from flamingo_edge.graphs import GRAPH_NAMES, GraphSpec, build_graphs
 from flamingo_edge.models.checkpoint import load_checkpoint, resolve_checkpoint
 from flamingo_edge.config import FlamingoConfig, config_differences
-from flamingo_edge.precision import Precision
+from flamingo_edge.precision import WEIGHT_ONLY_PRECISIONS, Precision
 from flamingo_edge.runtime.backend import RecordingSession
 from flamingo_edge.runtime.pipeline import Pipeline
 from flamingo_edge.runtime.processor import Processor
 from flamingo_edge.tolerances import (FP16_TOP1_AGREEMENT, INT8_TASK_METRIC_DROP, LOGITS_REL_TOL,
-                                            relative_error)
+                                      WEIGHT_ONLY_TOP1_AGREEMENT, relative_error)
 
 logger = logging.getLogger(__name__)
 
@@ -406,18 +406,29 @@ def compare(checkpoint: str | Path, export_dir: str | Path, prompts: list, *, ba
                 failures.append(f"graph {name}: relative error {graph.max_rel:.3g} > {tolerance:g}{where}")
         if end_to_end.logits.max_rel > tolerance:
             failures.append(f"end to end: logits relative error {end_to_end.logits.max_rel:.3g} > {tolerance:g}")
-    elif record.precision == Precision.INT8 and task is not None:  # the task metric may drop this much, no more
-        rules["task_metric_drop"] = INT8_TASK_METRIC_DROP
+    else:
+        failures += _judge_quantized(Precision(record.precision), end_to_end, task, rules)
+    return CompareReport(REPORT_VERSION, str(checkpoint), str(export_dir), backend, record.precision, rules, graphs,
+                         end_to_end, task, not failures, failures)
+
+
+def _judge_quantized(precision: Precision, end_to_end: EndToEnd, task: dict | None, rules: dict) -> list[str]:
+    """The failures of a quantized export, and its rules added to `rules`: int8 by the task metric (top-1 agreement
+    without a task to score), weight-only precisions by the task metric and top-1 agreement, fp16 by top-1."""
+    failures = []
+    if task is not None and precision in (Precision.INT8, *WEIGHT_ONLY_PRECISIONS):
+        rules["task_metric_drop"] = INT8_TASK_METRIC_DROP  # the task metric may drop this much, no more
         for metric in ("answer_accuracy", "caption_accuracy"):
             drop = task["reference"][metric] - task["backend"][metric]
             if drop > INT8_TASK_METRIC_DROP:
                 failures.append(f"task: {metric} drops by {drop:.3f} > {INT8_TASK_METRIC_DROP}")
-    else:  # fp16, or int8 without a task to score: top-1 agreement with the fp32 reference
-        rules["top1_agreement"] = FP16_TOP1_AGREEMENT
-        if end_to_end.top1_agreement < FP16_TOP1_AGREEMENT:
-            failures.append(f"end to end: top-1 agreement {end_to_end.top1_agreement:.4f} < {FP16_TOP1_AGREEMENT}")
-    return CompareReport(REPORT_VERSION, str(checkpoint), str(export_dir), backend, record.precision, rules, graphs,
-                         end_to_end, task, not failures, failures)
+    if precision == Precision.INT8 and task is not None:
+        return failures
+    threshold = WEIGHT_ONLY_TOP1_AGREEMENT[precision] if precision in WEIGHT_ONLY_PRECISIONS else FP16_TOP1_AGREEMENT
+    rules["top1_agreement"] = threshold
+    if end_to_end.top1_agreement < threshold:
+        failures.append(f"end to end: top-1 agreement {end_to_end.top1_agreement:.4f} < {threshold}")
+    return failures
 
 
 def _is_demo(checkpoint: Path) -> bool:
