@@ -14,7 +14,8 @@ from onnx import numpy_helper
 from flamingo_edge.artifacts import sha256_of
 from flamingo_edge.cli.main import main
 from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
-from flamingo_edge.tolerances import LOGITS_REL_TOL
+from flamingo_edge.precision import Precision
+from flamingo_edge.tolerances import INT8_TASK_METRIC_DROP, LOGITS_REL_TOL, WEIGHT_ONLY_TOP1_AGREEMENT
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +124,65 @@ def test_polygraphy_files_continue_in_polygraphy(demo_export, tmp_path):
                              str(out / "vision_inputs.json"), "--load-outputs", str(out / "vision_outputs.json")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "PASSED" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def weight_only_exports(demo_export, tmp_path_factory):
+    """The demo export with 4-bit and 8-bit weights (round to nearest, ONNX Runtime's MatMulNBits)."""
+    from flamingo_edge.calibration.quantize import quantize_export
+
+    root = tmp_path_factory.mktemp("weight-only")
+    return {precision: quantize_export(demo_export, root / precision, precision)
+            for precision in ("int4", "int8-weights")}
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8-weights"])
+def test_weight_only_exports_are_judged_by_the_task_and_top1(weight_only_exports, tmp_path, capsys, precision):
+    path = tmp_path / "report.json"
+    assert main(["compare", "demo", str(weight_only_exports[precision]), "--task-n", "20", "--json",
+                 str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"PASS ({precision} export; judged on: task metric drop 0.01, top1 agreement" in out
+    report = json.loads(path.read_text())
+    threshold = WEIGHT_ONLY_TOP1_AGREEMENT[Precision(precision)]
+    assert report["precision"] == precision and report["tolerance"] == {
+        "relative_error": LOGITS_REL_TOL, "task_metric_drop": INT8_TASK_METRIC_DROP, "top1_agreement": threshold}
+    e2e = report["end_to_end"]
+    assert e2e["top1_agreement"] >= threshold
+    # the logits error is reported: above fp32's tolerance (the weights did change), well below a broken export's
+    assert LOGITS_REL_TOL < e2e["logits"]["max_rel"] < 0.2 and e2e["logits"]["cosine"] > 0.99
+    assert report["graphs"]["vision"]["passed"] and not report["graphs"]["decoder"]["passed"]  # reported, not judged
+    assert "over the fp32 tolerance" in out and "FAIL" not in out
+    reference, backend = report["task"]["reference"], report["task"]["backend"]
+    for metric in ("answer_accuracy", "caption_accuracy"):
+        assert reference[metric] - backend[metric] <= INT8_TASK_METRIC_DROP
+
+
+def swap_nibbles(export, out):
+    """A copy of the int4 export whose decoder's packed weights have their two 4-bit halves swapped: the encoding
+    bug (a wrong nibble order) that still loads and runs, with export.json updated to the new file's hash."""
+    shutil.copytree(export, out)
+    path = out / "decoder.onnx"
+    model = onnx.load(str(path))
+    nbits = {node.input[1] for node in model.graph.node if node.op_type == "MatMulNBits"}
+    for tensor in model.graph.initializer:
+        if tensor.name in nbits:
+            packed = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(((packed >> 4) | (packed << 4)).astype(np.uint8), tensor.name))
+    assert nbits
+    onnx.save(model, str(path))
+    record = json.loads((out / "export.json").read_text())
+    record["graphs"]["decoder"]["sha256"] = sha256_of(path)
+    (out / "export.json").write_text(json.dumps(record))
+    return out
+
+
+def test_a_broken_int4_encoding_fails_on_top1_agreement(weight_only_exports, tmp_path, capsys):
+    broken = swap_nibbles(weight_only_exports["int4"], tmp_path / "broken")
+    path = tmp_path / "report.json"
+    assert main(["compare", "demo", str(broken), "--task-n", "0", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    threshold = WEIGHT_ONLY_TOP1_AGREEMENT[Precision.INT4]
+    assert "FAIL: end to end: top-1 agreement" in out and f"< {threshold}" in out
+    report = json.loads(path.read_text())
+    assert report["end_to_end"]["top1_agreement"] < threshold and report["tolerance"]["top1_agreement"] == threshold
