@@ -1,12 +1,14 @@
 """`flamingo-edge build` with TensorRT for RTX on the CPU: real engines for every graph of the demo export, of a
 held-out IDEFICS config (256-wide, never used in development) and of a converted OpenFlamingo checkpoint (its MPT
-language model: ALiBi, bias-free LayerNorm, patch tokens without the class token), in fp32, fp16 and int8 Q/DQ,
-for two compute capabilities; the manifest is written and checked. (No engine is run: that needs a GPU.)"""
+language model: ALiBi, bias-free LayerNorm, patch tokens without the class token), in fp32, fp16, int8 Q/DQ and the
+weight-only int4 / int8-weights forms for TensorRT, for two compute capabilities; the manifest is written and
+checked. (No engine is run: that needs a GPU.)"""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from flamingo_edge.cli.main import main
@@ -33,7 +35,8 @@ def held_out_export(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["demo", "held-out", "openflamingo-mpt"])
 def precisions(request, tmp_path_factory):
-    """An export in fp32, fp16 and int8 (vision, resampler, xattn_kv as Q/DQ)."""
+    """An export in fp32, fp16, int8 (vision, resampler, xattn_kv as Q/DQ), int4 (block DQ at opset 21, and
+    TensorRT's own INT4 operator for 10.0-10.15) and int8-weights (per-channel DQ), the last three for TensorRT."""
     if request.param == "openflamingo-mpt":
         export = request.getfixturevalue("openflamingo_export")("mpt")[1]
     else:
@@ -43,12 +46,17 @@ def precisions(request, tmp_path_factory):
     assert main(["quantize", str(export), "--precision", "fp16", "-o", str(root / "fp16")]) == 0
     assert main(["quantize", str(export), "--precision", "int8", "--calibration", str(root / "calib"),
                  "-o", str(root / "int8")]) == 0
-    return {"fp32": export, "fp16": root / "fp16", "int8": root / "int8"}
+    for name, arguments in (("int4", ["int4", "--trt-version", "11.1"]), ("int4-trt10", ["int4"]),
+                            ("int8-weights", ["int8-weights"])):
+        assert main(["quantize", str(export), "--target", "tensorrt", "--precision", *arguments,
+                     "-o", str(root / name)]) == 0
+    return {"fp32": export, "fp16": root / "fp16", "int8": root / "int8", "int4": root / "int4",
+            "int4-trt10": root / "int4-trt10", "int8-weights": root / "int8-weights"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["rtx-sm86", "rtx-sm89"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4", "int4-trt10", "int8-weights"])
 def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys, target, precision):
     """Every graph of both models builds in every precision. (The fp16 Myelin refusal seen earlier on 256-wide
     graphs from ModelOpt AutoCast, shared/notes/tensorrt.md, does not occur with our fp16 graphs; a refusal would fail
@@ -58,7 +66,7 @@ def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys,
                  "--max-prompt", "32", "--max-images", "3"]) == 0
     assert "wrote" in capsys.readouterr().out
     manifest = read_manifest(out, export)
-    assert manifest.precision == precision and manifest.target == target
+    assert manifest.precision == precision.removesuffix("-trt10") and manifest.target == target
     assert manifest.compute_capability == target.split("-")[1].upper()
     assert manifest.tensorrt["flavour"] == "tensorrt_rtx"
     assert set(manifest.engines) == {"vision", "resampler", "xattn_kv", "decoder"}
@@ -67,6 +75,48 @@ def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys,
     assert manifest.limits == {"max_batch": 1, "max_prompt": 32, "max_context": 48, "max_images": 3}
     assert manifest.build_flags == {name: [] for name in manifest.engines}  # strongly typed: no precision flags
     assert manifest.device is None and manifest.dla_core is None
+
+
+def test_weight_only_engines_keep_their_weights_small(tmp_path):
+    """TensorRT keeps 4- and 8-bit weights in the engine (it does not fold them back to float): one 2048 x 2048
+    MatMul's engine is about a byte per weight for int8-weights and half that for int4, against four for fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from flamingo_edge.calibration.weights import Target as MatMul, encode, rtn
+
+    trt = load("tensorrt_rtx").module
+    width = 2048
+    weight = np.random.default_rng().standard_normal((width, width)).astype(np.float32)
+
+    def graph(opset):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "one",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+            [numpy_helper.from_array(weight, "w")]), opset_imports=[helper.make_opsetid("", opset)])
+
+    def engine_bytes(model):
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse(model.SerializeToString()), parser.get_error(0).desc()
+        config = builder.create_builder_config()
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+        profile = builder.create_optimization_profile()
+        profile.set_shape("x", (1, width), (1, width), (8, width))
+        config.add_optimization_profile(profile)
+        return builder.build_serialized_network(network, config).nbytes
+
+    sizes = {"fp32": engine_bytes(graph(21))}
+    for name, bits, block in (("int4", 4, 32), ("int8", 8, width)):
+        model = graph(21)
+        encode(model, MatMul(0, "w", "x", False), rtn(weight, bits, block), "DequantizeLinear", 0)
+        model.graph.initializer.remove(model.graph.initializer[0])
+        sizes[name] = engine_bytes(model)
+    weights = width * width
+    assert sizes["fp32"] > 4 * weights and sizes["int8"] < 1.2 * weights and sizes["int4"] < 0.7 * weights, sizes
 
 
 def test_a_refused_build_quotes_tensorrt(demo_export):

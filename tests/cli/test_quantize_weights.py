@@ -1,0 +1,190 @@
+"""`flamingo-edge quantize --precision int4|int8-weights`: weight-only block quantization of the language model.
+
+The integers and scales against numpy, GPTQ against round-to-nearest, the two ONNX Runtime-runnable encodings
+(MatMulNBits and block-quantized DequantizeLinear) against each other, the demo's task accuracy on 500 held-out
+scenes against fp32 (the issue's acceptance), and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from flamingo_edge.artifacts import read_export_record
+from flamingo_edge.calibration.weights import find_matmuls, gptq, matmulnbits_tensors, quantize_graph, rtn
+from flamingo_edge.cli.main import main
+from flamingo_edge.models.checkpoint import DEMO_OVERRIDE
+from flamingo_edge.tolerances import INT8_TASK_METRIC_DROP
+
+
+@pytest.fixture(autouse=True)
+def bundled_demo(monkeypatch):
+    monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
+
+
+@pytest.fixture(scope="module")
+def calibration(demo_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "calib"
+    assert main(["calibrate", str(demo_export), "--images", "demo", "--n", "24", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"seed {seed}")  # shown when a test fails
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantization_against_numpy(rng, bits):
+    top = 2 ** (bits - 1) - 1
+    k, n, block = 96, 40, 32  # three blocks per column
+    q = rng.integers(-top, top + 1, (k, n))
+    scales = rng.uniform(0.01, 0.1, (k // block, n)).astype(np.float32)
+    q[::block] = top  # every block reaches qmax, so its scale is exactly max|W| / qmax
+    weight = q * np.repeat(scales, block, axis=0)
+    quantized = rtn(weight.astype(np.float32), bits, block)
+    assert np.array_equal(quantized.q, q) and np.allclose(quantized.scales, scales, rtol=1e-6)
+    assert quantized.q.min() >= -top and quantized.q.max() <= top  # symmetric: no zero point anywhere
+    noisy = rng.standard_normal((k + 5, n)).astype(np.float32)  # K not a multiple of the block: the tail pads
+    error = np.abs(rtn(noisy, bits, block).dequantize() - noisy)
+    per_row_scale = np.repeat(rtn(noisy, bits, block).scales, block, axis=0)[: k + 5]
+    assert np.all(error <= per_row_scale / 2 + 1e-6)  # round to nearest: at most half a step
+
+
+def test_matmulnbits_packing_holds_the_integers(rng):
+    weight = rng.standard_normal((64, 24)).astype(np.float32)
+    quantized = rtn(weight, 4, 32)
+    packed, scales = matmulnbits_tensors(quantized)
+    assert packed.shape == (24, 2, 16) and scales.shape == (48,)
+    low, high = packed & 0x0F, packed >> 4
+    unpacked = np.stack([low, high], axis=-1).reshape(24, 64).T.astype(np.int16) - 8  # zero point 8
+    assert np.array_equal(unpacked, quantized.q)
+
+
+def test_gptq_lowers_the_output_error_of_round_to_nearest(rng):
+    x = rng.standard_normal((2048, 128)) @ rng.standard_normal((128, 128))  # correlated inputs, as in a model
+    weight = rng.standard_normal((128, 64)).astype(np.float32)
+    errors = {}
+    for name, quantized in (("rtn", rtn(weight, 4, 32)), ("gptq", gptq(weight, x.T @ x, 4, 32))):
+        errors[name] = np.linalg.norm(x @ weight - x @ quantized.dequantize())
+        assert quantized.q.min() >= -7 and quantized.q.max() <= 7
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def _feed(session, rng, vocab):
+    dims = {"B": 2, "S": 5, "P": 3, "M": 1}
+    feed = {}
+    for value in session.get_inputs():
+        shape = [d if isinstance(d, int) else eval(d.replace("M*L", "M*4"), {}, dims) for d in value.shape]
+        if value.name == "input_ids":
+            feed[value.name] = rng.integers(0, vocab, shape)
+        elif value.type == "tensor(int64)":
+            feed[value.name] = np.ones(shape, np.int64)
+        else:
+            feed[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def test_both_encodings_compute_the_same_product(demo_export, rng):
+    """MatMulNBits and the opset-21 DequantizeLinear form hold the same integers and scales: on ONNX Runtime with
+    float32 compute they give the same logits, and both are close to the fp32 graph."""
+    source = demo_export / "decoder.onnx"
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    config = read_export_record(demo_export).config
+    feed = _feed(reference, rng, config["decoder"]["vocab_size"])
+    expected = reference.run(["logits"], feed)[0]
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # ORT may fuse DQ+MatMul
+    logits = {}
+    for encoding in ("MatMulNBits", "DequantizeLinear"):
+        model, summary = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding=encoding,
+                                        accuracy_level=0)
+        assert summary["weights"] == len(find_matmuls(onnx.load(str(source)))) and summary["lm_head"]
+        assert not find_matmuls(model)  # every float MatMul weight went
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        logits[encoding] = session.run(["logits"], feed)[0]
+    scale = np.abs(expected).max()
+    assert np.abs(logits["MatMulNBits"] - logits["DequantizeLinear"]).max() <= 1e-5 * scale
+    assert np.abs(logits["MatMulNBits"] - expected).max() <= 0.25 * scale  # 4-bit weights: coarse, not wrong
+    kept, _ = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding="MatMulNBits", lm_head=False)
+    assert [t.lm_head for t in find_matmuls(kept)] == [True]
+
+
+def eval_json(export, capsys, n=500) -> dict:
+    capsys.readouterr()
+    assert main(["eval", str(export), "--n", str(n), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_weight_only_exports_keep_task_accuracy_on_500_scenes(demo_export, calibration, tmp_path, capsys):
+    """The issue's acceptance: int4 (RTN and GPTQ) and int8-weights within 1 point of fp32 on 500 held-out
+    scenes, answers and captions."""
+    fp32 = eval_json(demo_export, capsys)
+    runs = {"int4-rtn": ["--precision", "int4"],
+            "int4-gptq": ["--precision", "int4", "--method", "gptq", "--calibration", str(calibration)],
+            "int8-weights": ["--precision", "int8-weights"]}
+    for name, arguments in runs.items():
+        out = tmp_path / name
+        assert main(["quantize", str(demo_export), *arguments, "-o", str(out)]) == 0
+        record = read_export_record(out)
+        assert record.precision == name.split("-rtn")[0].split("-gptq")[0]
+        assert record.quantization["encoding"] == "MatMulNBits" and record.quantization["graphs"] == ["xattn_kv",
+                                                                                                    "decoder"]
+        assert record.quantization["method"] == ("gptq" if "gptq" in name else "rtn")
+        decoder = onnx.load(str(out / "decoder.onnx"))
+        assert sum(node.op_type == "MatMulNBits" for node in decoder.graph.node) == record.quantization[
+            "weights"]["decoder"]["weights"] > 0
+        assert (out / "decoder.onnx").stat().st_size < 0.5 * (demo_export / "decoder.onnx").stat().st_size
+        ours = eval_json(out, capsys)
+        for metric in ("answer_accuracy", "caption_accuracy"):
+            assert ours[metric] >= fp32[metric] - INT8_TASK_METRIC_DROP, (name, metric, fp32, ours)
+    assert read_export_record(tmp_path / "int4-gptq").quantization["calibration_images"] == 24
+
+
+def test_the_tensorrt_encodings(demo_export, tmp_path, capsys):
+    """--target tensorrt: opset-21 block DQ for a TensorRT that imports it, TensorRT's own INT4 operator for 10.x
+    before that (which ONNX Runtime cannot run, and says so), per-channel INT8 DQ for int8-weights, and no INT4 for
+    TensorRT 8.x."""
+    forms = {"dq": ["--precision", "int4", "--trt-version", "11.1"],
+             "custom": ["--precision", "int4", "--trt-version", "10.3"],
+             "int8": ["--precision", "int8-weights"]}
+    for name, arguments in forms.items():
+        assert main(["quantize", str(demo_export), "--target", "tensorrt", *arguments, "-o",
+                     str(tmp_path / name)]) == 0
+    nodes = {name: [n for n in onnx.load(str(tmp_path / name / "decoder.onnx")).graph.node
+                    if n.op_type.endswith("DequantizeLinear")] for name in forms}
+    assert {n.domain for n in nodes["custom"]} == {"trt"} and {n.domain for n in nodes["dq"]} == {""}
+    assert all({a.name for a in n.attribute} == {"axis", "block_size"} for n in nodes["dq"])
+    assert all({a.name: a.i for a in n.attribute} == {"axis": 1} for n in nodes["int8"])  # per output column
+    assert onnx.load(str(tmp_path / "dq" / "decoder.onnx")).opset_import[0].version == 21
+    assert read_export_record(tmp_path / "custom").quantization["encoding"] == "TRT_INT4DequantizeLinear"
+    capsys.readouterr()
+    for name in ("dq", "int8"):  # ONNX Runtime runs the standard forms: their accuracy is measured here
+        assert eval_json(tmp_path / name, capsys, n=50)["answer_accuracy"] > 0.9
+    assert main(["eval", str(tmp_path / "custom"), "--n", "5"]) == 2
+    assert "only TensorRT runs" in capsys.readouterr().err
+    assert main(["quantize", str(demo_export), "--target", "tensorrt", "--precision", "int4", "--trt-version", "8.6",
+                 "-o", str(tmp_path / "jp5")]) == 2
+    assert "has no INT4" in capsys.readouterr().err and not (tmp_path / "jp5").exists()
+
+
+def test_bad_weight_only_input_exits_2_and_leaves_nothing(demo_export, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(demo_export), "--precision", "int4", "--method", "gptq", "-o", str(out)]) == 2
+    assert "with gptq needs --calibration" in capsys.readouterr().err
+    assert main(["quantize", str(demo_export), "--precision", "int4", "--method", "entropy", "-o", str(out)]) == 2
+    assert "choose one of rtn, gptq" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", str(demo_export), "--precision", "int4", "--block-size", "48", "-o", str(out)])
+    assert main(["quantize", str(demo_export), "--precision", "int4", "-o", str(out)]) == 0
+    assert main(["quantize", str(out), "--precision", "int4", "-o", str(tmp_path / "twice")]) == 2
+    assert "already int4" in capsys.readouterr().err
+    assert main(["build", str(out), "-o", str(tmp_path / "engines"), "--target", "rtx-sm86"]) == 2
+    assert "--target tensorrt" in capsys.readouterr().err
+    assert not (tmp_path / "engines").exists() and not list(tmp_path.glob(".*.partial-*"))
