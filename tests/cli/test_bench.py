@@ -93,14 +93,37 @@ def test_bench_against_a_baseline_reports_ratios_per_stage(demo_export, demo_fp1
     assert speedup["decode"] == pytest.approx(ours["decode_tokens_per_s"]["median"]
                                               / theirs["decode_tokens_per_s"]["median"])
     # A decode step reads the decoder's weights, fp16 ones half the bytes (norms stay fp32), and the same fp32 K/V
-    config = FlamingoConfig.from_dict(json.loads((demo_export / "export.json").read_text())["config"])
-    text, context = config.decoder, 12 + 4 / 2  # the mean context of the decode steps
-    kv = 4 * 2 * (text.layers * text.heads * text.head_dim * context
-                  + len(text.cross_layers) * text.cross_heads * text.cross_head_dim * config.resampler.latents)
+    kv = kv_bytes(demo_export, prompt_tokens=12, new_tokens=4)
     assert 1.8 < (theirs["decode_bytes_per_token"] - kv) / (ours["decode_bytes_per_token"] - kv) <= 2
     floor = report["baseline_memory_bandwidth"]
     assert floor["decode_floor_s"] == pytest.approx(theirs["decode_bytes_per_token"]
                                                     / report["memory_bandwidth"]["copy_bytes_per_s"])
+
+
+def kv_bytes(export, *, prompt_tokens: int, new_tokens: int) -> float:
+    """The fp32 self- and cross-attention K/V one decode step reads, at the mean context of the decode steps."""
+    config = FlamingoConfig.from_dict(json.loads((export / "export.json").read_text())["config"])
+    text, context = config.decoder, prompt_tokens + new_tokens / 2
+    return 4 * 2 * (text.layers * text.heads * text.head_dim * context
+                    + len(text.cross_layers) * text.cross_heads * text.cross_head_dim * config.resampler.latents)
+
+
+@pytest.mark.parametrize("precision, stored_bits", [("int4", 4 + 32 / 32), ("int8-weights", 8 + 32 / 128)])
+def test_weight_only_decode_reads_the_stored_bits(demo_export, tmp_path, capsys, precision, stored_bits):
+    """bench of a weight-only export against its fp32 baseline: the decoder's weights a step reads are the packed
+    ones plus a fp32 scale per block (32 weights for int4, 128 for int8-weights), not their fp32 size."""
+    from flamingo_edge.calibration.quantize import quantize_export
+
+    quantized = quantize_export(demo_export, tmp_path / precision, precision)
+    path = tmp_path / "bench.json"
+    assert main(["bench", str(quantized), "--baseline", str(demo_export), "--runs", "1", "--prompt-tokens", "12",
+                 "--new-tokens", "4", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["precision"] == precision and f"this {precision} export is" in capsys.readouterr().out
+    kv = kv_bytes(demo_export, prompt_tokens=12, new_tokens=4)
+    ours, theirs = (report[key]["decode_bytes_per_token"] - kv for key in ("backend_result", "baseline_result"))
+    # every MatMul weight at `stored_bits`; the norms and the embedding's row stay fp32, so a little less than 32/bits
+    assert 0.93 * 32 / stored_bits < theirs / ours <= 32 / stored_bits
 
 
 def test_a_baseline_of_another_checkpoint_is_refused(demo_export, idefics_export, tmp_path, capsys):
