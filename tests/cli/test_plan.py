@@ -139,3 +139,16 @@ def test_build_refuses_what_the_board_cannot_hold(demo_export, tmp_path, capsys)
     assert main(args + ["--force"]) == 2
     assert "cannot hold" not in capsys.readouterr().err
     assert not (tmp_path / "engines").exists()
+
+
+def test_plan_needs_neither_torch_nor_tensorrt():
+    """What a base install (or a Jetson without torch) runs: a checkpoint's config.json read and planned."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None; "  # importing them fails
+            "from flamingo_edge.cli.main import main; "
+            f"sys.exit(main(['plan', {str(CONFIGS / 'idefics-9b.json')!r}, '--target', 'thor', '--json']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["targets"][0]["recommended"] == "fp32"
