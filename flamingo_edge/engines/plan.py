@@ -17,6 +17,7 @@ Two runtimes are modelled: TensorRT engines on a Jetson or a GPU (`tensorrt`), a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from flamingo_edge.engines.profiles import ShapeLimits
 from flamingo_edge.errors import CheckpointError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES
 from flamingo_edge.precision import EXPORT_PRECISIONS, Precision
+
+logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -509,8 +512,6 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
         MemoryPlanError: the plan's total exceeds the board's memory; the message gives the figures and the ways
             out (a smaller precision or limits, `--force`).
     """
-    import logging
-
     from flamingo_edge.errors import MemoryPlanError
 
     boards = BUILD_TARGET_DEVICES.get(target_name)
@@ -521,7 +522,7 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
     largest, *smaller = boards
     for board in smaller:
         if plan.total > budget_bytes(board):
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "the engines need %.1f GiB (flamingo-edge plan): more than %s has for a process (%.1f GiB)",
                 plan.total / GIB, DEVICES[board].note, DEVICES[board].usable_gib)
     budget = budget_bytes(largest)
