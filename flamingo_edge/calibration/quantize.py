@@ -96,7 +96,8 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
 
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
-                 encoding: str, accuracy_level: int, lm_head: bool, calibration, name: str) -> dict:
+                 encoding: str, accuracy_level: int, lm_head: bool, embeddings: bool, calibration,
+                 name: str) -> dict:
     """Write the weight-only quantized `source` as `folder/file` (external data when large); its summary, with
     the GraphFile fields under "files"."""
     import onnx
@@ -111,7 +112,7 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
         def samples():
             return iter_samples(calibration, name)
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
-                                    method=method, encoding=encoding, lm_head=lm_head,
+                                    method=method, encoding=encoding, lm_head=lm_head, embeddings=embeddings,
                                     accuracy_level=accuracy_level, samples=samples)
     external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{file}.data" if external else None
@@ -131,7 +132,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                     graphs: list[str] | None = None, exclude_ops: list[str] | None = None,
                     on_graph: Callable[[str], None] | None = None, tensorrt_version: str = "10.3",
                     block_size: int | None = None, target: str = "onnxruntime", accuracy_level: int = 4,
-                    lm_head: bool = True) -> Path:
+                    lm_head: bool = True, embeddings: bool = False) -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
@@ -152,6 +153,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         target: int4 / int8-weights: "onnxruntime" (MatMulNBits) or "tensorrt" (DequantizeLinear, opset 21).
         accuracy_level: MatMulNBits' compute type: 4 (int8 activations per block, VNNI on x86) or 0 (float32).
         lm_head: int4 / int8-weights: quantize the LM head too.
+        embeddings: int4 / int8-weights: quantize the token embedding tables too (memory only: a step reads one
+            row per token).
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
@@ -195,8 +198,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
 
             header(tensorrt_version)  # a bad version fails now, not after the work
         if calibration is None:
-            raise UsageError(f"{precision} with {method} needs --calibration CALIB (from flamingo-edge calibrate on "
-                             "this export)")
+            needs = precision if precision == Precision.INT8 else f"{precision} with {method}"
+            raise UsageError(f"{needs} needs --calibration CALIB (from flamingo-edge calibrate on this export)")
         from flamingo_edge.calibration.record import read_calibration
 
         calibration_record = read_calibration(calibration)
@@ -227,7 +230,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                 on_graph(name)
             if weight_only:
                 summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
-                                               encoding, accuracy_level, lm_head, calibration, name)
+                                               encoding, accuracy_level, lm_head, embeddings, calibration, name)
                 files[name] = replace(entry, **summaries[name].pop("files"))
                 continue
             if precision == Precision.FP16:
@@ -248,9 +251,11 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                       f"every op except {', '.join(op_types)}"}
         if weight_only:
             provenance.update(kept_in_float="everything but the MatMul weights" +
-                              ("" if lm_head else " and the LM head"),
+                              ("" if lm_head else " and the LM head") +
+                              (", embeddings quantized" if embeddings else ""),
                               method=method, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                               symmetric=True, target=target, encoding=encoding, lm_head=lm_head,
+                              embeddings=embeddings,
                               weights={name: summary for name, summary in summaries.items()})
             if encoding == "MatMulNBits":
                 provenance["accuracy_level"] = accuracy_level

@@ -2,7 +2,8 @@
 
 What is quantized: every `MatMul` whose second input is a 2-D float initializer `W` [K, N] (`y = x @ W`: the
 attention and MLP projections, the gated blocks' projections, the cross-attention K/V projections in `xattn_kv`, and
-the LM head unless it is kept). Embedding tables (`Gather`), norms, softmax and gates stay float.
+the LM head unless it is kept), and on request the token embedding tables (`Gather` of the token ids). Norms,
+softmax and gates stay float.
 
 How: symmetric, per block of `block_size` consecutive input rows of one output column. A block's scale is
 max|W| / qmax and its weights are round(W / scale), clipped to [-qmax, qmax] (qmax = 7 for 4 bits, 127 for 8).
@@ -187,6 +188,52 @@ def find_matmuls(model, *, lm_head: bool = True) -> list[Target]:
     return found
 
 
+def find_embeddings(model, *, token_input: str = "input_ids", depth: int = 4) -> list[tuple[int, str]]:
+    """(node index, table name) of the Gathers that look token ids up in a 2-D float initializer: the indices come
+    from `token_input` through at most `depth` index-arithmetic nodes (IDEFICS' decoupled embedding subtracts and
+    clamps the ids for its second table). Position tables and shape arithmetic are not reached."""
+    from onnx import TensorProto
+
+    tables = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    reached, frontier = {token_input}, {token_input}
+    for _ in range(depth):
+        frontier = {out for node in model.graph.node if node.op_type != "Gather"
+                    and any(name in frontier for name in node.input) for out in node.output} - reached
+        reached |= frontier
+    return [(index, node.input[0]) for index, node in enumerate(model.graph.node)
+            if node.op_type == "Gather" and node.input[0] in tables and node.input[1] in reached]
+
+
+def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, encoding: str) -> None:
+    """Replace the Gather at `node_index` (in place) by a lookup in the quantized table; `rows` holds the table
+    transposed ([D, V]: blocks run along each row's D values)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = model.graph.node[node_index]
+    q, scales = rows.q.T, np.ascontiguousarray(rows.scales.T)  # [V, D], [V, D / block]
+    name = f"{table}_Q{rows.bits}"
+    if encoding == "MatMulNBits":  # ONNX Runtime: GatherBlockQuantized (com.microsoft)
+        if rows.bits == 4:
+            data = helper.make_tensor(name, TensorProto.INT4, q.shape, pack_4bit(q.reshape(-1)).tobytes(), raw=True)
+        else:  # uint8 with the operator's default zero point, 128
+            data = numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), name)
+        model.graph.initializer.extend([data, numpy_helper.from_array(scales, f"{table}_scales")])
+        model.graph.node.insert(node_index, helper.make_node(
+            "GatherBlockQuantized", [name, node.input[1], f"{table}_scales"], list(node.output),
+            name=f"{node.name}_Q{rows.bits}", domain="com.microsoft", bits=rows.bits, block_size=rows.block_size,
+            gather_axis=0, quantize_axis=1))
+        model.graph.node.remove(node)
+        return
+    per_row = scales.shape[1] == 1
+    attributes = dict(axis=0) if per_row else dict(axis=1, block_size=rows.block_size)
+    model.graph.initializer.extend([_int_initializer(name, q, rows.bits),
+                                    numpy_helper.from_array(scales[:, 0] if per_row else scales, f"{table}_scale")])
+    node.input[0] = f"{table}_DQ"
+    model.graph.node.insert(node_index, helper.make_node(
+        encoding, [name, f"{table}_scale"], [f"{table}_DQ"], name=f"{node.name}_DQ",
+        domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
+
+
 def collect_hessians(model_path: Path, targets: list[Target], samples: Callable[[], Iterable[Mapping]], *,
                      budget_bytes: int = HESSIAN_BUDGET_BYTES,
                      on_pass: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
@@ -308,12 +355,15 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
 
 
 def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, encoding: str,
-                   lm_head: bool = True, accuracy_level: int = 4,
+                   lm_head: bool = True, embeddings: bool = False, accuracy_level: int = 4,
                    samples: Callable[[], Iterable[Mapping]] | None = None,
                    on_weight: Callable[[int, int], None] | None = None):
     """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
 
     Args:
+        embeddings: quantize the token embedding tables too (round to nearest, blocks along each row; per row for
+            int8 weights on TensorRT), read by GatherBlockQuantized on ONNX Runtime and DequantizeLinear → Gather on
+            TensorRT.
         samples: a callable returning the calibration feeds of this graph (gptq only; called once per pass).
         on_weight: called with (done, total) as weights are quantized (progress).
     """
@@ -354,10 +404,20 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
             model.graph.initializer.remove(initializers[target.weight])
         if on_weight:
             on_weight(done, len(targets))
+    tables = find_embeddings(model) if embeddings else []
+    for index, table in sorted(tables, reverse=True):
+        values = onnx.numpy_helper.to_array(initializers[table]).astype(np.float32)
+        rows = rtn(np.ascontiguousarray(values.T), bits, values.shape[1] if per_column else block_size)
+        encode_embedding(model, index, table, rows, encoding)
+        before += values.nbytes
+        after += rows.q.size * bits // 8 + rows.scales.nbytes
+        if uses[table] == 1:
+            model.graph.initializer.remove(initializers[table])
     domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
     if domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets), "encoding": encoding,
+    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets), "embeddings": len(tables),
+               "encoding": encoding,
                "block_size": "per-channel" if per_column else block_size,
                "float_bytes": before, "quantized_bytes": after}
     logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)

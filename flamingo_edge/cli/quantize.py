@@ -36,6 +36,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          help="onnxruntime: MatMulNBits' compute type; 4 = int8 activations (VNNI dot products on "
                               "x86), 0 = float32 (default: 4)")
     weights.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
+    weights.add_argument("--embeddings", action="store_true",
+                         help="quantize the token embedding tables too (saves memory; a step reads one row per token, "
+                              "so decode speed does not change)")
     parser.add_argument("--exclude-ops", nargs="+", default=[], metavar="OP",
                         help="ONNX op types to keep in float besides the defaults (docs/calibration.md)")
     parser.add_argument("--trt-version", default="10.3",
@@ -59,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
                               method=args.method, graphs=args.graphs, exclude_ops=args.exclude_ops,
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
                               tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
-                              accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head)
+                              accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
+                              embeddings=args.embeddings)
     print(f"wrote {out} ({args.precision})")
     return 0
