@@ -97,9 +97,9 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
                  encoding: str, accuracy_level: int, lm_head: bool, embeddings: bool, calibration,
-                 name: str) -> dict:
-    """Write the weight-only quantized `source` as `folder/file` (external data when large); its summary, with
-    the GraphFile fields under "files"."""
+                 name: str, keep_fp32: tuple[str, ...] | None) -> dict:
+    """Write the weight-only quantized `source` as `folder/file` (external data when large), its float parts in
+    fp16 when `keep_fp32` names the ops to keep in fp32; its summary, with the GraphFile fields under "files"."""
     import onnx
 
     from flamingo_edge.calibration.weights import quantize_graph
@@ -114,6 +114,10 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                                     method=method, encoding=encoding, lm_head=lm_head, embeddings=embeddings,
                                     accuracy_level=accuracy_level, samples=samples)
+    if keep_fp32 is not None:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32))
     external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{file}.data" if external else None
     path = folder / file
@@ -132,7 +136,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                     graphs: list[str] | None = None, exclude_ops: list[str] | None = None,
                     on_graph: Callable[[str], None] | None = None, tensorrt_version: str = "10.3",
                     block_size: int | None = None, target: str = "onnxruntime", accuracy_level: int = 4,
-                    lm_head: bool = True, embeddings: bool = False) -> Path:
+                    lm_head: bool = True, embeddings: bool = False, float16: bool = False) -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
@@ -155,6 +159,9 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         lm_head: int4 / int8-weights: quantize the LM head too.
         embeddings: int4 / int8-weights: quantize the token embedding tables too (memory only: a step reads one
             row per token).
+        float16: int4 / int8-weights: what stays float (activations, scales, the other graphs, embeddings unless
+            quantized) becomes fp16, norms and softmax excepted (FP16_KEEP_FP32): the form TensorRT's weight-only
+            kernels run on a GPU, and half the memory of the vision tower.
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
@@ -220,6 +227,10 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         files, caches, summaries = {}, {}, {}
         for name, entry in record.graphs.items():
             source, out_file = export_dir / entry.file, partial / entry.file
+            if name not in graphs and weight_only and float16:
+                _fp16(source, out_file, keep)
+                files[name] = replace(entry, sha256=sha256_of(out_file), data_file=None, data_sha256=None)
+                continue
             if name not in graphs:
                 shutil.copy2(source, out_file)
                 if entry.data_file:
@@ -230,7 +241,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                 on_graph(name)
             if weight_only:
                 summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
-                                               encoding, accuracy_level, lm_head, embeddings, calibration, name)
+                                               encoding, accuracy_level, lm_head, embeddings, calibration, name,
+                                               keep if float16 else None)
                 files[name] = replace(entry, **summaries[name].pop("files"))
                 continue
             if precision == Precision.FP16:
@@ -252,10 +264,11 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         if weight_only:
             provenance.update(kept_in_float="everything but the MatMul weights" +
                               ("" if lm_head else " and the LM head") +
-                              (", embeddings quantized" if embeddings else ""),
+                              (", embeddings quantized" if embeddings else "") +
+                              (f"; float parts in fp16 except {', '.join(keep)}" if float16 else ""),
                               method=method, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                               symmetric=True, target=target, encoding=encoding, lm_head=lm_head,
-                              embeddings=embeddings,
+                              embeddings=embeddings, float="fp16" if float16 else "fp32",
                               weights={name: summary for name, summary in summaries.items()})
             if encoding == "MatMulNBits":
                 provenance["accuracy_level"] = accuracy_level

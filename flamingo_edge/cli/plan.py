@@ -28,6 +28,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=count, default=None, help=f"{what} (default: {default})")
     parser.add_argument("--workspace", dest="workspace_mib", type=count, metavar="MiB",
                         help="TensorRT builder workspace cap (default: none)")
+    parser.add_argument("--float", choices=("fp32", "fp16"), default="fp32",
+                        help="int4 / int8-weights: what is not quantized in fp32 or fp16, as quantize --float makes "
+                             "it (default: fp32)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="int4 / int8-weights: the token embedding quantized too, as quantize --embeddings")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -39,8 +44,11 @@ def _print_table(report: dict) -> None:
     plans = report["plans"]
     names = list(dict.fromkeys(item["name"] for plan in plans for item in plan["items"]))
     limits = report["limits"]
+    weight_only = report["weight_only"]
+    how = f"; int4/int8-weights with {weight_only['float']} float parts" + (
+        " and quantized embeddings" if weight_only["embeddings"] else "")
     print(f"{report['source']} ({report['kind']}), {report['runtime']}: context {limits['max_context']}, "
-          f"{limits['max_images']} image(s), batch {limits['max_batch']}; GiB")
+          f"{limits['max_images']} image(s), batch {limits['max_batch']}{how}; GiB")
     print(f"  {'':26}" + "".join(f"{plan['precision']:>13}" for plan in plans))
     for name in names:
         row = [sum(i["bytes"] for i in plan["items"] if i["name"] == name) for plan in plans]
@@ -60,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     from flamingo_edge.engines.plan import plan_report
 
     source = resolve_export(args.source) if args.source == "demo" else args.source
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "source", "json")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "source", "json", "float")}
+    options["float16"] = args.float == "fp16"
     report = plan_report(source, **options)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -36,6 +36,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          help="onnxruntime: MatMulNBits' compute type; 4 = int8 activations (VNNI dot products on "
                               "x86), 0 = float32 (default: 4)")
     weights.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float")
+    weights.add_argument("--float", choices=("fp32", "fp16"), default="fp32",
+                         help="what is not quantized (activations, vision, resampler, embeddings) in fp32 or fp16 "
+                              "(norms and softmax stay fp32); fp16 is the form TensorRT's weight-only kernels run on a "
+                              "GPU and halves the vision tower; on ONNX Runtime CPU fp16 is slower (default: fp32)")
     weights.add_argument("--embeddings", action="store_true",
                          help="quantize the token embedding tables too (saves memory; a step reads one row per token, "
                               "so decode speed does not change)")
@@ -63,6 +67,6 @@ def main(args: argparse.Namespace) -> int:
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
                               tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
                               accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
-                              embeddings=args.embeddings)
+                              embeddings=args.embeddings, float16=args.float == "fp16")
     print(f"wrote {out} ({args.precision})")
     return 0

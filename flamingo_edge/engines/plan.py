@@ -163,23 +163,30 @@ def parameter_counts(config: FlamingoConfig) -> dict[str, GraphParameters]:
             "decoder": _decoder(config)}
 
 
-def _quantized_bytes(weights: int, precision: Precision) -> float:
-    """Bytes of `weights` matrix weights at a weight-only precision: the integers plus one fp32 scale a block."""
+def _quantized_bytes(weights: int, precision: Precision, scale_bytes: int = FLOAT_BYTES) -> float:
+    """Bytes of `weights` matrix weights at a weight-only precision: the integers plus one scale a block."""
     bits = 4 if precision is Precision.INT4 else 8
-    return weights * (bits / 8 + FLOAT_BYTES / BLOCK_SIZE[precision])
+    return weights * (bits / 8 + scale_bytes / BLOCK_SIZE[precision])
 
 
-def graph_bytes(name: str, params: GraphParameters, precision: Precision, *, lm_head: bool = True) -> dict[str, float]:
+def graph_bytes(name: str, params: GraphParameters, precision: Precision, *, lm_head: bool = True,
+                float16: bool = False, embeddings: bool = False) -> dict[str, float]:
     """Bytes of one graph's weights at `precision`, split into {"matmul", "lm_head", "embedding", "other"}, as
     `flamingo-edge quantize` writes them: weight-only precisions quantize the matrix products of WEIGHT_ONLY_GRAPHS
     (the LM head unless `lm_head` is False) and leave the rest fp32; int8 quantizes INT8_GRAPHS' matrix products to
-    one byte (per-channel scales are negligible); fp16 halves everything."""
-    floats = 2 if precision is Precision.FP16 else FLOAT_BYTES
+    one byte (per-channel scales are negligible); fp16 halves everything. For weight-only precisions, `float16`
+    (quantize --float fp16) makes the rest and the scales fp16, and `embeddings` (quantize --embeddings) quantizes
+    the token embedding too."""
+    weight_only = precision in BLOCK_SIZE
+    floats = 2 if precision is Precision.FP16 or (weight_only and float16) else FLOAT_BYTES
     sizes = {kind: float(count * floats) for kind, count in asdict(params).items()}
-    if precision in BLOCK_SIZE and name in WEIGHT_ONLY_GRAPHS:
-        sizes["matmul"] = _quantized_bytes(params.matmul, precision)
+    if weight_only and name in WEIGHT_ONLY_GRAPHS:
+        scale = 2 if float16 else FLOAT_BYTES
+        sizes["matmul"] = _quantized_bytes(params.matmul, precision, scale)
         if lm_head:
-            sizes["lm_head"] = _quantized_bytes(params.lm_head, precision)
+            sizes["lm_head"] = _quantized_bytes(params.lm_head, precision, scale)
+        if embeddings:
+            sizes["embedding"] = _quantized_bytes(params.embedding, precision, scale)
     elif precision is Precision.INT8 and name in INT8_GRAPHS:
         sizes["matmul"] = float(params.matmul)
     return sizes
@@ -303,18 +310,20 @@ def _largest_tensors(config: FlamingoConfig, limits: ShapeLimits) -> dict[str, i
     }
 
 
-def _weights(config: FlamingoConfig, precision: Precision, source: Source | None, lm_head: bool) -> list[Item]:
+def _weights(config: FlamingoConfig, precision: Precision, source: Source | None, lm_head: bool,
+             float16: bool = False, embeddings: bool = False) -> list[Item]:
     """A line per graph (the decoder's embedding and LM head apart): the export's files when the plan is for the
     export's own precision, otherwise counted from the config."""
     counts = parameter_counts(config)
     items = []
     for name in GRAPH_NAMES:
-        sizes = graph_bytes(name, counts[name], precision, lm_head=lm_head)
+        sizes = graph_bytes(name, counts[name], precision, lm_head=lm_head, float16=float16, embeddings=embeddings)
         if source is not None and source.precision is precision and name in source.file_bytes:
             scale = source.file_bytes[name] / max(sum(sizes.values()), 1)  # what is on disk, split as counted
             sizes = {kind: size * scale for kind, size in sizes.items()}
         if name == "decoder":
-            items.append(Item("decoder: embedding", int(sizes.pop("embedding")), "token embedding (float)", name))
+            kind = "quantized" if embeddings and precision in BLOCK_SIZE else "float"
+            items.append(Item("decoder: embedding", int(sizes.pop("embedding")), f"token embedding ({kind})", name))
             items.append(Item("decoder: LM head", int(sizes.pop("lm_head")), "output projection", name))
         items.append(Item(f"weights: {name}" if name != "decoder" else "decoder: layers", int(sum(sizes.values())),
                           f"{counts[name].total / 1e6:.1f} M parameters", name))
@@ -375,7 +384,8 @@ def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: lis
 
 
 def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *, runtime: str = "tensorrt",
-             workspace_mib: int | None = None, lm_head: bool = True) -> Plan:
+             workspace_mib: int | None = None, lm_head: bool = True, float16: bool = False,
+             embeddings: bool = False) -> Plan:
     """The memory `source` needs at `precision` and `limits`.
 
     Args:
@@ -385,6 +395,7 @@ def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *,
         runtime: "tensorrt" (engines on a Jetson or GPU) or "onnxruntime-cpu" (a process's peak RSS).
         workspace_mib: the TensorRT builder's workspace cap, if any.
         lm_head: weight-only precisions quantize the LM head too (quantize's default).
+        float16, embeddings: weight-only precisions with quantize's --float fp16 and --embeddings.
 
     Raises:
         UsageError: an unknown precision or runtime, or limits that make no engine.
@@ -395,7 +406,7 @@ def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *,
         raise UsageError(f"runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     precision, config = Precision(precision), source.config
     limits.check(config.decoder.max_positions)
-    weights = _weights(config, precision, source, lm_head)
+    weights = _weights(config, precision, source, lm_head, float16, embeddings)
     rest = (_tensorrt_items(config, limits, workspace_mib) if runtime == "tensorrt"
             else _onnxruntime_items(config, limits, weights, precision, lm_head))
     return Plan(precision, runtime, limits, tuple(weights + rest))
@@ -466,7 +477,7 @@ def recommend(fits: list[Fit]) -> Precision | None:
 def plan_report(source: str | Path, *, target: str | None = None, precision: list[str] | None = None,
                 runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
                 max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
-                ) -> dict:
+                float16: bool = False, embeddings: bool = False) -> dict:
     """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
 
     Args:
@@ -477,6 +488,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         max_context, max_images, max_batch, max_prompt: the limits (defaults: the model's positions, 1 image,
             batch 1, 512-token prompts, within the context).
         workspace_mib: the TensorRT builder's workspace cap.
+        float16, embeddings: weight-only precisions as quantize's --float fp16 and --embeddings make them.
 
     Raises:
         CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
@@ -486,7 +498,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
     limits = ShapeLimits(max_batch=max_batch or 1, max_prompt=min(max_prompt or 512, context), max_context=context,
                          max_images=max_images or 1)
     precisions = [Precision(p) for p in (precision or [p.value for p in PRECISION_ORDER])]
-    options = dict(runtime=runtime, workspace_mib=workspace_mib)
+    options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings)
     plans = [plan_for(read, p, limits, **options) for p in precisions]
     targets = []
     for name in [target] if target else list(DEVICES):
@@ -497,6 +509,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
                                         "max_context": f.max_context, "max_images": f.max_images} for f in fits]})
     return {"source": read.path, "kind": read.kind,
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
+            "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings},
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],

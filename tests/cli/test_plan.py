@@ -7,6 +7,7 @@ import inspect
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
 from flamingo_edge.cli.main import main
@@ -74,6 +75,26 @@ def test_weight_bytes_per_precision():
     assert layers["int8-weights"] / layers["fp32"] == pytest.approx(1.03125 / 4, rel=1e-3)
     embedding = {p: plan_for(source, p, limits).item("decoder: embedding") for p in ("fp32", "int4")}
     assert embedding["int4"] == embedding["fp32"]  # a Gather: never quantized
+
+
+def test_the_plan_of_a_weight_only_form_is_what_quantize_writes(demo_export, tmp_path, capsys):
+    """Counted from the config (not the files), the weights of int4 with --float fp16 --embeddings are, byte for
+    byte, the tensors quantize writes for the demo."""
+    out = tmp_path / "int4"
+    assert main(["quantize", str(demo_export), "--precision", "int4", "--float", "fp16", "--embeddings",
+                 "--target", "tensorrt", "--trt-version", "11.1", "-o", str(out)]) == 0
+    source = read_source(demo_export)  # its own precision is fp32: int4 is counted, not read
+    limits = ShapeLimits(1, 16, 32, 1)
+    plan = plan_for(source, "int4", limits, float16=True, embeddings=True)
+    counted = {name: sum(i.bytes for i in plan.items if i.graph == name) for name in ("xattn_kv", "decoder")}
+    for name, size in counted.items():  # the tensors the graph holds, as stored (INT4: two per byte)
+        stored = sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+                     for t in onnx.load(str(out / f"{name}.onnx")).graph.initializer)
+        assert size == stored, name
+    plain = plan_for(source, "int4", limits)
+    assert plain.item("decoder: embedding") == 2 * plan_for(source, "fp16", limits).item("decoder: embedding")
+    assert plan.item("decoder: embedding") < plain.item("decoder: embedding") / 5
+    assert plan.item("weights: vision") == plain.item("weights: vision") / 2  # fp16 float parts
 
 
 def test_self_attention_cache_grows_with_the_context():
