@@ -40,6 +40,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          help="what is not quantized (activations, vision, resampler, embeddings) in fp32 or fp16 "
                               "(norms and softmax stay fp32); fp16 is the form TensorRT's weight-only kernels run on a "
                               "GPU and halves the vision tower; on ONNX Runtime CPU fp16 is slower (default: fp32)")
+    weights.add_argument("--vision-int8", action="store_true",
+                         help="onnxruntime: the vision and resampler graphs with int8 weights and dynamic int8 "
+                              "activations too (VNNI on x86; about 2.4x faster vision on the 100m preset)")
     weights.add_argument("--embeddings", action="store_true",
                          help="quantize the token embedding tables too (saves memory; a step reads one row per token, "
                               "so decode speed does not change)")
@@ -67,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
                               tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
                               accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
-                              embeddings=args.embeddings, float16=args.float == "fp16")
+                              embeddings=args.embeddings, float16=args.float == "fp16",
+                              vision_int8=args.vision_int8)
     print(f"wrote {out} ({args.precision})")
     return 0

@@ -36,8 +36,8 @@ def held_out_export(tmp_path_factory):
 @pytest.fixture(scope="module", params=["demo", "held-out", "openflamingo-mpt"])
 def precisions(request, tmp_path_factory):
     """An export in fp32, fp16, int8 (vision, resampler, xattn_kv as Q/DQ), int4 (block DQ at opset 21, and
-    TensorRT's own INT4 operator for 10.0-10.15; embeddings too) and int8-weights (per-channel DQ), the last three
-    for TensorRT."""
+    TensorRT's own INT4 operator for 10.0-10.15; embeddings too, and the first with fp16 float parts) and
+    int8-weights (per-channel DQ), the last three for TensorRT."""
     if request.param == "openflamingo-mpt":
         export = request.getfixturevalue("openflamingo_export")("mpt")[1]
     else:
@@ -47,7 +47,7 @@ def precisions(request, tmp_path_factory):
     assert main(["quantize", str(export), "--precision", "fp16", "-o", str(root / "fp16")]) == 0
     assert main(["quantize", str(export), "--precision", "int8", "--calibration", str(root / "calib"),
                  "-o", str(root / "int8")]) == 0
-    for name, arguments in (("int4", ["int4", "--trt-version", "11.1", "--embeddings"]),
+    for name, arguments in (("int4", ["int4", "--trt-version", "11.1", "--embeddings", "--float", "fp16"]),
                             ("int4-trt10", ["int4", "--embeddings"]), ("int8-weights", ["int8-weights"])):
         assert main(["quantize", str(export), "--target", "tensorrt", "--precision", *arguments,
                      "-o", str(root / name)]) == 0

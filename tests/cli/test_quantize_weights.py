@@ -161,16 +161,19 @@ def eval_json(export, capsys, n=500) -> dict:
 @pytest.mark.slow
 def test_weight_only_exports_keep_task_accuracy_on_500_scenes(demo_export, calibration, tmp_path, capsys):
     """The issue's acceptance: int4 (RTN and GPTQ) and int8-weights within 1 point of fp32 on 500 held-out
-    scenes, answers and captions."""
+    scenes, answers and captions; also int4 with dynamic int8 vision (--vision-int8) and int4 with fp16 float
+    parts and quantized embeddings."""
     fp32 = eval_json(demo_export, capsys)
     runs = {"int4-rtn": ["--precision", "int4"],
             "int4-gptq": ["--precision", "int4", "--method", "gptq", "--calibration", str(calibration)],
-            "int8-weights": ["--precision", "int8-weights"]}
+            "int8-weights": ["--precision", "int8-weights"],
+            "int4-vision-int8": ["--precision", "int4", "--vision-int8"],
+            "int4-fp16": ["--precision", "int4", "--float", "fp16", "--embeddings"]}
     for name, arguments in runs.items():
         out = tmp_path / name
         assert main(["quantize", str(demo_export), *arguments, "-o", str(out)]) == 0
         record = read_export_record(out)
-        assert record.precision == name.split("-rtn")[0].split("-gptq")[0]
+        assert record.precision == ("int8-weights" if name == "int8-weights" else "int4")
         assert record.quantization["encoding"] == "MatMulNBits" and record.quantization["graphs"] == ["xattn_kv",
                                                                                                     "decoder"]
         assert record.quantization["method"] == ("gptq" if "gptq" in name else "rtn")
@@ -182,6 +185,12 @@ def test_weight_only_exports_keep_task_accuracy_on_500_scenes(demo_export, calib
         for metric in ("answer_accuracy", "caption_accuracy"):
             assert ours[metric] >= fp32[metric] - INT8_TASK_METRIC_DROP, (name, metric, fp32, ours)
     assert read_export_record(tmp_path / "int4-gptq").quantization["calibration_images"] == 24
+    vision = onnx.load(str(tmp_path / "int4-vision-int8" / "vision.onnx"))
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {node.op_type for node in vision.graph.node}
+    assert not find_matmuls(vision)  # no float weight left (attention's activation products stay float)
+    fp16 = onnx.load(str(tmp_path / "int4-fp16" / "vision.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert read_export_record(tmp_path / "int4-fp16").quantization["weights"]["decoder"]["embeddings"] == 1
 
 
 def test_the_tensorrt_encodings(demo_export, tmp_path, capsys):
@@ -206,6 +215,9 @@ def test_the_tensorrt_encodings(demo_export, tmp_path, capsys):
         assert eval_json(tmp_path / name, capsys, n=50)["answer_accuracy"] > 0.9
     assert main(["eval", str(tmp_path / "custom"), "--n", "5"]) == 2
     assert "only TensorRT runs" in capsys.readouterr().err
+    assert main(["quantize", str(demo_export), "--target", "tensorrt", "--precision", "int4", "--vision-int8",
+                 "-o", str(tmp_path / "vision")]) == 2
+    assert "--vision-int8 is ONNX Runtime's" in capsys.readouterr().err
     assert main(["quantize", str(demo_export), "--target", "tensorrt", "--precision", "int4", "--trt-version", "8.6",
                  "-o", str(tmp_path / "jp5")]) == 2
     assert "has no INT4" in capsys.readouterr().err and not (tmp_path / "jp5").exists()
