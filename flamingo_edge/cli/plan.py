@@ -33,6 +33,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "it (default: fp32)")
     parser.add_argument("--embeddings", action="store_true",
                         help="int4 / int8-weights: the token embedding quantized too, as quantize --embeddings")
+    parser.add_argument("--trt-version", dest="tensorrt_version", metavar="VERSION",
+                        help="the TensorRT that will build (e.g. 8.5 on JetPack 5, which has no int4 or int8-weights: "
+                             "they are left out)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -54,6 +57,8 @@ def _print_table(report: dict) -> None:
         row = [sum(i["bytes"] for i in plan["items"] if i["name"] == name) for plan in plans]
         print(f"  {name:26}" + "".join(f"{_gib(v):>13}" for v in row))
     print(f"  {'total':26}" + "".join(f"{_gib(plan['total']):>13}" for plan in plans))
+    for note in report["notes"]:
+        print(f"note: {note}")
     for target in report["targets"]:
         print(f"{target['target']} ({target['budget'] / 2**30:.1f} GiB for the process):")
         for row in target["precisions"]:

@@ -477,7 +477,7 @@ def recommend(fits: list[Fit]) -> Precision | None:
 def plan_report(source: str | Path, *, target: str | None = None, precision: list[str] | None = None,
                 runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
                 max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
-                float16: bool = False, embeddings: bool = False) -> dict:
+                float16: bool = False, embeddings: bool = False, tensorrt_version: str | None = None) -> dict:
     """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
 
     Args:
@@ -489,6 +489,8 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
             batch 1, 512-token prompts, within the context).
         workspace_mib: the TensorRT builder's workspace cap.
         float16, embeddings: weight-only precisions as quantize's --float fp16 and --embeddings make them.
+        tensorrt_version: the TensorRT that will build; 8.x (JetPack 5) has no weight-only precision, so int4 and
+            int8-weights are left out of the plan and the recommendation.
 
     Raises:
         CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
@@ -498,6 +500,20 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
     limits = ShapeLimits(max_batch=max_batch or 1, max_prompt=min(max_prompt or 512, context), max_context=context,
                          max_images=max_images or 1)
     precisions = [Precision(p) for p in (precision or [p.value for p in PRECISION_ORDER])]
+    notes = []
+    if tensorrt_version is not None:
+        from flamingo_edge.trt_compat import version_tuple
+
+        try:
+            old = version_tuple(tensorrt_version) < (10,)
+        except ValueError:
+            raise UsageError(f"--trt-version {tensorrt_version!r} is not a TensorRT version (e.g. 8.5)") from None
+        if old and any(p in BLOCK_SIZE for p in precisions):
+            precisions = [p for p in precisions if p not in BLOCK_SIZE]
+            notes.append(f"TensorRT {tensorrt_version} (JetPack 5) has no INT4 and no weight-only quantization: "
+                         "int4 and int8-weights are left out; int8 (Q/DQ) is its smallest precision")
+        if not precisions:
+            raise UsageError(f"TensorRT {tensorrt_version} cannot build any of the asked precisions")
     options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings)
     plans = [plan_for(read, p, limits, **options) for p in precisions]
     targets = []
@@ -509,7 +525,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
                                         "max_context": f.max_context, "max_images": f.max_images} for f in fits]})
     return {"source": read.path, "kind": read.kind,
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
-            "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings},
+            "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings}, "notes": notes,
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],

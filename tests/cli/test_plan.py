@@ -97,6 +97,18 @@ def test_the_plan_of_a_weight_only_form_is_what_quantize_writes(demo_export, tmp
     assert plan.item("weights: vision") == plain.item("weights: vision") / 2  # fp16 float parts
 
 
+def test_tensorrt_8_is_planned_without_weight_only_precisions(capsys):
+    arguments = ["plan", str(CONFIGS / "openflamingo-9b.json"), "--target", "orin-nx-16gb", "--max-context", "1024"]
+    assert main([*arguments, "--trt-version", "8.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["precision"] for p in report["plans"]] == ["fp32", "fp16", "int8"]
+    assert "has no INT4" in report["notes"][0] and report["targets"][0]["recommended"] != "int4"
+    assert main([*arguments, "--trt-version", "10.3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["targets"][0]["recommended"] == "int4"
+    assert main([*arguments, "--trt-version", "8.5", "--precision", "int4"]) == 2
+    assert "cannot build any" in capsys.readouterr().err
+
+
 def test_self_attention_cache_grows_with_the_context():
     source = read_source(CONFIGS / "idefics-9b.json")
     at = {p: plan_for(source, "int4", ShapeLimits(1, 128, p, 1)).item("self-attention K/V") for p in (512, 1024)}
