@@ -113,7 +113,8 @@ def _dynamic_int8(source: Path, target: Path) -> None:
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
                  encoding: str, accuracy_level: int, lm_head: bool, embeddings: bool, calibration,
-                 name: str, keep_fp32: tuple[str, ...] | None) -> dict:
+                 name: str, keep_fp32: tuple[str, ...] | None,
+                 on_step: Callable[[str], None] | None = None) -> dict:
     """Write the weight-only quantized `source` as `folder/file` (external data when large), its float parts in
     fp16 when `keep_fp32` names the ops to keep in fp32; its summary, with the GraphFile fields under "files"."""
     import onnx
@@ -129,7 +130,10 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
             return iter_samples(calibration, name)
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                                     method=method, encoding=encoding, lm_head=lm_head, embeddings=embeddings,
-                                    accuracy_level=accuracy_level, samples=samples)
+                                    accuracy_level=accuracy_level, samples=samples,
+                                    on_weight=on_step and (lambda done, total: on_step(f"{name} {done}/{total}")),
+                                    on_pass=on_step and (lambda number, total: on_step(
+                                        f"{name}: calibration inputs, pass {number}/{total}")))
     if keep_fp32 is not None:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -153,7 +157,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                     on_graph: Callable[[str], None] | None = None, tensorrt_version: str = "10.3",
                     block_size: int | None = None, target: str = "onnxruntime", accuracy_level: int = 4,
                     lm_head: bool = True, embeddings: bool = False, float16: bool = False,
-                    vision_int8: bool = False) -> Path:
+                    vision_int8: bool = False, on_step: Callable[[str], None] | None = None) -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
@@ -167,6 +171,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             and decoder for int4 and int8-weights).
         exclude_ops: op types to keep in float besides the defaults.
         on_graph: called with each graph's name before it is converted (progress).
+        on_step: int4 / int8-weights: called with "<graph> <done>/<total> weights" (or the Hessian pass) as a
+            graph's weights are quantized (progress within a graph: GPTQ on a large model takes minutes).
         tensorrt_version: int8: the header of the TensorRT calibration caches written next to the graphs
             (`<graph>.int8-calib.cache`, for implicit INT8 of the fp32 graphs on TensorRT <= 10; trt_cache.py);
             int4 for target "tensorrt": the TensorRT that will build (before 10.16: TRT_INT4DequantizeLinear).
@@ -271,7 +277,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             if weight_only:
                 summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
                                                encoding, accuracy_level, lm_head, embeddings, calibration, name,
-                                               keep if float16 else None)
+                                               keep if float16 else None, on_step)
                 files[name] = replace(entry, **summaries[name].pop("files"))
                 continue
             if precision == Precision.FP16:

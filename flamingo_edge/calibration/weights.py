@@ -357,7 +357,8 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
 def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, encoding: str,
                    lm_head: bool = True, embeddings: bool = False, accuracy_level: int = 4,
                    samples: Callable[[], Iterable[Mapping]] | None = None,
-                   on_weight: Callable[[int, int], None] | None = None):
+                   on_weight: Callable[[int, int], None] | None = None,
+                   on_pass: Callable[[int, int], None] | None = None):
     """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
 
     Args:
@@ -366,6 +367,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
             TensorRT.
         samples: a callable returning the calibration feeds of this graph (gptq only; called once per pass).
         on_weight: called with (done, total) as weights are quantized (progress).
+        on_pass: gptq: called with (pass, passes) as the calibration feeds are run for the Hessians.
     """
     import onnx
 
@@ -382,7 +384,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     if method == "gptq":
         if samples is None:
             raise UsageError("gptq needs calibration feeds (--calibration CALIB from flamingo-edge calibrate)")
-        hessians = collect_hessians(source, targets, samples)
+        hessians = collect_hessians(source, targets, samples, on_pass=on_pass)
     initializers = {i.name: i for i in model.graph.initializer}
     uses: dict[str, int] = {}
     for node in model.graph.node:

@@ -68,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
         out = quantize_export(export_dir, args.output, args.precision, calibration=args.calibration,
                               method=args.method, graphs=args.graphs, exclude_ops=args.exclude_ops,
                               on_graph=lambda name: (bar.set_postfix_str(name), bar.update(1)),
+                              on_step=bar.set_postfix_str,
                               tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
                               accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
                               embeddings=args.embeddings, float16=args.float == "fp16",
