@@ -123,14 +123,14 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, *,
         hessian: [K, K], Xᵀ X over the calibration inputs (any positive scale).
     """
     k, n = weight.shape
-    w = weight.astype(np.float64).T.copy()  # [N, K]: the rows GPTQ walks are our input rows (its columns)
+    w = weight.astype(np.float32).T.copy()  # [N, K]: the rows GPTQ walks are our input rows (its columns)
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0  # inputs never active: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h[np.diag_indices(k)] += damping * np.mean(np.diag(h))
     try:
-        h_inv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H⁻¹
+        h_inv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H⁻¹
     except np.linalg.LinAlgError:
         raise CalibrationError("GPTQ: the calibration inputs give a singular Hessian; record more calibration "
                                "data or use --method rtn") from None
@@ -138,7 +138,9 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, *,
     blocks = -(-k // block_size)
     scales = np.ones((blocks, n), np.float32)
     q = np.zeros((n, k), np.int8)
-    lazy = block_size * max(1, 128 // block_size)  # columns updated together (a multiple of the block)
+    # Columns whose error updates wait for one matrix product at the end of the block (the paper's lazy batch
+    # updates, exact): one quantization block, so the per-column work is N x block and the rest is BLAS.
+    lazy = block_size
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
         chunk = w[:, start:stop].copy()
@@ -149,7 +151,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, *,
             if column % block_size == 0:
                 group = chunk[:, i: i + block_size]
                 scales[column // block_size] = _scales(np.abs(group).max(axis=1), bits)
-            scale = scales[column // block_size].astype(np.float64)
+            scale = scales[column // block_size]
             values = np.clip(np.rint(chunk[:, i] / scale), -top, top)
             q[:, column] = values
             error = (chunk[:, i] - values * scale) / inverse[i, i]
