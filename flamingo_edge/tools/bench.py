@@ -263,7 +263,7 @@ def check_same_model(export_dir: Path, baseline: Path) -> None:
     """
     ours, theirs = (read_export_record(folder, verify_hashes=False) for folder in (export_dir, baseline))
     made = f"{export_dir} was exported from {ours.checkpoint}, the baseline {baseline} from {theirs.checkpoint}"
-    fix = (f"pass as --baseline the fp32 export of {ours.checkpoint} (flamingo-edge export {ours.checkpoint} -o OUT)")
+    fix = f"pass as --baseline the fp32 export of {ours.checkpoint} (flamingo-edge export {ours.checkpoint} -o OUT)"
     differences = config_differences(ours.config, theirs.config)
     if differences:
         raise ExportError(f"{made}, another model ({'; '.join(differences[:3])}); {fix}")
