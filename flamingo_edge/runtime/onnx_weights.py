@@ -24,6 +24,9 @@ _BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER = 7, 1, 5
 _NODE_INPUT, _NODE_OP_TYPE = 1, 4
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME = 1, 2, 8
+# (op_type, input index) of the tables a token reads one row of: an embedding's Gather, and ONNX Runtime's
+# GatherBlockQuantized (quantized data, scales, zero points).
+_ROW_LOOKUPS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3)}
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def read_graph(path: str | Path) -> tuple[list[Initializer], list[tuple[str, lis
 
 def weight_bytes_per_token(path: str | Path) -> int:
     """Bytes of weights one token's pass through the graph reads at least, as stored: every initializer whole,
-    except a table only read by Gather (an embedding), of which a token reads one row."""
+    except a table only looked up by rows (an embedding's Gather, or GatherBlockQuantized's quantized table and its
+    scales), of which a token reads one row."""
     initializers, nodes = read_graph(path)
     readers: dict[str, set[tuple[str, int]]] = {}
     for op_type, inputs in nodes:
@@ -128,6 +132,6 @@ def weight_bytes_per_token(path: str | Path) -> int:
             readers.setdefault(name, set()).add((op_type, index))
     total = 0
     for tensor in initializers:
-        looked_up = readers.get(tensor.name) == {("Gather", 0)} and len(tensor.dims) > 1
+        looked_up = readers.get(tensor.name, set()) <= _ROW_LOOKUPS and tensor.name in readers and len(tensor.dims) > 1
         total += tensor.nbytes // tensor.dims[0] if looked_up else tensor.nbytes
     return total

@@ -71,6 +71,26 @@ def test_int4_dequantize_linear_weights_count_half_a_byte(tmp_path):
     assert weight_bytes_per_token(tmp_path / "dq.onnx") == K * N // 2 + K // BLOCK * N * 2
 
 
+def test_a_block_quantized_embedding_counts_one_row(tmp_path, seed):
+    """ONNX Runtime's GatherBlockQuantized (`quantize --embeddings`): a token reads one row of the INT4 table and of
+    its scales; the graph runs, and returns that row dequantized."""
+    vocab, width = 50, 64
+    codes = np.random.default_rng(seed).integers(-8, 8, (vocab, width))
+    packed = ((codes[:, 0::2] & 0xF) | ((codes[:, 1::2] & 0xF) << 4)).astype(np.uint8)  # low nibble first
+    scales = np.full((vocab, width // BLOCK), 0.5, np.float32)
+    table = helper.make_tensor("table", TensorProto.INT4, [vocab, width], packed.tobytes(), raw=True)
+    node = helper.make_node("GatherBlockQuantized", ["table", "ids", "scales"], ["rows"], domain="com.microsoft",
+                            bits=4, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph([node], "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 1, width])],
+                              [table, numpy_helper.from_array(scales, "scales")])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "e.onnx"))
+    assert weight_bytes_per_token(tmp_path / "e.onnx") == width // 2 + width // BLOCK * 4
+    session = onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"ids": np.array([[7]])})[0][0, 0], codes[7] * 0.5)
+
+
 def test_every_export_graph_counts_what_onnx_loads(demo_export):
     """Every initializer's name, shape and size as onnx reads them; in the decoder the embedding table, only read
     by Gather, counts one row."""
