@@ -300,9 +300,10 @@ CASES = {
     "export.json graphs 'oops'": Cli(
         lambda p: _generate(p.record("e", _set("graphs", "oops"))),
         r"'graphs' is 'oops', expected an object with the graphs .*; re-run flamingo-edge export"),
-    "export.json precision int4": Cli(
-        lambda p: _generate(p.record("e", _set("precision", "int4"))),
-        r"precision is 'int4', expected one of \['fp32', 'fp16', 'int8'\]; re-run flamingo-edge export"),
+    "export.json precision int3": Cli(
+        lambda p: _generate(p.record("e", _set("precision", "int3"))),
+        r"precision is 'int3', expected one of \['fp32', 'fp16', 'int8', 'int4', 'int8-weights'\]; re-run "
+        r"flamingo-edge export"),
     "export.json unknown opset": Cli(
         lambda p: ["bench", str(p.record("e", _set("opset", 99)))],
         r"opset is 99, expected one of 13\.\.20; re-run flamingo-edge export"),

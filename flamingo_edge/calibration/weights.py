@@ -190,6 +190,51 @@ def find_matmuls(model, *, lm_head: bool = True) -> list[Target]:
     return found
 
 
+def fuse_shared_inputs(model, targets: list[Target]) -> int:
+    """Merge the MatMuls that read the same activation (q/k/v, an MLP's gate/up) into one MatMul on the weights
+    side by side, followed by a Split (in place). A decode step then runs one kernel where it ran two or three; the
+    products are the same, column for column (blocks run along the input, so a column's integers and scales do not
+    depend on its neighbours). Returns how many MatMuls were merged away."""
+    from onnx import helper, numpy_helper
+
+    groups: dict[str, list[Target]] = {}
+    for target in targets:
+        if not target.lm_head:
+            groups.setdefault(target.activation, []).append(target)
+    initializers = {i.name: i for i in model.graph.initializer}
+    merged, replacements, dropped = 0, {}, set()
+    for activation, group in groups.items():
+        if len(group) < 2:
+            continue
+        weights = [numpy_helper.to_array(initializers[t.weight]) for t in group]
+        if len({w.shape[0] for w in weights}) != 1:
+            continue
+        nodes = [model.graph.node[t.node_index] for t in group]
+        name = f"{nodes[0].name}_merged"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.concatenate(weights, axis=1), f"{group[0].weight}_merged"),
+            numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_sizes")])
+        replacements[min(t.node_index for t in group)] = [
+            helper.make_node("MatMul", [activation, f"{group[0].weight}_merged"], [f"{name}_out"], name=name),
+            helper.make_node("Split", [f"{name}_out", f"{name}_sizes"], [n.output[0] for n in nodes],
+                             name=f"{name}_split", axis=-1)]
+        dropped |= {t.node_index for t in group}
+        merged += len(group) - 1
+    if not merged:
+        return 0
+    kept = []
+    for index, node in enumerate(model.graph.node):
+        kept += replacements.get(index, [])
+        if index not in dropped:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(init)
+    return merged
+
+
 def find_embeddings(model, *, token_input: str = "input_ids", depth: int = 4) -> list[tuple[int, str]]:
     """(node index, table name) of the Gathers that look token ids up in a 2-D float initializer: the indices come
     from `token_input` through at most `depth` index-arithmetic nodes (IDEFICS' decoupled embedding subtracts and
@@ -236,10 +281,10 @@ def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, e
         domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
 
 
-def collect_hessians(model_path: Path, targets: list[Target], samples: Callable[[], Iterable[Mapping]], *,
+def collect_hessians(model_path: Path, widths: dict[str, int], samples: Callable[[], Iterable[Mapping]], *,
                      budget_bytes: int = HESSIAN_BUDGET_BYTES,
                      on_pass: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Xᵀ X (float64, [K, K]) of every target's activation input over the calibration feeds.
+    """Xᵀ X (float64, [K, K]) of each activation named in `widths` (name -> K) over the calibration feeds.
 
     The fp32 graph runs on ONNX Runtime with those activations as extra outputs. MatMuls that share an input
     (q/k/v, gate/up) share one Hessian. When the Hessians do not fit in `budget_bytes`, they are gathered in several
@@ -249,7 +294,6 @@ def collect_hessians(model_path: Path, targets: list[Target], samples: Callable[
     import onnxruntime as ort
 
     model = onnx.load(str(model_path))
-    widths = {t.activation: _weight_shape(model, t.weight)[0] for t in targets}
     groups, current, size = [], [], 0
     for name, width in widths.items():
         need = width * width * 8
@@ -287,13 +331,6 @@ def collect_hessians(model_path: Path, targets: list[Target], samples: Callable[
         hessians.update(sums)
         del session
     return hessians
-
-
-def _weight_shape(model, name: str) -> tuple[int, int]:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return tuple(init.dims)
-    raise KeyError(name)
 
 
 def pack_4bit(values: np.ndarray) -> np.ndarray:
@@ -360,7 +397,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                    lm_head: bool = True, embeddings: bool = False, accuracy_level: int = 4,
                    samples: Callable[[], Iterable[Mapping]] | None = None,
                    on_weight: Callable[[int, int], None] | None = None,
-                   on_pass: Callable[[int, int], None] | None = None):
+                   on_pass: Callable[[int, int], None] | None = None, merge: bool = True):
     """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
 
     Args:
@@ -370,6 +407,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         samples: a callable returning the calibration feeds of this graph (gptq only; called once per pass).
         on_weight: called with (done, total) as weights are quantized (progress).
         on_pass: gptq: called with (pass, passes) as the calibration feeds are run for the Hessians.
+        merge: first merge the MatMuls that share an input (fuse_shared_inputs).
     """
     import onnx
 
@@ -381,13 +419,16 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     model = onnx.load(str(source))
     if encoding == "DequantizeLinear" and bits == 4:
         model = _to_opset(model, DQ_OPSET)  # before the quantized nodes, which only opset 21 knows
+    merged = fuse_shared_inputs(model, find_matmuls(model, lm_head=lm_head)) if merge else 0
     targets = find_matmuls(model, lm_head=lm_head)
     hessians = {}
     if method == "gptq":
         if samples is None:
             raise UsageError("gptq needs calibration feeds (--calibration CALIB from flamingo-edge calibrate)")
-        hessians = collect_hessians(source, targets, samples, on_pass=on_pass)
     initializers = {i.name: i for i in model.graph.initializer}
+    if method == "gptq":
+        widths = {t.activation: initializers[t.weight].dims[0] for t in targets}
+        hessians = collect_hessians(source, widths, samples, on_pass=on_pass)
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -420,7 +461,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
     if domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    summary = {"weights": len(targets), "lm_head": any(t.lm_head for t in targets), "embeddings": len(tables),
+    summary = {"weights": len(targets), "merged": merged, "lm_head": any(t.lm_head for t in targets),
+               "embeddings": len(tables),
                "encoding": encoding,
                "block_size": "per-channel" if per_column else block_size,
                "float_bytes": before, "quantized_bytes": after}

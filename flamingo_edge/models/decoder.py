@@ -72,9 +72,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, *, config: DecoderConfig):
         super().__init__()
-        self.heads = config.heads
-        # rotated channels per head; None when all of them turn (a Python int, so tracing sees no branch)
-        self.rotary_channels = config.rotary_dim if 0 < config.rotary_dim < config.head_dim else None
+        self.heads, self.head_dim = config.heads, config.head_dim
+        # rotated channels per head, all of them unless partial (Python ints, so tracing sees no branch)
+        self.rotary_channels = config.rotary_dim if 0 < config.rotary_dim < config.head_dim else config.head_dim
         self.q = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.k = nn.Linear(config.width, config.width, bias=config.attn_bias)
         self.v = nn.Linear(config.width, config.width, bias=config.attn_bias)
@@ -93,16 +93,16 @@ class SelfAttention(nn.Module):
         q, k = self.q(x), self.k(x)  # [B, S, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = split_heads(q, self.heads), split_heads(k, self.heads)  # [B, H, S, Dh]
-        v = split_heads(self.v(x), self.heads)  # [B, H, S, Dh]
+        q, k, v = (split_heads(t, self.heads, self.head_dim) for t in (q, k, self.v(x)))  # [B, H, S, Dh]
         bias = None
         if len(positions) == 2:
-            q, k = (apply_rotary(t, *positions, channels=self.rotary_channels) for t in (q, k))
+            q, k = (apply_rotary(t, *positions, self.rotary_channels, self.head_dim) for t in (q, k))
         else:
             (bias,) = positions
         key = torch.cat([past_key, k], dim=2)  # [B, H, P+S, Dh]
         value = torch.cat([past_value, v], dim=2)  # [B, H, P+S, Dh]
-        return self.o(merge_heads(attend(q, key, value, allowed, bias))), key, value
+        attended = attend(q, key, value, self.head_dim, allowed, bias)
+        return self.o(merge_heads(attended, self.heads * self.head_dim)), key, value
 
 
 class DecoderLayer(nn.Module):

@@ -36,7 +36,7 @@ class GatedCrossAttention(nn.Module):
     def __init__(self, *, config: DecoderConfig, visual_width: int):
         super().__init__()
         inner = config.cross_heads * config.cross_head_dim
-        self.heads = config.cross_heads
+        self.heads, self.head_dim = config.cross_heads, config.cross_head_dim
         norm_eps = config.cross_norm_eps or config.rms_norm_eps
         self.attn_norm = make_norm(config.cross_norm, dim=config.width, eps=norm_eps)
         self.q = nn.Linear(config.width, inner, bias=False)
@@ -55,8 +55,8 @@ class GatedCrossAttention(nn.Module):
 
     def project_visual(self, visual_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """visual_tokens [N, L, Dv] -> cross_key, cross_value [N, H, L, Dh] (k already q/k-normed)."""
-        key = split_heads(self.k(visual_tokens), self.heads)  # [N, H, L, Dh]
-        value = split_heads(self.v(visual_tokens), self.heads)  # [N, H, L, Dh]
+        key = split_heads(self.k(visual_tokens), self.heads, self.head_dim)  # [N, H, L, Dh]
+        value = split_heads(self.v(visual_tokens), self.heads, self.head_dim)  # [N, H, L, Dh]
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value
@@ -67,9 +67,10 @@ class GatedCrossAttention(nn.Module):
         allowed = expand_image_mask(image_mask, cross_key.shape[2] // images)  # [B, 1, S, M*L]
         # A row with no image must contribute exactly 0: gate it, never trust a softmax over a fully masked row.
         row_gate = (image_mask != 0).any(dim=-1, keepdim=True).to(hidden.dtype)  # [B, S, 1]
-        q = split_heads(self.q(self.attn_norm(hidden)), self.heads)  # [B, H, S, Dh]
+        q = split_heads(self.q(self.attn_norm(hidden)), self.heads, self.head_dim)  # [B, H, S, Dh]
         if self.q_norm is not None:
             q = self.q_norm(q)
-        attended = self.o(merge_heads(attend(q, cross_key, cross_value, allowed)))  # [B, S, D]
+        attended = attend(q, cross_key, cross_value, self.head_dim, allowed)
+        attended = self.o(merge_heads(attended, self.heads * self.head_dim))  # [B, S, D]
         hidden = hidden + torch.tanh(self.attn_gate) * (attended * row_gate)
         return hidden + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden))

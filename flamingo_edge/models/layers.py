@@ -57,29 +57,33 @@ def make_norm(kind: str, *, dim: int, eps: float, bias: bool = True) -> nn.Modul
     raise ValueError(f"unknown norm {kind!r}; expected 'rms' or 'layer'")
 
 
-def split_heads(x: Tensor, heads: int) -> Tensor:
+# The sizes a module knows from its config (heads, head size, width) are passed in as Python ints: a size read from a
+# tensor (`x.shape[-1]`) is traced into the graph as Shape/Gather/Unsqueeze/Concat arithmetic that every run pays
+# for (about a third of a decode step's nodes before this), while a Python int becomes a constant.
+
+
+def split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
     """[B, S, H*Dh] -> [B, H, S, Dh]."""
-    batch, length, _ = x.shape
-    return x.reshape(batch, length, heads, -1).transpose(1, 2)  # [B, H, S, Dh]
+    return x.reshape(x.shape[0], -1, heads, head_dim).transpose(1, 2)  # [B, H, S, Dh]
 
 
-def merge_heads(x: Tensor) -> Tensor:
-    """[B, H, S, Dh] -> [B, S, H*Dh]."""
-    batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # [B, S, H*Dh]
+def merge_heads(x: Tensor, width: int) -> Tensor:
+    """[B, H, S, Dh] -> [B, S, H*Dh] (`width` = H*Dh)."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1, width)  # [B, S, H*Dh]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | None = None,
+           bias: Tensor | None = None) -> Tensor:
     """Softmax attention. q [B, H, S, Dh], k/v [B, H, T, Dh], allowed bool and bias (added to the scores, ALiBi)
-    broadcastable to [B, H, S, T].
+    broadcastable to [B, H, S, T]. `head_dim` = Dh, for the 1/sqrt(Dh) scale.
 
     A row with nothing allowed comes out as the mean of v: callers that can have such rows must gate them.
     """
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
+    scores = torch.matmul(q * head_dim ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
     if bias is not None:
         scores = scores + cast(bias, scores.dtype)
     if allowed is not None:
-        scores = torch.where(allowed, scores, torch.full_like(scores, MASKED_SCORE))
+        scores = torch.where(allowed, scores, MASKED_SCORE)
     weights = cast(torch.softmax(cast(scores, torch.float32), dim=-1), v.dtype)
     return torch.matmul(weights, v)  # [B, H, S, Dh]
 
@@ -96,12 +100,14 @@ def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tens
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, channels: int | None = None) -> Tensor:
-    """x [B, H, S, Dh] rotated by the angles in cos/sin [B, 1, S, R]. With `channels` (= R < Dh) only the first R
-    channels of each head turn and the rest pass unchanged (GPT-NeoX's partial rotary, `rotary_pct`)."""
-    if channels is not None:
-        return torch.cat((apply_rotary(x[..., :channels], cos, sin), x[..., channels:]), dim=-1)
-    half = x.shape[-1] // 2
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, channels: int, head_dim: int) -> Tensor:
+    """x [B, H, S, Dh] (Dh = `head_dim`) rotated by the angles in cos/sin [B, 1, S, R], R = `channels`. With R < Dh
+    only the first R channels of each head turn and the rest pass unchanged (GPT-NeoX's partial rotary,
+    `rotary_pct`)."""
+    if channels < head_dim:
+        rotated = apply_rotary(x[..., :channels], cos, sin, channels, channels)
+        return torch.cat((rotated, x[..., channels:]), dim=-1)
+    half = channels // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
     return x * cast(cos, x.dtype) + rotated * cast(sin, x.dtype)
 

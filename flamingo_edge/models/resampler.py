@@ -21,7 +21,7 @@ class PerceiverAttention(nn.Module):
     def __init__(self, *, width: int, config: ResamplerConfig):
         super().__init__()
         inner = config.heads * config.head_dim
-        self.heads = config.heads
+        self.heads, self.head_dim = config.heads, config.head_dim
         self.media_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.latents_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.q = nn.Linear(width, inner, bias=False)
@@ -35,13 +35,13 @@ class PerceiverAttention(nn.Module):
         # media [N, F*T, Dv], latents [N, L, Dv]
         media, latents = self.media_norm(media), self.latents_norm(latents)
         context = torch.cat([media, latents], dim=1)  # [N, F*T+L, Dv]
-        q = split_heads(self.q(latents), self.heads)  # [N, H, L, Dh]
-        k = split_heads(self.k(context), self.heads)  # [N, H, F*T+L, Dh]
-        v = split_heads(self.v(context), self.heads)  # [N, H, F*T+L, Dh]
+        q = split_heads(self.q(latents), self.heads, self.head_dim)  # [N, H, L, Dh]
+        k = split_heads(self.k(context), self.heads, self.head_dim)  # [N, H, F*T+L, Dh]
+        v = split_heads(self.v(context), self.heads, self.head_dim)  # [N, H, F*T+L, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # Upstream subtracts the row max before softmax; softmax already does, so the result is the same.
-        return self.out(merge_heads(attend(q, k, v)))  # [N, L, Dv]
+        return self.out(merge_heads(attend(q, k, v, self.head_dim), self.heads * self.head_dim))  # [N, L, Dv]
 
 
 class PerceiverMLP(nn.Module):

@@ -22,7 +22,7 @@ class VisionAttention(nn.Module):
 
     def __init__(self, *, width: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim, self.width = heads, width // heads, width
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)
@@ -30,8 +30,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x [N, T, Dv]
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))  # [N, H, T, Dh]
-        return self.out(merge_heads(attend(q, k, v)))  # [N, T, Dv]
+        q, k, v = (split_heads(proj(x), self.heads, self.head_dim) for proj in (self.q, self.k, self.v))  # [N,H,T,Dh]
+        return self.out(merge_heads(attend(q, k, v, self.head_dim), self.width))  # [N, T, Dv]
 
 
 class VisionMLP(nn.Module):

@@ -105,7 +105,8 @@ def test_both_encodings_compute_the_same_product(demo_export, rng):
     for encoding in ("MatMulNBits", "DequantizeLinear"):
         model, summary = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding=encoding,
                                         accuracy_level=0)
-        assert summary["weights"] == len(find_matmuls(onnx.load(str(source)))) and summary["lm_head"]
+        assert summary["weights"] + summary["merged"] == len(find_matmuls(onnx.load(str(source))))
+        assert summary["merged"] > 0 and summary["lm_head"]
         assert not find_matmuls(model)  # every float MatMul weight went
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         logits[encoding] = session.run(["logits"], feed)[0]
@@ -115,6 +116,12 @@ def test_both_encodings_compute_the_same_product(demo_export, rng):
     assert np.corrcoef(logits["MatMulNBits"].ravel(), expected.ravel())[0, 1] > 0.9
     kept, _ = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding="MatMulNBits", lm_head=False)
     assert [t.lm_head for t in find_matmuls(kept)] == [True]
+    # q/k/v and gate/up merged into one product each, or not: the same numbers
+    apart, _ = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding="MatMulNBits", accuracy_level=0,
+                              merge=False)
+    separate = ort.InferenceSession(apart.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    assert np.abs(separate - logits["MatMulNBits"]).max() <= 1e-5 * scale
 
 
 @pytest.mark.parametrize("bits", [4, 8])
