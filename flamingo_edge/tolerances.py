@@ -12,7 +12,7 @@ INT8_TASK_METRIC_DROP = 0.01
 # Weight-only (int4, int8-weights): also top-1 agreement with fp32 over every prompt position, at least this. The
 # task metric judges accuracy; this catches a broken encoding (a wrong nibble order or scale layout agrees on about
 # 1/vocab of the positions) and drift on prompts the task does not cover. Lower than fp16's 0.99 because the
-# weights move more: 4-bit round-to-nearest with a scale per 32 weights errs by ~10 % of the weights' RMS (8-bit,
+# weights move more: 4-bit round-to-nearest with a scale per block errs by ~10 % of the weights' RMS (8-bit,
 # ~15x less), and where the two best tokens are closer than that the top-1 flips. llama.cpp's KL-divergence
 # statistics put "same top p" of a 4-bit (IQ4_XS) small LLaMA-class model at 89.9 % (ggml-org/llama.cpp#12557);
 # our demo checkpoint keeps 100 % at both widths (docs/compare.md). A model with random weights (the

@@ -251,7 +251,8 @@ def find_embeddings(model, *, token_input: str = "input_ids", depth: int = 4) ->
             if node.op_type == "Gather" and node.input[0] in tables and node.input[1] in reached]
 
 
-def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, encoding: str) -> None:
+def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, encoding: str, *,
+                     per_row: bool = False) -> None:
     """Replace the Gather at `node_index` (in place) by a lookup in the quantized table; `rows` holds the table
     transposed ([D, V]: blocks run along each row's D values)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -271,7 +272,6 @@ def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, e
             gather_axis=0, quantize_axis=1))
         model.graph.node.remove(node)
         return
-    per_row = scales.shape[1] == 1
     attributes = dict(axis=0) if per_row else dict(axis=1, block_size=rows.block_size)
     model.graph.initializer.extend([_int_initializer(name, q, rows.bits),
                                     numpy_helper.from_array(scales[:, 0] if per_row else scales, f"{table}_scale")])
@@ -361,8 +361,10 @@ def _int_initializer(name: str, q: np.ndarray, bits: int):
     return helper.make_tensor(name, TensorProto.INT4, q.shape, pack_4bit(flat).tobytes(), raw=True)
 
 
-def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_level: int) -> None:
-    """Replace the target MatMul in `model` (in place) by the encoding of `bq`."""
+def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_level: int, *,
+           per_column: bool = False) -> None:
+    """Replace the target MatMul in `model` (in place) by the encoding of `bq` (`per_column`: DequantizeLinear
+    with one scale per output column, axis 1, for a `bq` of one block)."""
     from onnx import helper, numpy_helper
 
     node = model.graph.node[target.node_index]
@@ -379,7 +381,6 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
         model.graph.node.insert(target.node_index, replacement)
         model.graph.node.remove(node)
     elif encoding in ("DequantizeLinear", "TRT_INT4DequantizeLinear"):
-        per_column = bq.scales.shape[0] == 1  # one block spans the input: per-channel, axis 1
         scales = bq.scales[0] if per_column else bq.scales
         attributes = dict(axis=1) if per_column else dict(axis=0, block_size=bq.block_size)
         model.graph.initializer.extend([_int_initializer(f"{base}_Q{bq.bits}", bq.q, bq.bits),
@@ -391,6 +392,12 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
             domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
     else:
         raise UsageError(f"unknown weight encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def fitting_block(block_size: int, inputs: int) -> int:
+    """`block_size`, or for a matrix with fewer inputs the largest power of two (from 16) that they fill, so a
+    narrow model's blocks are not mostly padding."""
+    return block_size if inputs >= block_size else max(BLOCK_SIZES[0], 1 << (inputs.bit_length() - 1))
 
 
 def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, encoding: str,
@@ -437,12 +444,12 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     # last node first, so that inserting a node does not move the indices still to come
     for done, target in enumerate(sorted(targets, key=lambda t: -t.node_index), 1):
         weight = onnx.numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
-        block = weight.shape[0] if per_column else block_size
+        block = weight.shape[0] if per_column else fitting_block(block_size, weight.shape[0])
         if method == "gptq":
             bq = gptq(weight, hessians[target.activation], bits, block)
         else:
             bq = rtn(weight, bits, block)
-        encode(model, target, bq, encoding, accuracy_level)
+        encode(model, target, bq, encoding, accuracy_level, per_column=per_column)
         before += weight.nbytes
         after += bq.q.size * bits // 8 + bq.scales.nbytes
         if uses[target.weight] == 1:
@@ -452,8 +459,9 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     tables = find_embeddings(model) if embeddings else []
     for index, table in sorted(tables, reverse=True):
         values = onnx.numpy_helper.to_array(initializers[table]).astype(np.float32)
-        rows = rtn(np.ascontiguousarray(values.T), bits, values.shape[1] if per_column else block_size)
-        encode_embedding(model, index, table, rows, encoding)
+        rows = rtn(np.ascontiguousarray(values.T), bits,
+                   values.shape[1] if per_column else fitting_block(block_size, values.shape[1]))
+        encode_embedding(model, index, table, rows, encoding, per_row=per_column)
         before += values.nbytes
         after += rows.q.size * bits // 8 + rows.scales.nbytes
         if uses[table] == 1:

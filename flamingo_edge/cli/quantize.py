@@ -27,7 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "xattn_kv decoder for int4/int8-weights)")
     weights = parser.add_argument_group("int4 / int8-weights (weight-only)")
     weights.add_argument("--block-size", type=int, choices=BLOCK_SIZES,
-                         help="weights per scale along the input dimension (default: 32 for int4, 128 for "
+                         help="weights per scale along the input dimension; 32 errs less, 128 reads fewer bytes (default: 128 for "
                               "int8-weights)")
     weights.add_argument("--target", choices=WEIGHT_TARGETS, default="onnxruntime",
                          help="the encoding: onnxruntime (MatMulNBits, CPU and CUDA providers) or tensorrt "

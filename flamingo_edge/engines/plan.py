@@ -41,7 +41,7 @@ PRECISION_ORDER = (Precision.FP32, Precision.FP16, Precision.INT8_WEIGHTS, Preci
 # agree): weight-only precisions the language model's graphs, int8 Q/DQ the image side.
 WEIGHT_ONLY_GRAPHS = ("xattn_kv", "decoder")
 INT8_GRAPHS = ("vision", "resampler", "xattn_kv")
-BLOCK_SIZE = {Precision.INT4: 32, Precision.INT8_WEIGHTS: 128}  # weights per fp32 scale
+BLOCK_SIZE = {Precision.INT4: 128, Precision.INT8_WEIGHTS: 128}  # weights per fp32 scale
 IMAGE_CACHE = 64  # images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size; a test checks it)
 
 
@@ -77,8 +77,9 @@ ORT_OPENCV_BYTES = 15 * MIB  # OpenCV, which the runtime imports to read image f
 ORT_SESSION_BYTES = 15 * MIB  # the first session's one-time cost (environment, kernel registry, thread pools)
 # RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them: fp32 MatMul weights are pre-packed
 # for MLAS and part of the originals' memory stays in the heap; MatMulNBits keeps its packed blocks and scales beside
-# the originals; fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts into fp32 copies).
-ORT_RSS_PER_BYTE = {"float32": 1.18, "float16": 3.25, "nbits": 1.85, "other": 1.0}
+# the originals (1.45 with quantize's merged q/k/v and gate/up products and blocks of 128; it was 1.85 with separate
+# products and blocks of 32); fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts into fp32 copies).
+ORT_RSS_PER_BYTE = {"float32": 1.18, "float16": 3.25, "nbits": 1.45, "other": 1.0}
 ORT_ARENA_SLACK = 2  # the CPU arena grows in powers of two: up to twice the largest activations it ever held
 
 

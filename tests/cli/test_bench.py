@@ -108,7 +108,7 @@ def kv_bytes(export, *, prompt_tokens: int, new_tokens: int) -> float:
                     + len(text.cross_layers) * text.cross_heads * text.cross_head_dim * config.resampler.latents)
 
 
-@pytest.mark.parametrize("precision, stored_bits", [("int4", 4 + 32 / 32), ("int8-weights", 8 + 32 / 128)])
+@pytest.mark.parametrize("precision, stored_bits", [("int4", 4 + 32 / 128), ("int8-weights", 8 + 32 / 128)])
 def test_weight_only_decode_reads_the_stored_bits(demo_export, tmp_path, capsys, precision, stored_bits):
     """bench of a weight-only export against its fp32 baseline: the decoder's weights a step reads are the packed
     ones plus a fp32 scale per block (32 weights for int4, 128 for int8-weights), not their fp32 size."""

@@ -113,7 +113,8 @@ def test_weight_only_engines_keep_their_weights_small(tmp_path):
     sizes = {"fp32": engine_bytes(graph(21))}
     for name, bits, block in (("int4", 4, 32), ("int8", 8, width)):
         model = graph(21)
-        encode(model, MatMul(0, "w", "x", False), rtn(weight, bits, block), "DequantizeLinear", 0)
+        encode(model, MatMul(0, "w", "x", False), rtn(weight, bits, block), "DequantizeLinear", 0,
+               per_column=bits == 8)
         model.graph.initializer.remove(model.graph.initializer[0])
         sizes[name] = engine_bytes(model)
     weights = width * width

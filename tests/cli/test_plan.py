@@ -70,8 +70,8 @@ def test_weight_bytes_per_precision():
     limits = ShapeLimits(1, 128, 256, 1)
     layers = {p: plan_for(source, p, limits).item("decoder: layers") for p in ("fp32", "fp16", "int8-weights", "int4")}
     assert layers["fp16"] / layers["fp32"] == pytest.approx(0.5, abs=1e-3)
-    # int4: 4 bits + an fp32 scale per 32 weights = 0.625 bytes a weight; int8-weights: 1 + 4/128
-    assert layers["int4"] / layers["fp32"] == pytest.approx(0.625 / 4, rel=1e-3)
+    # int4: 4 bits + an fp32 scale per 128 weights = 0.53125 bytes a weight; int8-weights: 1 + 4/128
+    assert layers["int4"] / layers["fp32"] == pytest.approx(0.53125 / 4, rel=1e-3)
     assert layers["int8-weights"] / layers["fp32"] == pytest.approx(1.03125 / 4, rel=1e-3)
     embedding = {p: plan_for(source, p, limits).item("decoder: embedding") for p in ("fp32", "int4")}
     assert embedding["int4"] == embedding["fp32"]  # a Gather: never quantized
