@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flamingo_edge.config import DecoderConfig
-from flamingo_edge.models.gated_xattn import GatedCrossAttention
+from flamingo_edge.models.gated_xattn import GatedCrossAttention, cross_attention_masks
 from flamingo_edge.models.layers import (
     alibi_slopes,
     apply_rotary,
@@ -174,11 +174,13 @@ class Decoder(nn.Module):
             position_terms = rotary_cos_sin(positions, self.inverse_frequencies)
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
         x = self.embed(input_ids)  # [B, S, D]
+        # every gated block attends over the same M*L visual tokens: their masks are computed once
+        masks = cross_attention_masks(image_attention_mask, cross_keys[0].shape[2], x.dtype) if cross_index else None
         present_keys, present_values = [], []
         for index, layer in enumerate(self.layers):
             if index in cross_index:
                 block = cross_index[index]
-                x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask)
+                x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask, masks)
             x, key, value = layer(x, position_terms, allowed, past_keys[index], past_values[index])
             present_keys.append(key)
             present_values.append(value)

@@ -29,6 +29,14 @@ def expand_image_mask(image_mask: Tensor, tokens_per_image: int) -> Tensor:
     return allowed.reshape(batch, 1, length, images * tokens_per_image) != 0  # [B, 1, S, M*L]
 
 
+def cross_attention_masks(image_mask: Tensor, visual_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """image_mask [B, S, M] and the M*L visual tokens -> which tokens each row may attend to (bool [B, 1, S, M*L]) and
+    the row gate ([B, S, 1], 0 for a row with no image: it must contribute exactly 0, so it is gated, never left to a
+    softmax over a fully masked row)."""
+    allowed = expand_image_mask(image_mask, visual_tokens // image_mask.shape[-1])  # [B, 1, S, M*L]
+    return allowed, (image_mask != 0).any(dim=-1, keepdim=True).to(dtype)  # [B, S, 1]
+
+
 class GatedCrossAttention(nn.Module):
     """Gated cross-attention dense block: norm, cross-attention, tanh gate; norm, MLP, tanh gate (optional q/k
     RMSNorm)."""
@@ -61,12 +69,12 @@ class GatedCrossAttention(nn.Module):
             key = self.k_norm(key)
         return key, value
 
-    def forward(self, hidden: Tensor, cross_key: Tensor, cross_value: Tensor, image_mask: Tensor) -> Tensor:
-        """hidden [B, S, D], cross_key/value [B, H, M*L, Dh], image_mask [B, S, M] -> hidden [B, S, D]."""
-        images = image_mask.shape[-1]
-        allowed = expand_image_mask(image_mask, cross_key.shape[2] // images)  # [B, 1, S, M*L]
-        # A row with no image must contribute exactly 0: gate it, never trust a softmax over a fully masked row.
-        row_gate = (image_mask != 0).any(dim=-1, keepdim=True).to(hidden.dtype)  # [B, S, 1]
+    def forward(self, hidden: Tensor, cross_key: Tensor, cross_value: Tensor, image_mask: Tensor,
+                masks: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """hidden [B, S, D], cross_key/value [B, H, M*L, Dh], image_mask [B, S, M] -> hidden [B, S, D]. `masks`:
+        `cross_attention_masks` of these inputs, when the caller computed them once for every block."""
+        allowed, row_gate = masks if masks is not None else cross_attention_masks(image_mask, cross_key.shape[2],
+                                                                                  hidden.dtype)
         q = split_heads(self.q(self.attn_norm(hidden)), self.heads, self.head_dim)  # [B, H, S, Dh]
         if self.q_norm is not None:
             q = self.q_norm(q)

@@ -69,7 +69,8 @@ def split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
 
 def merge_heads(x: Tensor, width: int) -> Tensor:
     """[B, H, S, Dh] -> [B, S, H*Dh] (`width` = H*Dh)."""
-    return x.transpose(1, 2).reshape(x.shape[0], -1, width)  # [B, S, H*Dh]
+    x = x.transpose(1, 2)  # [B, S, H, Dh]; the batch read from the reshaped tensor itself, which ONNX Runtime folds
+    return x.reshape(x.shape[0], -1, width)  # [B, S, H*Dh]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | None = None,
@@ -94,22 +95,26 @@ def rotary_inverse_frequencies(*, head_dim: int, theta: float) -> Tensor:
 
 
 def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tensor, Tensor]:
-    """positions i64 [B, S] -> cos, sin [B, 1, S, Dh], laid out as (freqs, freqs) like LLaMA's rotate_half."""
+    """positions i64 [B, S] -> cos and signed sin [B, 1, S, Dh], laid out as (freqs, freqs) like LLaMA's rotate_half.
+
+    The sin's first half is negated here, once per forward, so that `apply_rotary` swaps the halves without
+    negating one in every layer: rotate_half(x) * sin = (-x2, x1) * (s, s) = (x2, x1) * (-s, s).
+    """
     freqs = positions[..., None].float() * inverse_frequencies  # [B, S, Dh/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, Dh]
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1)[:, None].cos(), torch.cat((-sin, sin), dim=-1)[:, None]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, channels: int, head_dim: int) -> Tensor:
-    """x [B, H, S, Dh] (Dh = `head_dim`) rotated by the angles in cos/sin [B, 1, S, R], R = `channels`. With R < Dh
-    only the first R channels of each head turn and the rest pass unchanged (GPT-NeoX's partial rotary,
-    `rotary_pct`)."""
+    """x [B, H, S, Dh] (Dh = `head_dim`) rotated by the angles in cos/sin [B, 1, S, R] from `rotary_cos_sin` (its
+    sin is signed), R = `channels`. With R < Dh only the first R channels of each head turn and the rest pass
+    unchanged (GPT-NeoX's partial rotary, `rotary_pct`)."""
     if channels < head_dim:
         rotated = apply_rotary(x[..., :channels], cos, sin, channels, channels)
         return torch.cat((rotated, x[..., channels:]), dim=-1)
     half = channels // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-    return x * cast(cos, x.dtype) + rotated * cast(sin, x.dtype)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # rotate_half, its sign in `sin` (rotary_cos_sin)
+    return x * cast(cos, x.dtype) + swapped * cast(sin, x.dtype)
 
 
 def alibi_slopes(*, heads: int, bias_max: float) -> Tensor:
