@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
-from flamingo_edge.errors import FeatureUnavailableError
+from flamingo_edge.errors import FeatureUnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,21 @@ def version_tuple(version: str) -> tuple[int, ...]:
         ValueError: a part that is not a number.
     """
     return tuple(int(part) for part in str(version).split("."))
+
+
+WEIGHT_ONLY_SINCE = (10,)  # INT4 and weight-only quantization came with TensorRT 10 (none in 8.x, JetPack 5)
+
+
+def has_weight_only(version: str) -> bool:
+    """Whether TensorRT `version` builds weight-only (INT4 / 8-bit weight) engines.
+
+    Raises:
+        UsageError: `version` is not a TensorRT version.
+    """
+    try:
+        return version_tuple(version) >= WEIGHT_ONLY_SINCE
+    except ValueError:
+        raise UsageError(f"--trt-version {version!r} is not a TensorRT version (e.g. 10.3)") from None
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,16 @@ def demo_export(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_calibration(demo_export, tmp_path_factory):
+    """`flamingo-edge calibrate` of `demo_export` on 24 demo images (int8 Q/DQ and GPTQ read it)."""
+    from flamingo_edge.cli.main import main
+
+    out = tmp_path_factory.mktemp("calib") / "calib"
+    assert main(["calibrate", str(demo_export), "--images", "demo", "--n", "24", "-o", str(out)]) == 0
+    return out
+
+
 OPENFLAMINGO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openflamingo"  # tests/reference/openflamingo
 
 

@@ -89,12 +89,18 @@ def _int8(source: Path, target: Path, samples, method: str, op_types: tuple[str,
 
     from flamingo_edge.calibration.record import onnxruntime_method, onnxruntime_reader
 
-    with tempfile.TemporaryDirectory() as scratch:  # quantize_static writes its own files; ours stay atomic
+    _written_by(target, lambda out: quantize_static(
+        str(source), str(out), onnxruntime_reader(samples), quant_format=QuantFormat.QDQ, per_channel=True,
+        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8, calibrate_method=onnxruntime_method(method),
+        op_types_to_quantize=list(op_types), extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}))
+
+
+def _written_by(target: Path, write: Callable[[Path], None]) -> None:
+    """`write` a file (onnxruntime.quantization writes its own files) in a scratch folder, then `target`
+    atomically with its bytes."""
+    with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / target.name
-        quantize_static(str(source), str(out), onnxruntime_reader(samples), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                        calibrate_method=onnxruntime_method(method), op_types_to_quantize=list(op_types),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        write(out)
         atomic_write(target, out.read_bytes())
 
 
@@ -107,11 +113,8 @@ def _dynamic_int8(source: Path, target: Path) -> None:
     faster on the 100m preset with the demo's task accuracy unchanged."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / target.name
-        quantize_dynamic(str(source), str(out), per_channel=True, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"])
-        atomic_write(target, out.read_bytes())
+    _written_by(target, lambda out: quantize_dynamic(str(source), str(out), per_channel=True,
+                                                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]))
 
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,

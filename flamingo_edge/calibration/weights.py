@@ -60,18 +60,14 @@ def encoding_for(target: str, bits: int, tensorrt_version: str) -> str:
     Raises:
         UsageError: TensorRT before 10 (JetPack 5), which has no weight-only quantization.
     """
-    from flamingo_edge.trt_compat import version_tuple
+    from flamingo_edge.trt_compat import has_weight_only, version_tuple
 
     if target == "onnxruntime":
         return "MatMulNBits"
-    try:
-        version = version_tuple(tensorrt_version)
-    except ValueError:
-        raise UsageError(f"--trt-version {tensorrt_version!r} is not a TensorRT version (e.g. 10.3)") from None
-    if version < (10,):
+    if not has_weight_only(tensorrt_version):
         raise UsageError(f"TensorRT {tensorrt_version} (JetPack 5) has no INT4 and no weight-only quantization (both "
                          "came with TensorRT 10): quantize --precision int8 (Q/DQ) or fp16 for it, and plan with int8")
-    if bits == 4 and version < TRT_OPSET_21:
+    if bits == 4 and version_tuple(tensorrt_version) < TRT_OPSET_21:
         return "TRT_INT4DequantizeLinear"
     return "DequantizeLinear"
 GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal (the paper's default)
@@ -171,13 +167,17 @@ class Target:
     lm_head: bool
 
 
+def _float_matrices(model) -> set[str]:
+    """The names of the 2-D float32 initializers: the weights quantize may take."""
+    from onnx import TensorProto
+
+    return {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+
+
 def find_matmuls(model, *, lm_head: bool = True) -> list[Target]:
     """The MatMuls with a 2-D float initializer as second input; the LM head (a MatMul writing a graph output)
     only if `lm_head`."""
-    from onnx import TensorProto
-
-    floats = {i.name: i for i in model.graph.initializer
-              if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    floats = _float_matrices(model)
     outputs = {o.name for o in model.graph.output}
     found = []
     for index, node in enumerate(model.graph.node):
@@ -239,9 +239,7 @@ def find_embeddings(model, *, token_input: str = "input_ids", depth: int = 4) ->
     """(node index, table name) of the Gathers that look token ids up in a 2-D float initializer: the indices come
     from `token_input` through at most `depth` index-arithmetic nodes (IDEFICS' decoupled embedding subtracts and
     clamps the ids for its second table). Position tables and shape arithmetic are not reached."""
-    from onnx import TensorProto
-
-    tables = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    tables = _float_matrices(model)
     reached, frontier = {token_input}, {token_input}
     for _ in range(depth):
         frontier = {out for node in model.graph.node if node.op_type != "Gather"
@@ -255,14 +253,14 @@ def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, e
                      per_row: bool = False) -> None:
     """Replace the Gather at `node_index` (in place) by a lookup in the quantized table; `rows` holds the table
     transposed ([D, V]: blocks run along each row's D values)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     node = model.graph.node[node_index]
     q, scales = rows.q.T, np.ascontiguousarray(rows.scales.T)  # [V, D], [V, D / block]
     name = f"{table}_Q{rows.bits}"
     if encoding == "MatMulNBits":  # ONNX Runtime: GatherBlockQuantized (com.microsoft)
         if rows.bits == 4:
-            data = helper.make_tensor(name, TensorProto.INT4, q.shape, pack_4bit(q.reshape(-1)).tobytes(), raw=True)
+            data = _int_initializer(name, q, 4)
         else:  # uint8 with the operator's default zero point, 128
             data = numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), name)
         model.graph.initializer.extend([data, numpy_helper.from_array(scales, f"{table}_scales")])
@@ -273,34 +271,29 @@ def encode_embedding(model, node_index: int, table: str, rows: BlockQuantized, e
         model.graph.node.remove(node)
         return
     attributes = dict(axis=0) if per_row else dict(axis=1, block_size=rows.block_size)
-    model.graph.initializer.extend([_int_initializer(name, q, rows.bits),
-                                    numpy_helper.from_array(scales[:, 0] if per_row else scales, f"{table}_scale")])
-    node.input[0] = f"{table}_DQ"
-    model.graph.node.insert(node_index, helper.make_node(
-        encoding, [name, f"{table}_scale"], [f"{table}_DQ"], name=f"{node.name}_DQ",
-        domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
+    node.input[0] = _insert_dequantize(model, node_index, table, q, rows.bits, scales[:, 0] if per_row else scales,
+                                       encoding, f"{node.name}_DQ", attributes)
 
 
-def collect_hessians(model_path: Path, widths: dict[str, int], samples: Callable[[], Iterable[Mapping]], *,
+def collect_hessians(model, widths: dict[str, int], samples: Callable[[], Iterable[Mapping]], *, name: str,
                      budget_bytes: int = HESSIAN_BUDGET_BYTES,
                      on_pass: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Xᵀ X (float64, [K, K]) of each activation named in `widths` (name -> K) over the calibration feeds.
 
-    The fp32 graph runs on ONNX Runtime with those activations as extra outputs. MatMuls that share an input
-    (q/k/v, gate/up) share one Hessian. When the Hessians do not fit in `budget_bytes`, they are gathered in several
-    passes over the samples.
+    The fp32 graph `model` (named `name` in errors) runs on ONNX Runtime with those activations as extra outputs.
+    MatMuls that share an input (q/k/v, gate/up) share one Hessian. When the Hessians do not fit in `budget_bytes`,
+    they are gathered in several passes over the samples.
     """
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
     groups, current, size = [], [], 0
-    for name, width in widths.items():
+    for activation, width in widths.items():
         need = width * width * 8
         if current and size + need > budget_bytes:
             groups.append(current)
             current, size = [], 0
-        current.append(name)
+        current.append(activation)
         size += need
     if current:
         groups.append(current)
@@ -311,23 +304,24 @@ def collect_hessians(model_path: Path, widths: dict[str, int], samples: Callable
             on_pass(number, len(groups))
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        for name in names:
-            if name not in graph_outputs:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        for activation in names:
+            if activation not in graph_outputs:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(activation, onnx.TensorProto.FLOAT,
+                                                                             None))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         inputs = {i.name for i in session.get_inputs()}
-        sums = {name: np.zeros((widths[name], widths[name]), np.float64) for name in names}
+        sums = {activation: np.zeros((widths[activation],) * 2, np.float64) for activation in names}
         seen = 0
         for feed in samples():
             values = session.run(names, {k: v for k, v in feed.items() if k in inputs})
-            for name, value in zip(names, values):
-                x = value.reshape(-1, widths[name]).astype(np.float64)
-                sums[name] += x.T @ x
+            for activation, value in zip(names, values):
+                x = value.reshape(-1, widths[activation]).astype(np.float64)
+                sums[activation] += x.T @ x
             seen += 1
         if seen == 0:
-            raise CalibrationError(f"{model_path.name}: the calibration folder has no samples for this graph")
+            raise CalibrationError(f"{name}: the calibration folder has no samples for this graph")
         hessians.update(sums)
         del session
     return hessians
@@ -361,6 +355,21 @@ def _int_initializer(name: str, q: np.ndarray, bits: int):
     return helper.make_tensor(name, TensorProto.INT4, q.shape, pack_4bit(flat).tobytes(), raw=True)
 
 
+def _insert_dequantize(model, index: int, weight: str, q: np.ndarray, bits: int, scales: np.ndarray, encoding: str,
+                       node_name: str, attributes: dict) -> str:
+    """Add the integers `q` and their `scales` as initializers named after `weight`, and insert before node `index`
+    the `encoding` node (DequantizeLinear, or TensorRT's TRT_INT4DequantizeLinear) that turns them back into float;
+    returns its output's name."""
+    from onnx import helper, numpy_helper
+
+    model.graph.initializer.extend([_int_initializer(f"{weight}_Q{bits}", q, bits),
+                                    numpy_helper.from_array(np.ascontiguousarray(scales), f"{weight}_scale")])
+    model.graph.node.insert(index, helper.make_node(
+        encoding, [f"{weight}_Q{bits}", f"{weight}_scale"], [f"{weight}_DQ"], name=node_name,
+        domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
+    return f"{weight}_DQ"
+
+
 def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_level: int, *,
            per_column: bool = False) -> None:
     """Replace the target MatMul in `model` (in place) by the encoding of `bq` (`per_column`: DequantizeLinear
@@ -381,15 +390,10 @@ def encode(model, target: Target, bq: BlockQuantized, encoding: str, accuracy_le
         model.graph.node.insert(target.node_index, replacement)
         model.graph.node.remove(node)
     elif encoding in ("DequantizeLinear", "TRT_INT4DequantizeLinear"):
-        scales = bq.scales[0] if per_column else bq.scales
         attributes = dict(axis=1) if per_column else dict(axis=0, block_size=bq.block_size)
-        model.graph.initializer.extend([_int_initializer(f"{base}_Q{bq.bits}", bq.q, bq.bits),
-                                        numpy_helper.from_array(scales, f"{base}_scale")])
-        dequantized = f"{base}_DQ"
-        node.input[1] = dequantized
-        model.graph.node.insert(target.node_index, helper.make_node(
-            encoding, [f"{base}_Q{bq.bits}", f"{base}_scale"], [dequantized], name=f"{node.name}_DQ",
-            domain=TRT_DOMAIN if encoding.startswith("TRT_") else "", **attributes))
+        node.input[1] = _insert_dequantize(model, target.node_index, base, bq.q, bq.bits,
+                                           bq.scales[0] if per_column else bq.scales, encoding, f"{node.name}_DQ",
+                                           attributes)
     else:
         raise UsageError(f"unknown weight encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
@@ -424,18 +428,18 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
     if method not in WEIGHT_METHODS:
         raise UsageError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
     model = onnx.load(str(source))
+    hessians = {}
+    if method == "gptq":  # on the graph as exported, before anything below changes it
+        if samples is None:
+            raise UsageError("gptq needs calibration feeds (--calibration CALIB from flamingo-edge calibrate)")
+        weights = {i.name: i for i in model.graph.initializer}
+        widths = {t.activation: weights[t.weight].dims[0] for t in find_matmuls(model, lm_head=lm_head)}
+        hessians = collect_hessians(model, widths, samples, name=source.name, on_pass=on_pass)
     if encoding == "DequantizeLinear" and bits == 4:
         model = _to_opset(model, DQ_OPSET)  # before the quantized nodes, which only opset 21 knows
     merged = fuse_shared_inputs(model, find_matmuls(model, lm_head=lm_head)) if merge else 0
     targets = find_matmuls(model, lm_head=lm_head)
-    hessians = {}
-    if method == "gptq":
-        if samples is None:
-            raise UsageError("gptq needs calibration feeds (--calibration CALIB from flamingo-edge calibrate)")
     initializers = {i.name: i for i in model.graph.initializer}
-    if method == "gptq":
-        widths = {t.activation: initializers[t.weight].dims[0] for t in targets}
-        hessians = collect_hessians(source, widths, samples, on_pass=on_pass)
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:

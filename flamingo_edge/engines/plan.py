@@ -503,13 +503,9 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
     precisions = [Precision(p) for p in (precision or [p.value for p in PRECISION_ORDER])]
     notes = []
     if tensorrt_version is not None:
-        from flamingo_edge.trt_compat import version_tuple
+        from flamingo_edge.trt_compat import has_weight_only
 
-        try:
-            old = version_tuple(tensorrt_version) < (10,)
-        except ValueError:
-            raise UsageError(f"--trt-version {tensorrt_version!r} is not a TensorRT version (e.g. 8.5)") from None
-        if old and any(p in BLOCK_SIZE for p in precisions):
+        if not has_weight_only(tensorrt_version) and any(p in BLOCK_SIZE for p in precisions):
             precisions = [p for p in precisions if p not in BLOCK_SIZE]
             notes.append(f"TensorRT {tensorrt_version} (JetPack 5) has no INT4 and no weight-only quantization: "
                          "int4 and int8-weights are left out; int8 (Q/DQ) is its smallest precision")

@@ -20,13 +20,6 @@ def bundled_demo(monkeypatch):
     monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
 
 
-@pytest.fixture(scope="module")
-def calibration(demo_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calib") / "calib"
-    assert main(["calibrate", str(demo_export), "--images", "demo", "--n", "24", "-o", str(out)]) == 0
-    return out
-
-
 def op_types(path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
@@ -54,9 +47,9 @@ def test_fp16_export_keeps_top1_agreement(demo_export, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_int8_qdq_export_keeps_task_accuracy_on_500_scenes(demo_export, calibration, tmp_path, capsys):
+def test_int8_qdq_export_keeps_task_accuracy_on_500_scenes(demo_export, demo_calibration, tmp_path, capsys):
     out = tmp_path / "int8"
-    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(demo_calibration),
                  "--method", "minmax", "-o", str(out)]) == 0
     record = read_export_record(out)
     assert record.precision == "int8" and record.quantization["calibration_images"] == 24
@@ -71,7 +64,7 @@ def test_int8_qdq_export_keeps_task_accuracy_on_500_scenes(demo_export, calibrat
     assert f"int8 export; judged on: task metric drop {INT8_TASK_METRIC_DROP}" in capsys.readouterr().out
 
 
-def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, calibration, tmp_path, capsys):
+def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, demo_calibration, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(demo_export), "--precision", "int8", "-o", str(out)]) == 2
     assert "int8 needs --calibration" in capsys.readouterr().err
@@ -83,7 +76,7 @@ def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, calibration,
     record = json.loads((other / "export.json").read_text())
     record["graphs"]["vision"]["sha256"] = sha256_of(other / "vision.onnx")
     (other / "export.json").write_text(json.dumps(record))
-    assert main(["quantize", str(other), "--precision", "int8", "--calibration", str(calibration), "-o",
+    assert main(["quantize", str(other), "--precision", "int8", "--calibration", str(demo_calibration), "-o",
                  str(out)]) == 2
     assert "was recorded on another export" in capsys.readouterr().err
     assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(out)]) == 0
@@ -95,10 +88,10 @@ def test_bad_quantize_input_exits_2_and_leaves_nothing(demo_export, calibration,
 
 
 @pytest.mark.slow
-def test_eval_compare_and_bench_side_by_side(demo_export, calibration, tmp_path, capsys):
+def test_eval_compare_and_bench_side_by_side(demo_export, demo_calibration, tmp_path, capsys):
     fp16, int8 = tmp_path / "fp16", tmp_path / "int8"
     assert main(["quantize", str(demo_export), "--precision", "fp16", "-o", str(fp16)]) == 0
-    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(demo_calibration),
                  "-o", str(int8)]) == 0
     capsys.readouterr()
     assert main(["eval", str(demo_export), str(fp16), str(int8), "--n", "20", "--json"]) == 0
@@ -122,9 +115,9 @@ def test_eval_compare_and_bench_side_by_side(demo_export, calibration, tmp_path,
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_other_calibration_methods(demo_export, calibration, tmp_path, capsys, method):
+def test_other_calibration_methods(demo_export, demo_calibration, tmp_path, capsys, method):
     out = tmp_path / method
-    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(calibration),
+    assert main(["quantize", str(demo_export), "--precision", "int8", "--calibration", str(demo_calibration),
                  "--method", method, "-o", str(out)]) == 0
     assert read_export_record(out).quantization["method"] == method
     assert "QuantizeLinear" in op_types(out / "vision.onnx")

@@ -26,13 +26,6 @@ def bundled_demo(monkeypatch):
     monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
 
 
-@pytest.fixture(scope="module")
-def calibration(demo_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calib") / "calib"
-    assert main(["calibrate", str(demo_export), "--images", "demo", "--n", "24", "-o", str(out)]) == 0
-    return out
-
-
 @pytest.fixture
 def rng():
     seed = int(np.random.SeedSequence().entropy % 2**32)
@@ -166,13 +159,13 @@ def eval_json(export, capsys, n=500) -> dict:
 
 
 @pytest.mark.slow
-def test_weight_only_exports_keep_task_accuracy_on_500_scenes(demo_export, calibration, tmp_path, capsys):
+def test_weight_only_exports_keep_task_accuracy_on_500_scenes(demo_export, demo_calibration, tmp_path, capsys):
     """The issue's acceptance: int4 (RTN and GPTQ) and int8-weights within 1 point of fp32 on 500 held-out
     scenes, answers and captions; also int4 with dynamic int8 vision (--vision-int8) and int4 with fp16 float
     parts and quantized embeddings."""
     fp32 = eval_json(demo_export, capsys)
     runs = {"int4-rtn": ["--precision", "int4"],
-            "int4-gptq": ["--precision", "int4", "--method", "gptq", "--calibration", str(calibration)],
+            "int4-gptq": ["--precision", "int4", "--method", "gptq", "--calibration", str(demo_calibration)],
             "int8-weights": ["--precision", "int8-weights"],
             "int4-vision-int8": ["--precision", "int4", "--vision-int8"],
             "int4-fp16": ["--precision", "int4", "--float", "fp16", "--embeddings"]}
