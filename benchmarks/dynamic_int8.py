@@ -226,7 +226,7 @@ def realistic_feeds(export: Path, threads: int) -> dict[str, dict[str, np.ndarra
     graphs; for decode, past K/V from an fp32 prefill of 128 tokens."""
     from flamingo_edge.artifacts import read_export_record
     from flamingo_edge.demo import scenes
-    from flamingo_edge.graphs import cross_key, cross_value, past_key, past_value, present_key, present_value
+    from flamingo_edge.graphs import cross_key, cross_value, new_key, new_value, past_key, past_value
     from flamingo_edge.config import FlamingoConfig
     from flamingo_edge.runtime.processor import Processor
 
@@ -270,7 +270,7 @@ def realistic_feeds(export: Path, threads: int) -> dict[str, dict[str, np.ndarra
     step = {"input_ids": inputs["input_ids"][:, DECODE_PAST : DECODE_PAST + 1],
             "attention_mask": np.ones((1, DECODE_PAST + 1), np.int64)}
     for layer in range(text.layers):
-        step[past_key(layer)], step[past_value(layer)] = outputs[present_key(layer)], outputs[present_value(layer)]
+        step[past_key(layer)], step[past_value(layer)] = outputs[new_key(layer)], outputs[new_value(layer)]
     step.update(cross_feed)
     step["image_attention_mask"] = np.ascontiguousarray(
         inputs["image_attention_mask"][:, DECODE_PAST : DECODE_PAST + 1])

@@ -12,7 +12,11 @@ Dims are ints (fixed by the model) or names (dynamic axes, the same name = the s
                past_key.{l}, past_value.{l} f32 [B, H, P, Dh],
                cross_key.{i}, cross_value.{i} f32 [B, Hx, M*L, Dh],
                image_attention_mask i64 [B, S, M]                  -> logits f32 [B, S, V],
-                                                                      present_key.{l}, present_value.{l} f32 [B, H, P+S, Dh]
+                                                                      new_key.{l}, new_value.{l} f32 [B, H, S, Dh]
+
+The decoder reads the past and returns only the new tokens' K/V (contract v2; v1 returned the whole past + new as
+present_key.{l}, copied every step). The past's P slots may end in unused slots masked by attention_mask: a static KV
+cache feeds its whole preallocated buffer, zero-copy, and writes each step's new K/V into it at the next slot.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from flamingo_edge.config import FlamingoConfig
 
 # Bumped whenever a name, dtype or dim of any graph changes; export.json records it and the runtime checks it.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the decoder returns new_key/new_value [B, H, S, Dh] (1: present_* [B, H, P+S, Dh])
 
 GRAPH_NAMES = ("vision", "resampler", "xattn_kv", "decoder")
 DEFAULT_OPSET = 17  # the newest ONNX opset TensorRT 8.5 (JetPack 5) parses
@@ -102,7 +106,7 @@ def _indexed(prefix: str):
 
 # The contract's per-layer and per-block tensor names: past_key(3) == "past_key.3".
 past_key, past_value = _indexed("past_key"), _indexed("past_value")  # per decoder layer
-present_key, present_value = _indexed("present_key"), _indexed("present_value")  # per decoder layer
+new_key, new_value = _indexed("new_key"), _indexed("new_value")  # per decoder layer: the new tokens' K/V
 cross_key, cross_value = _indexed("cross_key"), _indexed("cross_value")  # per gated cross-attention block
 
 
@@ -151,7 +155,7 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
             ),
             outputs=(
                 _f32("logits", "B", "S", text.total_vocab_size),
-                *(_f32(name(l), "B", heads, "P+S", head_dim) for l in layers for name in (present_key, present_value)),
+                *(_f32(name(l), "B", heads, "S", head_dim) for l in layers for name in (new_key, new_value)),
             ),
         ),
     }

@@ -309,7 +309,10 @@ CASES = {
         r"opset is 99, expected one of 13\.\.20; re-run flamingo-edge export"),
     "export.json unknown contract version": Cli(
         lambda p: _generate(p.record("e", _set("contract_version", 7))),
-        r"contract_version is 7; this flamingo-edge reads graph contract v1; re-run flamingo-edge export"),
+        r"contract_version is 7; this flamingo-edge reads graph contract v2; re-run flamingo-edge export"),
+    "export.json of the previous contract (v1: present_* outputs)": Cli(
+        lambda p: _generate(p.record("e", _set("contract_version", 1))),
+        r"contract_version is 1; this flamingo-edge reads graph contract v2; re-run flamingo-edge export"),
     "export.json config decoder.width 'big'": Cli(
         lambda p: ["eval", str(p.record("e", _set("config.decoder.width", "big")))],
         r"config: decoder\.width is 'big', expected an integer; re-run flamingo-edge export"),

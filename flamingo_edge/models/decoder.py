@@ -9,7 +9,9 @@ residual. Upstream's fused q/k/v projections are split into three at import time
 
 Departures from upstream, all for a stateless graph that TensorRT builds:
 - past keys/values and the cross-attention keys/values are explicit inputs; P (past length) may be 0 and is never
-  branched on, so prefill (S > 1, P = 0) and decode (S = 1) are one graph;
+  branched on, so prefill (S > 1, P = 0) and decode (S = 1) are one graph; the past is only read (attention over it
+  and over the new tokens is joined at the scores), and only the new tokens' K/V come out: the runtime's static cache
+  writes them in place, feeding its whole preallocated buffer as the past with the unused slots masked;
 - positions come from `attention_mask` (like upstream's `cumsum(mask) - 1`) but are computed with a comparison and a
   sum, because TensorRT 8.5 has no CumSum;
 - IDEFICS' decoupled embedding / LM head (base + additional vocabulary) are merged into one table at import time:
@@ -26,7 +28,7 @@ from flamingo_edge.models.gated_xattn import GatedCrossAttention, cross_attentio
 from flamingo_edge.models.layers import (
     alibi_slopes,
     apply_rotary,
-    attend,
+    attend_after_past,
     make_mlp,
     make_norm,
     merge_heads,
@@ -54,16 +56,22 @@ def causal_mask_and_positions(attention_mask: Tensor, new_tokens: int) -> tuple[
     return allowed[:, None], positions  # [B, 1, S, P+S], [B, S]
 
 
-def alibi_bias(slopes: Tensor, new_tokens: int, total: int) -> Tensor:
-    """ALiBi's score bias [1, H, S, P+S]: -slope_h * (query index - key index), query j at index P+j.
+def alibi_bias(slopes: Tensor, attention_mask: Tensor, new_tokens: int) -> Tensor:
+    """ALiBi's score bias [1, H, S, P+S]: -slope_h * (query slot - key slot).
 
-    Distances count cache slots, as in MPT (transformers and llm-foundry add slope * key index, which the softmax
-    makes the same): exact for left padding and for `static_decode`'s masked slots (a constant per row), not for
-    padding *between* a row's real tokens, which no runtime path produces.
+    Slots are cache slots, as in MPT (transformers and llm-foundry add slope * key index, which the softmax makes the
+    same): exact for left padding, a constant offset of every real key. The past's P slots may end in unused slots
+    (masked, a static KV cache's room for later tokens): the new tokens go to the slot after the last one in use by
+    any row, not to slot P, so that the distances do not count the unused slots.
     """
-    query_index = torch.arange(new_tokens, device=slopes.device) + (total - new_tokens)  # [S]
+    total = attention_mask.shape[1]
+    past = total - new_tokens
     key_index = torch.arange(total, device=slopes.device)  # [P+S]
-    distance = (query_index[:, None] - key_index[None, :]).to(slopes.dtype)  # [S, P+S]
+    in_use = (attention_mask[:, :past] != 0).to(torch.int64) * (key_index[:past] + 1)  # [B, P]: slot + 1 if real
+    used = torch.cat((in_use.flatten(), torch.zeros(1, dtype=torch.int64, device=slopes.device))).max()  # scalar
+    key_slot = torch.where(key_index < past, key_index, key_index - past + used)  # [P+S]
+    query_slot = key_slot[past:]  # [S]
+    distance = (query_slot[:, None] - key_slot[None, :]).to(slopes.dtype)  # [S, P+S]
     return (-slopes[:, None, None] * distance)[None]  # [1, H, S, P+S]
 
 
@@ -86,9 +94,9 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: Tensor, positions: tuple[Tensor, ...], allowed: Tensor, past_key: Tensor, past_value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], present key/value [B, H, P+S, Dh].
+        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], the new tokens' key/value [B, H, S, Dh].
 
-        `positions` is (cos, sin) for rotary embeddings, or (alibi bias,).
+        `positions` is (cos, sin) for rotary embeddings, or (alibi bias,). The past is only read, never copied.
         """
         q, k = self.q(x), self.k(x)  # [B, S, D]
         if self.q_norm is not None:
@@ -99,10 +107,8 @@ class SelfAttention(nn.Module):
             q, k = (apply_rotary(t, *positions, self.rotary_channels, self.head_dim) for t in (q, k))
         else:
             (bias,) = positions
-        key = torch.cat([past_key, k], dim=2)  # [B, H, P+S, Dh]
-        value = torch.cat([past_value, v], dim=2)  # [B, H, P+S, Dh]
-        attended = attend(q, key, value, self.head_dim, allowed, bias)
-        return self.o(merge_heads(attended, self.heads * self.head_dim)), key, value
+        attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, allowed, bias)
+        return self.o(merge_heads(attended, self.heads * self.head_dim)), k, v
 
 
 class DecoderLayer(nn.Module):
@@ -127,7 +133,7 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token ids + caches -> logits and the updated self-attention cache (see the `decoder` graph contract)."""
+    """Token ids + caches -> logits and the new tokens' self-attention K/V (see the `decoder` graph contract)."""
 
     def __init__(self, *, config: DecoderConfig, visual_width: int):
         super().__init__()
@@ -158,36 +164,43 @@ class Decoder(nn.Module):
 
         Args:
             input_ids: i64 [B, S].
-            attention_mask: i64 [B, P+S], 1 for real tokens, 0 for padding.
-            past_keys, past_values: one f32 [B, H, P, Dh] per decoder layer (P may be 0).
+            attention_mask: i64 [B, P+S], 1 for real tokens, 0 for padding and for unused past slots.
+            past_keys, past_values: one f32 [B, H, P, Dh] per decoder layer (P may be 0). Slots after the cached
+                tokens may be unused room (a static cache fed whole), masked by `attention_mask`.
             cross_keys, cross_values: one f32 [B, H, M*L, Dh] per gated block (from `project_visual`).
             image_attention_mask: i64 [B, S, M], 1 where token s may attend to image m.
 
         Returns:
-            logits [B, S, V] and the present keys/values, one [B, H, P+S, Dh] per decoder layer.
+            logits [B, S, V] and the new tokens' keys/values, one [B, H, S, Dh] per decoder layer: the caller
+            writes them into its cache (`append_kv` for a growing torch cache).
         """
         new_tokens = input_ids.shape[1]
         allowed, positions = causal_mask_and_positions(attention_mask, new_tokens)
         if self.config.positions == "alibi":
-            position_terms = (alibi_bias(self.alibi_slopes, new_tokens, attention_mask.shape[1]),)
+            position_terms = (alibi_bias(self.alibi_slopes, attention_mask, new_tokens),)
         else:
             position_terms = rotary_cos_sin(positions, self.inverse_frequencies)
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
         x = self.embed(input_ids)  # [B, S, D]
         # every gated block attends over the same M*L visual tokens: their masks are computed once
         masks = cross_attention_masks(image_attention_mask, cross_keys[0].shape[2], x.dtype) if cross_index else None
-        present_keys, present_values = [], []
+        new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             if index in cross_index:
                 block = cross_index[index]
                 x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask, masks)
             x, key, value = layer(x, position_terms, allowed, past_keys[index], past_values[index])
-            present_keys.append(key)
-            present_values.append(value)
-        return self.lm_head(self.norm(x)), present_keys, present_values
+            new_keys.append(key)
+            new_values.append(value)
+        return self.lm_head(self.norm(x)), new_keys, new_values
 
     def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
         """P = 0 past keys/values for a prefill: one [B, H, 0, Dh] per layer."""
         shape = (batch, self.config.heads, 0, self.config.head_dim)
         empty = [torch.zeros(shape, dtype=dtype, device=self.embed.weight.device) for _ in self.layers]
         return empty, list(empty)
+
+
+def append_kv(past: list[Tensor], new: list[Tensor]) -> list[Tensor]:
+    """A growing torch cache (the reference's): each layer's past [B, H, P, Dh] extended by its new [B, H, S, Dh]."""
+    return [torch.cat((old, added), dim=2) for old, added in zip(past, new)]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from flamingo_edge.models.decoder import append_kv
 from flamingo_edge.models.flamingo import FlamingoModel, images_to_rows
 
 
@@ -39,6 +40,7 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
     values = [images_to_rows(v, batch) for v in values]
     past_keys, past_values = model.decoder.empty_cache(batch)
     logits, past_keys, past_values = model.decoder(ids, mask, past_keys, past_values, keys, values, image_mask)
+    # (a P = 0 prefill: the new K/V are the whole cache)
     new_image_mask = image_mask[:, -1:]
     done = torch.zeros(batch, dtype=torch.bool)
     tokens = []
@@ -49,8 +51,9 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, past_keys, past_values = model.decoder(token[:, None], mask, past_keys, past_values, keys, values,
-                                                       new_image_mask)
+        logits, new_keys, new_values = model.decoder(token[:, None], mask, past_keys, past_values, keys, values,
+                                                     new_image_mask)
+        past_keys, past_values = append_kv(past_keys, new_keys), append_kv(past_values, new_values)
     out = torch.stack(tokens, dim=1)
     padding = torch.full((batch, max_new_tokens - out.shape[1]), pad_token_id, dtype=out.dtype)
     return torch.cat([out, padding], dim=1).numpy()

@@ -73,6 +73,16 @@ def merge_heads(x: Tensor, width: int) -> Tensor:
     return x.reshape(x.shape[0], -1, width)  # [B, S, H*Dh]
 
 
+def attention_weights(scores: Tensor, allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Scores [B, H, S, T] -> softmax weights in `dtype`: `bias` added (ALiBi), disallowed keys masked, the softmax
+    in float32."""
+    if bias is not None:
+        scores = scores + cast(bias, scores.dtype)
+    if allowed is not None:
+        scores = torch.where(allowed, scores, MASKED_SCORE)
+    return cast(torch.softmax(cast(scores, torch.float32), dim=-1), dtype)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | None = None,
            bias: Tensor | None = None) -> Tensor:
     """Softmax attention. q [B, H, S, Dh], k/v [B, H, T, Dh], allowed bool and bias (added to the scores, ALiBi)
@@ -81,12 +91,23 @@ def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | Non
     A row with nothing allowed comes out as the mean of v: callers that can have such rows must gate them.
     """
     scores = torch.matmul(q * head_dim ** -0.5, k.transpose(-1, -2))  # [B, H, S, T]
-    if bias is not None:
-        scores = scores + cast(bias, scores.dtype)
-    if allowed is not None:
-        scores = torch.where(allowed, scores, MASKED_SCORE)
-    weights = cast(torch.softmax(cast(scores, torch.float32), dim=-1), v.dtype)
-    return torch.matmul(weights, v)  # [B, H, S, Dh]
+    return torch.matmul(attention_weights(scores, allowed, bias, v.dtype), v)  # [B, H, S, Dh]
+
+
+def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tensor, value: Tensor, head_dim: int,
+                      allowed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Attention of S new queries over P cached keys/values and the S new ones, without concatenating the cache.
+
+    q/key/value [B, H, S, Dh], past_key/past_value [B, H, P, Dh]; allowed bool and bias broadcastable to
+    [B, H, S, P+S] (the past's slots first). The same numbers as `attend(q, cat(past, new), ...)`, but the past is
+    only read: no per-step copy of the whole cache into a P+S tensor. Only the scores are joined, [B, H, S, P+S],
+    a Dh-th of the K/V's size.
+    """
+    q = q * head_dim ** -0.5
+    scores = torch.cat((torch.matmul(q, past_key.transpose(-1, -2)), torch.matmul(q, key.transpose(-1, -2))), dim=-1)
+    weights = attention_weights(scores, allowed, bias, value.dtype)  # [B, H, S, P+S]
+    past = past_key.shape[2]
+    return torch.matmul(weights[..., :past], past_value) + torch.matmul(weights[..., past:], value)  # [B, H, S, Dh]
 
 
 def rotary_inverse_frequencies(*, head_dim: int, theta: float) -> Tensor:

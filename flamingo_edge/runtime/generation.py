@@ -41,33 +41,24 @@ class StopCondition:
     strings: tuple[str, ...] = ()
 
 
-def decoder_feed(spec: GraphSpec, input_ids: np.ndarray, attention_mask: np.ndarray, cache: SelfAttentionCache,
-                 cross: Mapping[str, np.ndarray], image_attention_mask: np.ndarray, padded_to: int | None = None,
-                 ) -> dict[str, np.ndarray]:
-    """The decoder's inputs by name: new tokens [B, S], mask [B, P+S], past K/V, cross K/V, image mask [B, S, M].
-
-    With `padded_to`, the past has that fixed length P (`SelfAttentionCache.feed`), and the mask is rebuilt to match:
-    the cached tokens' mask, zeros for the unused slots, then the new tokens' mask. The decoder takes positions from
-    the mask, so the result is the same as without padding.
-    """
-    if padded_to is not None:
-        past, new = cache.length, input_ids.shape[1]
-        mask = np.zeros((attention_mask.shape[0], padded_to + new), attention_mask.dtype)
-        mask[:, :past] = attention_mask[:, :past]
-        mask[:, padded_to:] = attention_mask[:, past : past + new]
-        attention_mask = mask
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "image_attention_mask": image_attention_mask}
-    feed.update(cache.feed(padded_to))
+def decoder_feed(spec: GraphSpec, input_ids: np.ndarray, new_mask: np.ndarray, cache: SelfAttentionCache,
+                 cross: Mapping[str, np.ndarray], image_attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoder's inputs by name: new tokens [B, S], their mask `new_mask` [B, S] (1 = real token), the cache's
+    past K/V and its `attention_mask` over past slots + new tokens (`SelfAttentionCache.feed`), the rows' cross K/V
+    and the image mask [B, S, M]."""
+    feed = {"input_ids": input_ids, "image_attention_mask": image_attention_mask}
+    feed.update(cache.feed(new_mask))
     feed.update(cross)
     return {name: feed[name] for name in spec.input_names}
 
 
-def run_decoder(session, input_ids, attention_mask, cache, cross, image_attention_mask, *,
-                padded_to: int | None = None) -> np.ndarray:
-    """Run S new tokens, append their K/V to the cache, return logits [B, S, V] (`padded_to`: see decoder_feed)."""
-    outputs = session.run(decoder_feed(session.spec, input_ids, attention_mask, cache, cross, image_attention_mask,
-                                       padded_to))
-    cache.update(outputs, input_ids.shape[1], past=padded_to)
+def run_decoder(session, input_ids, new_mask, cache, cross, image_attention_mask) -> np.ndarray:
+    """Run S new tokens after the cached ones, write their K/V into the cache, return logits [B, S, V].
+
+    `new_mask` [B, S]: the new tokens' attention mask (the prompt's for a prefill, ones for a decode step).
+    """
+    outputs = session.run(decoder_feed(session.spec, input_ids, new_mask, cache, cross, image_attention_mask))
+    cache.update(outputs, new_mask)
     return outputs["logits"]
 
 
@@ -110,40 +101,47 @@ class TextStream:
 def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
              image_attention_mask: np.ndarray, cross: Mapping[str, np.ndarray], cache: SelfAttentionCache,
              sampler: Sampler, stop: StopCondition, *, pad_token_id: int, start: float | None = None,
-             on_prefill: Callable[[SelfAttentionCache], None] | None = None,
-             static_past: int | None = None) -> Iterator[GenerationStep]:
+             on_prefill: Callable[[SelfAttentionCache], None] | None = None) -> Iterator[GenerationStep]:
     """Prefill the prompt, then decode one token at a time, yielding a step per token.
+
+    A decode step's host work does not grow with the context: the cache feeds its whole buffers and writes one slot
+    (`SelfAttentionCache`), the history is a preallocated array the sampler sees a view of, and the text of a row is
+    decoded from its generated tokens only.
 
     Args:
         decoder: the decoder Session.
         tokenizer: for the streamed text.
         input_ids, attention_mask: int64 [B, S] prompt (padded); image_attention_mask: int64 [B, S, M].
         cross: cross_key.i / cross_value.i [B, Hx, M*L, Dh] for the rows' images.
-        cache: a self-attention cache with room for S + stop.max_new_tokens tokens, empty or already holding the
-            K/V of the prompt's first P tokens (a reused prefix): then only the other S - P are run.
+        cache: a self-attention cache with room for S + stop.max_new_tokens - 1 tokens (the last token is never
+            fed), empty or already holding the K/V of the prompt's first P tokens (a reused prefix): then only the
+            other S - P are run. Its capacity is the past every decode step feeds: the same for every step, and for
+            every generation when it is the context (a CUDA graph replays them).
         sampler: picks the next token from logits [B, V] and the history [B, T].
         stop: when rows are done.
         pad_token_id: fed to rows that have finished.
         start: perf_counter() when the work for the first token began (default: now).
         on_prefill: called with the cache once the prompt is in it (e.g. to keep it as a reusable prefix).
-        static_past: decode steps feed a past of this fixed length (masked padding after the cached tokens), so
-            every step has the same shapes (a CUDA graph replays them); needs a cache of at least this capacity.
     """
     start = time.perf_counter() if start is None else start
-    batch = input_ids.shape[0]
+    batch, prompt = input_ids.shape
     cached = cache.length  # prompt tokens whose K/V are already in the cache (a reused prefix)
-    logits = run_decoder(decoder, input_ids[:, cached:], attention_mask, cache, cross,
+    logits = run_decoder(decoder, input_ids[:, cached:], attention_mask[:, cached:], cache, cross,
                          image_attention_mask[:, cached:])
     if on_prefill:
         on_prefill(cache)
     new_image_mask = image_attention_mask[:, -1:, :]  # generated tokens attend as the prompt's last token does
+    new_mask = np.ones((batch, 1), np.int64)  # every row's new token is real (finished rows are fed the pad token)
     streams = [TextStream(tokenizer) for _ in range(batch)]
     finished = np.zeros(batch, dtype=bool)
-    history = input_ids
+    history = np.empty((batch, prompt + stop.max_new_tokens), np.int64)  # the sampler sees history[:, :T]
+    history[:, :prompt] = input_ids
+    stop_ids = np.fromiter(stop.token_ids, np.int64, len(stop.token_ids))
     for index in range(stop.max_new_tokens):
-        tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history)).astype(np.int64)
+        tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history[:, : prompt + index]))
+        tokens = tokens.astype(np.int64)
         texts = ["" if finished[row] else streams[row].push(int(tokens[row])) for row in range(batch)]
-        by_token = np.isin(tokens, list(stop.token_ids))
+        by_token = np.isin(tokens, stop_ids)
         by_string = np.array(
             [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
         )
@@ -157,7 +155,5 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
         if finished.all():
             return
         start = time.perf_counter()
-        history = np.concatenate([history, tokens[:, None]], axis=1)
-        attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-        logits = run_decoder(decoder, tokens[:, None], attention_mask, cache, cross, new_image_mask,
-                             padded_to=static_past)
+        history[:, prompt + index] = tokens
+        logits = run_decoder(decoder, tokens[:, None], new_mask, cache, cross, new_image_mask)

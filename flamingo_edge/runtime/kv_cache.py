@@ -1,8 +1,9 @@
 """The runtime's two caches: the decoder's self-attention K/V, and the cross-attention K/V of each image.
 
-    decoder step: feed() ──past_key.l / past_value.l [B, H, P, Dh]──▶ decoder ──present_* [B, H, P+S, Dh]──▶ update()
-    image:        key_of(pixels) ──get──▶ hit: cross_key.i / cross_value.i [1, Hx, L, Dh]
-                                        └─ miss: vision → resampler → xattn_kv ──put──▶
+    decode step: feed() ──past_key.l / past_value.l [B, H, C, Dh] (the whole buffer, zero-copy)──▶ decoder
+                 decoder ──new_key.l / new_value.l [B, H, 1, Dh]──▶ update(): written in place at slot P
+    image:       key_of(pixels) ──get──▶ hit: cross_key.i / cross_value.i [1, Hx, L, Dh]
+                                       └─ miss: vision → resampler → xattn_kv ──put──▶
 
 Plain numpy, no torch. Tensor names come from `graphs.py`.
 """
@@ -18,14 +19,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from flamingo_edge.errors import GraphContractError, PromptTooLongError, UsageError
-from flamingo_edge.graphs import past_key, past_value, present_key, present_value
+from flamingo_edge.graphs import new_key, new_value, past_key, past_value
 
 
 class SelfAttentionCache:
-    """Every decoder layer's past keys and values, preallocated for `capacity` tokens per row.
+    """Every decoder layer's keys and values in one preallocated [B, H, C, Dh] buffer per layer, written in place.
 
-    The decoder graph takes the past as plain tensors [B, H, P, Dh] (P may be 0) and returns it extended by the S new
-    tokens; the cache keeps only the new positions, so nothing is stored twice.
+    C is the capacity: the most tokens a row may hold. Slots 0..P-1 hold the cached tokens (P = `length`), the rest is
+    room. A decode step (S = 1) feeds the *whole* buffers as the past, without copying them (ONNX Runtime reads a
+    contiguous numpy array where it lies; TensorRT binds it once), and an attention mask [B, C + 1] kept next to them
+    that marks the slots in use; the decoder returns only the new token's K/V, which `update` writes at slot P. So a
+    step's host work does not grow with the context: one column of the mask and one slot per layer are written.
+
+    A prefill (S > 1) feeds the cached prefix (often empty) as a P-token past: once per prompt, a prompt-sized copy
+    instead of attention over the unused slots for every prompt token.
     """
 
     def __init__(self, *, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
@@ -35,68 +42,82 @@ class SelfAttentionCache:
         Args:
             layers: decoder layers (one key and one value buffer each).
             batch, heads, head_dim: B, H and Dh of the decoder graph.
-            capacity: the most tokens (prompt + generated) a row may hold.
+            capacity: the most tokens (prompt + generated) a row may hold; decode steps feed this many past slots.
             dtype: of the buffers (the decoder's K/V dtype).
         """
         self.capacity, self.length = capacity, 0  # length = P, the tokens cached so far
         shape = (batch, heads, capacity, head_dim)  # [B, H, capacity, Dh]
         self.keys = [np.zeros(shape, dtype) for _ in range(layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(layers)]
+        # 1 for the slots in use by a real token; the last column is a decode step's new token: fed as it is.
+        self.mask = np.zeros((batch, capacity + 1), np.int64)
 
-    def feed(self, padded_to: int | None = None) -> dict[str, np.ndarray]:
-        """The decoder's past inputs: `past_key.{l}` / `past_value.{l}` [B, H, P, Dh], contiguous copies.
+    def feed(self, new_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder's past inputs and its `attention_mask`, for S new tokens whose mask is `new_mask` [B, S].
 
-        With `padded_to`, P is that fixed length: the cached tokens first, then unused slots that the caller's
-        attention mask must mark as padding (a fixed-shape decode step, e.g. for a CUDA graph).
+        S = 1 (a decode step): the whole buffers (P = capacity, unused slots masked) and the kept mask, no copies.
+        S > 1 (a prefill): the P cached tokens, contiguous copies, and their mask followed by `new_mask`.
+
+        Raises:
+            PromptTooLongError: the S new tokens do not fit (checked before anything runs).
         """
-        length = self.length if padded_to is None else padded_to
-        if length > self.capacity or length < self.length:
-            raise ValueError(f"padded_to={padded_to} must lie in [{self.length}, {self.capacity}]")
-        feed = {}
+        new = new_mask.shape[1]
+        if self.length + new > self.capacity:
+            raise PromptTooLongError(
+                f"the self-attention cache needs {self.length + new} tokens ({self.length} cached + {new} new) but "
+                f"holds {self.capacity}; shorten the prompt, generate fewer tokens, or make the cache larger")
+        if new == 1:
+            self.mask[:, -1] = new_mask[:, 0]
+            feed = {"attention_mask": self.mask}
+            for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+                feed[past_key(layer)], feed[past_value(layer)] = keys, values
+            return feed
+        feed = {"attention_mask": np.concatenate([self.mask[:, : self.length], new_mask], axis=1)}
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
-            # A [:, :, :P] slice of the buffer is strided; backends want contiguous memory, and callers may keep it.
-            feed[past_key(layer)] = np.ascontiguousarray(keys[:, :, :length])
-            feed[past_value(layer)] = np.ascontiguousarray(values[:, :, :length])
+            # A [:, :, :P] slice of the buffer is strided; backends want contiguous memory.
+            feed[past_key(layer)] = np.ascontiguousarray(keys[:, :, : self.length])
+            feed[past_value(layer)] = np.ascontiguousarray(values[:, :, : self.length])
         return feed
 
-    def update(self, outputs: Mapping[str, np.ndarray], new_tokens: int, past: int | None = None) -> None:
-        """Store the K/V of `new_tokens` new positions from the decoder's outputs.
+    def update(self, outputs: Mapping[str, np.ndarray], new_mask: np.ndarray) -> None:
+        """Write the new tokens' K/V from the decoder's outputs at the next slots (and their mask).
 
         Args:
-            outputs: the decoder's outputs by name; `present_key.{l}` / `present_value.{l}` are [B, H, P+S, Dh].
-            new_tokens: S, the tokens this decoder run added.
-            past: P as fed (`feed(padded_to)`); default the cached length.
+            outputs: the decoder's outputs by name; `new_key.{l}` / `new_value.{l}` are [B, H, S, Dh].
+            new_mask: [B, S], the new tokens' attention mask as fed.
 
         Raises:
             PromptTooLongError: P + S exceeds the capacity (checked before anything is written).
-            GraphContractError: a present tensor is missing or its shape is not [B, H, P+S, Dh].
+            GraphContractError: a new K/V tensor is missing or its shape is not [B, H, S, Dh].
         """
-        needed = self.length + new_tokens
-        past = self.length if past is None else past
+        new = new_mask.shape[1]
+        needed = self.length + new
         if needed > self.capacity:
             raise PromptTooLongError(
-                f"the self-attention cache needs {needed} tokens ({self.length} cached + {new_tokens} new) but holds "
+                f"the self-attention cache needs {needed} tokens ({self.length} cached + {new} new) but holds "
                 f"{self.capacity}; shorten the prompt, generate fewer tokens, or make the cache larger")
         pairs = [(buffer, name(layer)) for layer in range(len(self.keys))
-                 for buffer, name in ((self.keys[layer], present_key), (self.values[layer], present_value))]
+                 for buffer, name in ((self.keys[layer], new_key), (self.values[layer], new_value))]
         for buffer, name in pairs:
-            self._check_present(outputs, name, buffer.shape, past + new_tokens)
-        for buffer, name in pairs:  # the new positions are the last S of the present
-            buffer[:, :, self.length : needed] = outputs[name][:, :, past:]
+            self._check_new(outputs, name, buffer.shape, new)
+        for buffer, name in pairs:
+            buffer[:, :, self.length : needed] = outputs[name]
+        self.mask[:, self.length : needed] = new_mask
         self.length = needed
 
-    def _check_present(self, outputs: Mapping[str, np.ndarray], name: str, shape: tuple, needed: int) -> None:
+    def _check_new(self, outputs: Mapping[str, np.ndarray], name: str, shape: tuple, new: int) -> None:
         batch, heads, _, head_dim = shape
-        expected = (batch, heads, needed, head_dim)
+        expected = (batch, heads, new, head_dim)
         got = outputs[name].shape if name in outputs else None
         if got != expected:
             raise GraphContractError(f"decoder output {name!r} has shape {got}; the self-attention cache expects "
-                                     f"{expected} [B, H, P+S, Dh] (P={self.length}); the cache and the decoder graph "
-                                     "disagree on the model's sizes")
+                                     f"{expected} [B, H, S, Dh] (S={new}); the cache and the decoder graph disagree "
+                                     "on the model's sizes")
 
     def reset(self) -> None:
         """Forget every cached token (the buffers are kept)."""
         self.length = 0
+        self.mask[:] = 0
 
     def snapshot(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of the cached keys and values, one [B, H, P, Dh] per layer."""
@@ -104,7 +125,8 @@ class SelfAttentionCache:
                 [v[:, :, : self.length].copy() for v in self.values])
 
     def load(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        """Start from stored keys and values ([B, H, P, Dh] per layer, e.g. a prompt prefix), replacing the cache.
+        """Start from stored keys and values ([B, H, P, Dh] per layer of real tokens, e.g. a prompt prefix),
+        replacing the cache.
 
         Raises:
             PromptTooLongError: P exceeds the capacity.
@@ -114,6 +136,8 @@ class SelfAttentionCache:
             raise PromptTooLongError(f"a cached prefix of {length} tokens does not fit a cache of {self.capacity}")
         for buffer, stored in (*zip(self.keys, keys), *zip(self.values, values)):
             buffer[:, :, :length] = stored
+        self.mask[:] = 0
+        self.mask[:, :length] = 1
         self.length = length
 
 

@@ -239,6 +239,12 @@ class Pipeline:
                 raise PromptError(f"prompt {row} has {len(row_images)} images; at most {self.max_images} are allowed "
                                   "(Pipeline.open(max_images=...))")
 
+    def _capacity(self, prompt: int, max_new_tokens: int) -> int:
+        """Slots of a generation's self-attention cache: every decode step feeds them all as its past. The prompt and
+        every generated token but the last (never fed); with `static_decode`, the context less that one token, the
+        same for every generation."""
+        return max(prompt, self.max_context - 1 if self.static_decode else prompt + max_new_tokens - 1)
+
     def _prepare(self, prompts: list, max_new_tokens: int, *, use_prefix: bool = True):
         """Tokenize, check the limits (before any graph runs), gather the rows' cross K/V, size the KV cache and,
         for a single prompt, fill it with the longest cached prefix. Returns (batch, cross, cache, on_prefill)."""
@@ -247,9 +253,9 @@ class Pipeline:
         keys = [[CrossAttentionCache.key_of(image) for image in row] for row in batch.images]  # hashed once
         cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys)
         text = self.config.decoder
-        needed = batch.input_ids.shape[1] + max_new_tokens
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
-                                   head_dim=text.head_dim, capacity=self.max_context if self.static_decode else needed)
+                                   head_dim=text.head_dim, capacity=self._capacity(batch.input_ids.shape[1],
+                                                                                   max_new_tokens))
         self._count("prefill_runs")
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
             return batch, cross, cache, None
@@ -314,7 +320,7 @@ class Pipeline:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
                              batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start,
-                             on_prefill=keep_prefix, static_past=self.max_context - 1 if self.static_decode else None):
+                             on_prefill=keep_prefix):
             self._count("decode_tokens")
             yield step
 

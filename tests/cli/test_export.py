@@ -9,7 +9,7 @@ from flamingo_edge.cli.main import main
 def test_export_command(idefics_checkpoint, tmp_path, capsys):
     assert main(["export", str(idefics_checkpoint), "-o", str(tmp_path / "out"), "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "decoder" in out and "export.json (contract v1, opset 17)" in out
+    assert "decoder" in out and "export.json (contract v2, opset 17)" in out
     assert set(read_export_record(tmp_path / "out").graphs) == {"vision", "resampler", "xattn_kv", "decoder"}
 
 

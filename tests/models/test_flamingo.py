@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flamingo_edge.models import FlamingoModel, load_checkpoint
+from flamingo_edge.models.decoder import append_kv
 from flamingo_edge.models.flamingo import images_to_rows
 from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error
 
@@ -46,9 +47,10 @@ def test_prefill_then_stepwise_decode_equals_full_forward(model, seed):
         )
         pieces = [steps]
         for t in range(prefill, ids.shape[1]):
-            step, past_k, past_v = model.decoder(
+            step, new_k, new_v = model.decoder(
                 ids[:, t : t + 1], mask[:, : t + 1], past_k, past_v, keys, values, image_mask[:, t : t + 1]
             )
+            past_k, past_v = append_kv(past_k, new_k), append_kv(past_v, new_v)
             pieces.append(step)
     stepwise = torch.cat(pieces, dim=1)
     real = mask.bool()

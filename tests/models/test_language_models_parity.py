@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from flamingo_edge.config import DecoderConfig  # noqa: E402
-from flamingo_edge.models.decoder import Decoder  # noqa: E402
+from flamingo_edge.models.decoder import Decoder, append_kv  # noqa: E402
 from flamingo_edge.models.importers.language_models import language_model, lm_weights  # noqa: E402
 from flamingo_edge.tolerances import LOGITS_REL_TOL  # noqa: E402
 
@@ -65,20 +65,38 @@ def _ours(hf_config: dict, tensors: dict[str, torch.Tensor]) -> Decoder:
     return decoder.eval()
 
 
-def _run(decoder: Decoder, ids: torch.Tensor, split: int | None = None) -> torch.Tensor:
-    """Logits for ids [B, S]; with `split`, prefill `split` tokens then one token at a time from the cache."""
+def _run(decoder: Decoder, ids: torch.Tensor, split: int | None = None, *, room: int | None = None) -> torch.Tensor:
+    """Logits for ids [B, S]; with `split`, prefill `split` tokens then one token at a time from the cache.
+
+    With `room`, the cache is the runtime's static one: every step feeds a whole [B, H, S + room, Dh] buffer whose
+    unused slots hold garbage and are masked, and the new K/V are written into it (ALiBi must not count those slots).
+    """
     batch, length = ids.shape
-    empty = torch.zeros(batch, 1, 0, 1)
     no_image = torch.zeros(batch, 1, 1, dtype=torch.int64)
     past_keys, past_values = decoder.empty_cache(batch)
     steps = [(0, length)] if split is None else [(0, split)] + [(i, i + 1) for i in range(split, length)]
+    config = decoder.config
+    if room is not None:
+        slots = length + room
+        buffers = [torch.randn(batch, config.heads, slots, config.head_dim) * 50 for _ in range(2 * config.layers)]
+        in_use = torch.zeros(batch, slots, dtype=torch.int64)
     logits = []
     for start, end in steps:
-        mask = torch.ones(batch, end, dtype=torch.int64)
-        out, past_keys, past_values = decoder(ids[:, start:end], mask, past_keys, past_values, [], [],
-                                              no_image.expand(batch, end - start, 1))
+        new = end - start
+        if room is None or start == 0:
+            mask = torch.ones(batch, end, dtype=torch.int64)
+        else:
+            past_keys, past_values = buffers[0::2], buffers[1::2]
+            mask = torch.cat((in_use, torch.ones(batch, new, dtype=torch.int64)), dim=1)
+        out, new_keys, new_values = decoder(ids[:, start:end], mask, past_keys, past_values, [], [],
+                                            no_image.expand(batch, new, 1))
+        if room is None:
+            past_keys, past_values = append_kv(past_keys, new_keys), append_kv(past_values, new_values)
+        else:
+            for buffer, added in zip(buffers, (t for pair in zip(new_keys, new_values) for t in pair)):
+                buffer[:, :, start:end] = added
+            in_use[:, start:end] = 1
         logits.append(out)
-    del empty
     return torch.cat(logits, dim=1)
 
 
@@ -112,8 +130,9 @@ def test_language_model_matches_transformers(kind, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 11), generator=rng)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        whole, stepped = _run(ours, ids), _run(ours, ids, split=6)
+        whole, stepped, static = _run(ours, ids), _run(ours, ids, split=6), _run(ours, ids, split=6, room=5)
     scale = expected.abs().max().item()
     assert scale > 1.0, "weights too small for a meaningful comparison"
     assert (whole - expected).abs().max().item() <= LOGITS_REL_TOL * scale, f"seed {seed}"
     assert (stepped - expected).abs().max().item() <= LOGITS_REL_TOL * scale, f"seed {seed}"
+    assert (static - expected).abs().max().item() <= LOGITS_REL_TOL * scale, f"seed {seed}"

@@ -1,4 +1,5 @@
-"""The self-attention cache against plain concatenation, its limits; the image cache's content keys and LRU."""
+"""The self-attention cache against plain concatenation, its in-place static buffers and limits; the image cache's
+content keys and LRU."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from flamingo_edge.errors import GraphContractError, PromptTooLongError, UsageError
-from flamingo_edge.graphs import cross_key, cross_value, past_key, past_value, present_key, present_value
+from flamingo_edge.graphs import cross_key, cross_value, new_key, new_value, past_key, past_value
 from flamingo_edge.runtime.kv_cache import CrossAttentionCache, SelfAttentionCache
 
 LAYERS, BATCH, HEADS, HEAD_DIM = 3, 2, 4, 5
@@ -16,12 +17,11 @@ def _cache(capacity: int) -> SelfAttentionCache:
     return SelfAttentionCache(layers=LAYERS, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, capacity=capacity)
 
 
-def _decoder_outputs(feed, new_kv):
-    """What a decoder returns: present = past ++ the new tokens' K/V, [B, H, P+S, Dh] per layer."""
+def _decoder_outputs(new_kv):
+    """What a decoder returns: the new tokens' K/V, [B, H, S, Dh] per layer."""
     outputs = {}
     for layer in range(LAYERS):
-        outputs[present_key(layer)] = np.concatenate([feed[past_key(layer)], new_kv[layer][0]], axis=2)
-        outputs[present_value(layer)] = np.concatenate([feed[past_value(layer)], new_kv[layer][1]], axis=2)
+        outputs[new_key(layer)], outputs[new_value(layer)] = new_kv[layer]
     return outputs
 
 
@@ -31,68 +31,125 @@ def _new_kv(rng, tokens):
             for _ in range(LAYERS)]
 
 
+def _ones(tokens):
+    return np.ones((BATCH, tokens), np.int64)
+
+
 def test_feed_and_update_equal_concatenation(seed):
+    """Prefills see exactly the cached tokens; decode steps see the whole buffer, whose first P slots are the
+    concatenation of everything written and whose unused slots are masked."""
     rng = np.random.default_rng(seed)
-    chunks = [int(rng.integers(1, 6)), 1, 1, int(rng.integers(1, 4)), 1]  # a prefill, then decode steps
-    cache = _cache(sum(chunks))
-    history = []  # every chunk's new K/V, the reference
+    chunks = [int(rng.integers(2, 6)), 1, 1, int(rng.integers(2, 4)), 1]  # a prefill, steps, a prefill, a step
+    capacity = sum(chunks) + 2
+    cache = _cache(capacity)
+    history, masks = [], []  # every chunk's new K/V and mask, the reference
     for tokens in chunks:
-        feed = cache.feed()
-        assert set(feed) == {name(layer) for layer in range(LAYERS) for name in (past_key, past_value)}
+        new_mask = _ones(tokens)
+        if not history:
+            new_mask[1, : tokens - 1] = 0  # left padding on the second row
+        feed = cache.feed(new_mask)
+        assert set(feed) == {"attention_mask"} | {name(layer) for layer in range(LAYERS) for name in (past_key, past_value)}
+        past = cache.length
+        expected_mask = np.concatenate([*masks, new_mask], axis=1)
+        if tokens == 1:  # the whole buffer and the kept mask: unused slots masked, the new token last
+            assert feed["attention_mask"].shape == (BATCH, capacity + 1)
+            np.testing.assert_array_equal(feed["attention_mask"][:, :past], expected_mask[:, :past])
+            assert not feed["attention_mask"][:, past:capacity].any()
+            np.testing.assert_array_equal(feed["attention_mask"][:, capacity:], new_mask)
+        else:
+            np.testing.assert_array_equal(feed["attention_mask"], expected_mask)
         for layer in range(LAYERS):
             expected = [np.concatenate([kv[layer][i] for kv in history], axis=2) if history
                         else np.zeros((BATCH, HEADS, 0, HEAD_DIM), np.float32) for i in (0, 1)]
-            np.testing.assert_array_equal(feed[past_key(layer)], expected[0])
-            np.testing.assert_array_equal(feed[past_value(layer)], expected[1])
-            assert feed[past_key(layer)].flags.c_contiguous
+            fed = feed[past_key(layer)], feed[past_value(layer)]
+            assert all(t.flags.c_contiguous and t.shape[2] == (capacity if tokens == 1 else past) for t in fed)
+            np.testing.assert_array_equal(fed[0][:, :, :past], expected[0])
+            np.testing.assert_array_equal(fed[1][:, :, :past], expected[1])
         new_kv = _new_kv(rng, tokens)
-        cache.update(_decoder_outputs(feed, new_kv), tokens)
+        cache.update(_decoder_outputs(new_kv), new_mask)
         history.append(new_kv)
+        masks.append(new_mask)
         assert cache.length == sum(kv[0][0].shape[2] for kv in history)
-    assert cache.length == cache.capacity
+    assert cache.length == sum(chunks)
 
 
-def test_feed_arrays_are_copies_the_caller_may_keep(seed):
+def test_a_decode_step_copies_nothing_and_writes_one_slot(seed):
+    """The host work of a step does not grow with the context: the fed arrays are the cache's own buffers (no copy),
+    and an update writes the new token's slot and mask column only."""
     rng = np.random.default_rng(seed)
-    cache = _cache(4)
-    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 2)), 2)
-    kept = cache.feed()
+    cache = _cache(9)
+    cache.update(_decoder_outputs(_new_kv(rng, 4)), _ones(4))
+    feed = cache.feed(_ones(1))
+    assert feed["attention_mask"] is cache.mask
+    for layer in range(LAYERS):
+        assert feed[past_key(layer)] is cache.keys[layer] and feed[past_value(layer)] is cache.values[layer]
+    before = [buffer.copy() for buffer in (*cache.keys, *cache.values)]
+    mask_before = cache.mask.copy()
+    new_kv = _new_kv(rng, 1)
+    cache.update(_decoder_outputs(new_kv), _ones(1))
+    for buffer, old, written in zip((*cache.keys, *cache.values), before,
+                                    [kv[0] for kv in new_kv] + [kv[1] for kv in new_kv]):
+        np.testing.assert_array_equal(np.delete(buffer, 4, axis=2), np.delete(old, 4, axis=2))
+        np.testing.assert_array_equal(buffer[:, :, 4:5], written)
+    changed = np.argwhere(cache.mask != mask_before)
+    assert set(changed[:, 1]) == {4}
+
+
+def test_prefill_feeds_are_copies_the_caller_may_keep(seed):
+    rng = np.random.default_rng(seed)
+    cache = _cache(8)
+    cache.update(_decoder_outputs(_new_kv(rng, 2)), _ones(2))
+    kept = cache.feed(_ones(2))
     before = {name: value.copy() for name, value in kept.items()}
     kept[past_key(0)][...] = 0  # writing into a fed array does not touch the cache
-    assert np.array_equal(cache.feed()[past_key(0)], before[past_key(0)])
+    assert np.array_equal(cache.feed(_ones(2))[past_key(0)], before[past_key(0)])
     cache.reset()
-    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 3)), 3)  # overwrites the buffers
+    cache.update(_decoder_outputs(_new_kv(rng, 3)), _ones(3))  # overwrites the buffers
     np.testing.assert_array_equal(kept[past_value(1)], before[past_value(1)])
 
 
 def test_reset_empties_the_cache(seed):
     cache = _cache(4)
-    cache.update(_decoder_outputs(cache.feed(), _new_kv(np.random.default_rng(seed), 3)), 3)
+    cache.update(_decoder_outputs(_new_kv(np.random.default_rng(seed), 3)), _ones(3))
     cache.reset()
-    assert cache.length == 0 and cache.feed()[past_value(2)].shape == (BATCH, HEADS, 0, HEAD_DIM)
+    assert cache.length == 0 and not cache.mask.any()
+    assert cache.feed(_ones(2))[past_value(2)].shape == (BATCH, HEADS, 0, HEAD_DIM)
+
+
+def test_load_marks_the_prefix_in_use(seed):
+    rng = np.random.default_rng(seed)
+    cache = _cache(6)
+    cache.update(_decoder_outputs(_new_kv(rng, 5)), _ones(5))
+    prefix = _new_kv(rng, 3)
+    cache.load([kv[0] for kv in prefix], [kv[1] for kv in prefix])
+    mask = cache.feed(_ones(1))["attention_mask"]
+    assert cache.length == 3 and mask[:, :3].all() and not mask[:, 3:6].any()
+    np.testing.assert_array_equal(cache.keys[1][:, :, :3], prefix[1][0])
 
 
 def test_over_capacity_is_refused_before_anything_is_written(seed):
     rng = np.random.default_rng(seed)
     cache = _cache(5)
-    cache.update(_decoder_outputs(cache.feed(), _new_kv(rng, 4)), 4)
-    before = cache.feed()
+    cache.update(_decoder_outputs(_new_kv(rng, 4)), _ones(4))
+    before = [buffer.copy() for buffer in (*cache.keys, *cache.values, cache.mask)]
     with pytest.raises(PromptTooLongError, match=r"needs 6 tokens \(4 cached \+ 2 new\) but holds 5; shorten"):
-        cache.update(_decoder_outputs(before, _new_kv(rng, 2)), 2)
+        cache.feed(_ones(2))
+    with pytest.raises(PromptTooLongError, match=r"needs 6 tokens \(4 cached \+ 2 new\) but holds 5; shorten"):
+        cache.update(_decoder_outputs(_new_kv(rng, 2)), _ones(2))
     assert cache.length == 4
-    for name, value in cache.feed().items():
-        np.testing.assert_array_equal(value, before[name])
+    for buffer, old in zip((*cache.keys, *cache.values, cache.mask), before):
+        np.testing.assert_array_equal(buffer, old)
 
 
-def test_present_of_the_wrong_shape_or_missing(seed):
+def test_new_kv_of_the_wrong_shape_or_missing(seed):
     rng = np.random.default_rng(seed)
     cache = _cache(6)
-    outputs = _decoder_outputs(cache.feed(), _new_kv(rng, 2))
-    with pytest.raises(GraphContractError, match=r"'present_key.0' has shape \(2, 4, 2, 5\); .*expects \(2, 4, 3, 5\)"):
-        cache.update(outputs, 3)  # says 3 new tokens, the decoder returned 2
-    del outputs[present_value(LAYERS - 1)]
-    with pytest.raises(GraphContractError, match=rf"'present_value.{LAYERS - 1}' has shape None"):
-        cache.update(outputs, 2)
+    outputs = _decoder_outputs(_new_kv(rng, 2))
+    with pytest.raises(GraphContractError, match=r"'new_key.0' has shape \(2, 4, 2, 5\); .*expects \(2, 4, 3, 5\)"):
+        cache.update(outputs, _ones(3))  # says 3 new tokens, the decoder returned 2
+    del outputs[new_value(LAYERS - 1)]
+    with pytest.raises(GraphContractError, match=rf"'new_value.{LAYERS - 1}' has shape None"):
+        cache.update(outputs, _ones(2))
     assert cache.length == 0  # nothing was stored by either call
 
 

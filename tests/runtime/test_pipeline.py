@@ -68,9 +68,9 @@ def test_prefill_then_stepwise_decode_equals_full_prefill(pipeline, seed):
     split = 4
     pieces = [run_decoder(pipeline.sessions["decoder"], batch.input_ids[:, :split], batch.attention_mask[:, :split],
                           cache, cross, batch.image_attention_mask[:, :split])]
-    for t in range(split, batch.input_ids.shape[1]):
+    for t in range(split, batch.input_ids.shape[1]):  # each step feeds the whole cache, its unused slots masked
         pieces.append(run_decoder(pipeline.sessions["decoder"], batch.input_ids[:, t : t + 1],
-                                  batch.attention_mask[:, : t + 1], cache, cross,
+                                  batch.attention_mask[:, t : t + 1], cache, cross,
                                   batch.image_attention_mask[:, t : t + 1]))
     assert relative_error(np.concatenate(pieces, axis=1), full) <= LOGITS_REL_TOL
 
