@@ -25,6 +25,12 @@ def natural(text: str) -> int:
     return _integer(text, 0)
 
 
+def counts(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (`32,128,512`), in the order given, repeats dropped."""
+    values = [count(part.strip()) for part in text.split(",")]
+    return list(dict.fromkeys(values))
+
+
 def text(value: str) -> str:
     """Text for the model (a prompt, a stop string): valid UTF-8 (bytes that are not arrive as lone surrogates)."""
     from flamingo_edge.errors import PromptError

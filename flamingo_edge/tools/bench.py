@@ -17,7 +17,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.onnx_weights import weight_bytes_per_token
 from flamingo_edge.runtime.pipeline import Pipeline
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: host_per_token_s, decode_rate_vs_step_rate; several prompt lengths in one report
 STAGES = ("preprocess", "vision", "resampler", "xattn_kv", "prefill", "decode_per_token")
 
 
@@ -196,6 +196,9 @@ class PipelineRuns:
             runs[name].append(sum(log[name]))
         runs["prefill"].append(decoder[0])
         runs["decode_per_token"].append(statistics.median(decoder[1:]) if len(decoder) > 1 else float("nan"))
+        # a decode token's time outside the decoder graph: feeding, the cache update, sampling, stop checks, text
+        outside = sum(step.seconds for step in steps[1:]) - sum(decoder[1:])
+        runs["host_per_token_s"].append(outside / max(len(steps) - 1, 1))
 
     def result(self) -> dict:
         """Spreads of the timed runs, the prompt and the bytes a decode step reads (docs/bench.md)."""
@@ -204,6 +207,10 @@ class PipelineRuns:
                                                  self.prompt_tokens)
         return {"prompt_tokens": self.prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
                 "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
+                "host_per_token_s": report["host_per_token_s"],
+                # end-to-end decode rate / the decoder graph's own step rate (1 = no time outside the graph)
+                "decode_rate_vs_step_rate": report["decode_tokens_per_s"]["median"]
+                * report["decode_per_token"]["median"],
                 "decode_bytes_per_token": bytes_per_token, "prompt": self.prompt[-1]}
 
     def close(self) -> None:
@@ -336,6 +343,23 @@ def bandwidth_floor(result: dict, bandwidth: float) -> dict:
     floor = result["decode_bytes_per_token"] / bandwidth
     per_token = result["stages_s"]["decode_per_token"]["median"]
     return {"decode_floor_s": floor, "fraction_of_floor_reached": floor / per_token}
+
+
+def bench_lengths(export_dir: str | Path, workload: Workload, prompt_lengths: list[int], *,
+                  on_stage: Callable[[str], None] | None = None, **options) -> dict:
+    """`bench` at every prompt length of `prompt_lengths`, one after the other in this process (each with its own
+    references and bandwidth measurement): {"version", "prompt_lengths", "reports": [a `bench` report per length]}."""
+    from flamingo_edge.config import FlamingoConfig
+
+    context = FlamingoConfig.from_dict(read_export_record(export_dir, verify_hashes=False).config).decoder.max_positions
+    if max(prompt_lengths) + workload.new_tokens > context:  # before the shorter lengths' minutes of work
+        raise PromptTooLongError(f"{max(prompt_lengths)} prompt tokens + {workload.new_tokens} new tokens > {context}, "
+                                 "the model's context; lower --prompt-tokens or --new-tokens")
+    reports = []
+    for length in prompt_lengths:
+        stage = (lambda name, length=length: on_stage(f"{length} tokens: {name}")) if on_stage else None
+        reports.append(bench(export_dir, replace(workload, prompt_tokens=length), on_stage=stage, **options))
+    return {"version": REPORT_VERSION, "prompt_lengths": list(prompt_lengths), "reports": reports}
 
 
 def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime", device: str = "auto",

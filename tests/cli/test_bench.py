@@ -56,11 +56,35 @@ def test_prompt_has_the_asked_length(idefics_checkpoint):
             assert count(make_prompt(count, [], tokens)) == tokens
 
 
+def test_several_prompt_lengths_in_one_run(tmp_path, capsys):
+    """One report per length, in the order asked, each with the time outside the graphs, and one table of them."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "demo", "--runs", "1", "--prompt-tokens", "12,8", "--new-tokens", "3",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "prompt tokens | TTFT | decode tokens/s | decoder step | outside the graphs per token" in out
+    report = json.loads(path.read_text())
+    assert report["prompt_lengths"] == [12, 8]
+    assert [one["backend_result"]["prompt_tokens"] for one in report["reports"]] == [12, 8]
+    for one in report["reports"]:
+        ours = one["backend_result"]
+        assert one["workload"]["prompt_tokens"] == ours["prompt_tokens"]
+        # the step's time is inside the token's: what is outside is not negative, the rate ratio at most 1
+        assert ours["host_per_token_s"]["min"] >= 0
+        assert 0 < ours["decode_rate_vs_step_rate"] <= 1.0 + 1e-9
+        assert f"{ours['prompt_tokens']:13d} | " in out
+
+
 def test_bad_workloads_exit_2(capsys):
     assert main(["bench", "demo", "--new-tokens", "1"]) == 2
     assert "--new-tokens must be at least 2" in capsys.readouterr().err
     assert main(["bench", "demo", "--prompt-tokens", "60", "--new-tokens", "30", "--runs", "1"]) == 2
     assert "the model's context" in capsys.readouterr().err
+    assert main(["bench", "demo", "--prompt-tokens", "8,60", "--new-tokens", "30", "--runs", "1"]) == 2
+    assert "60 prompt tokens + 30 new tokens" in capsys.readouterr().err  # refused before the 8-token run
+    with pytest.raises(SystemExit):
+        main(["bench", "demo", "--prompt-tokens", "8,0"])
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
