@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from flamingo_edge.config import DecoderConfig
 from flamingo_edge.models.gated_xattn import GatedCrossAttention, cross_attention_masks
 from flamingo_edge.models.layers import (
+    MASKED_SCORE,
     alibi_slopes,
     apply_rotary,
     attend_after_past,
@@ -92,22 +93,21 @@ class SelfAttention(nn.Module):
         self.k_norm = make_norm(config.norm, **norm) if config.qk_norm else None
 
     def forward(
-        self, x: Tensor, positions: tuple[Tensor, ...], allowed: Tensor, past_key: Tensor, past_value: Tensor
+        self, x: Tensor, rotary: tuple[Tensor, ...], score_bias: Tensor, past_key: Tensor, past_value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], the new tokens' key/value [B, H, S, Dh].
 
-        `positions` is (cos, sin) for rotary embeddings, or (alibi bias,). The past is only read, never copied.
+        `rotary` is (cos, sin) for rotary embeddings, or () (ALiBi: its bias is in `score_bias`). `score_bias`
+        [B, 1 or H, S, P+S] is added to the scores: the causal/padding mask (0 or MASKED_SCORE) and ALiBi, summed
+        once per forward. The past is only read, never copied.
         """
         q, k = self.q(x), self.k(x)  # [B, S, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (split_heads(t, self.heads, self.head_dim) for t in (q, k, self.v(x)))  # [B, H, S, Dh]
-        bias = None
-        if len(positions) == 2:
-            q, k = (apply_rotary(t, *positions, self.rotary_channels, self.head_dim) for t in (q, k))
-        else:
-            (bias,) = positions
-        attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, allowed, bias)
+        if rotary:
+            q, k = (apply_rotary(t, *rotary, self.rotary_channels, self.head_dim) for t in (q, k))
+        attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, None, score_bias)
         return self.o(merge_heads(attended, self.heads * self.head_dim)), k, v
 
 
@@ -124,8 +124,8 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(config.mlp, dim=config.width, hidden=config.mlp_width, act=config.act,
                             bias=config.mlp_bias)
 
-    def forward(self, x, positions, allowed, past_key, past_value):
-        attended, key, value = self.attn(self.attn_norm(x), positions, allowed, past_key, past_value)
+    def forward(self, x, rotary, score_bias, past_key, past_value):
+        attended, key, value = self.attn(self.attn_norm(x), rotary, score_bias, past_key, past_value)
         if self.parallel:
             return x + attended + self.mlp(self.mlp_norm(x)), key, value
         x = x + attended
@@ -176,8 +176,14 @@ class Decoder(nn.Module):
         """
         new_tokens = input_ids.shape[1]
         allowed, positions = causal_mask_and_positions(attention_mask, new_tokens)
+        # One additive term for every layer's scores, computed once: an Add per layer instead of a Where (ONNX
+        # Runtime's broadcasting Where cost a tenth of a 1024-token prefill). A key that is not allowed gets
+        # MASKED_SCORE added, which underflows its softmax weight to exactly 0 as the fill did; only rows with no
+        # allowed key at all (left-padding queries, whose outputs nothing reads) come out differently.
+        score_bias = torch.where(allowed, 0.0, MASKED_SCORE)  # [B, 1, S, P+S]
         if self.config.positions == "alibi":
-            position_terms = (alibi_bias(self.alibi_slopes, attention_mask, new_tokens),)
+            score_bias = score_bias + alibi_bias(self.alibi_slopes, attention_mask, new_tokens)  # [B, H, S, P+S]
+            position_terms = ()
         else:
             position_terms = rotary_cos_sin(positions, self.inverse_frequencies)
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
@@ -189,7 +195,7 @@ class Decoder(nn.Module):
             if index in cross_index:
                 block = cross_index[index]
                 x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask, masks)
-            x, key, value = layer(x, position_terms, allowed, past_keys[index], past_values[index])
+            x, key, value = layer(x, position_terms, score_bias, past_keys[index], past_values[index])
             new_keys.append(key)
             new_values.append(value)
         return self.lm_head(self.norm(x)), new_keys, new_values

@@ -95,7 +95,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | Non
 
 
 def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tensor, value: Tensor, head_dim: int,
-                      allowed: Tensor, bias: Tensor | None = None) -> Tensor:
+                      allowed: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Attention of S new queries over P cached keys/values and the S new ones, without concatenating the cache.
 
     q/key/value [B, H, S, Dh], past_key/past_value [B, H, P, Dh]; allowed bool and bias broadcastable to
@@ -104,7 +104,10 @@ def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tens
     a Dh-th of the K/V's size.
     """
     q = q * head_dim ** -0.5
-    scores = torch.cat((torch.matmul(q, past_key.transpose(-1, -2)), torch.matmul(q, key.transpose(-1, -2))), dim=-1)
+    # (K q^T)^T rather than q K^T for the past: the cache is the product's streamed left operand, the queries the
+    # small right one (ONNX Runtime's GEMM packs the right operand: K^T there cost a copy of the cache per step).
+    past_scores = torch.matmul(past_key, q.transpose(-1, -2)).transpose(-1, -2)  # [B, H, S, P]
+    scores = torch.cat((past_scores, torch.matmul(q, key.transpose(-1, -2))), dim=-1)
     weights = attention_weights(scores, allowed, bias, value.dtype)  # [B, H, S, P+S]
     past = past_key.shape[2]
     return torch.matmul(weights[..., :past], past_value) + torch.matmul(weights[..., past:], value)  # [B, H, S, Dh]
