@@ -62,10 +62,7 @@ class SelfAttentionCache:
             PromptTooLongError: the S new tokens do not fit (checked before anything runs).
         """
         new = new_mask.shape[1]
-        if self.length + new > self.capacity:
-            raise PromptTooLongError(
-                f"the self-attention cache needs {self.length + new} tokens ({self.length} cached + {new} new) but "
-                f"holds {self.capacity}; shorten the prompt, generate fewer tokens, or make the cache larger")
+        self._check_room(new)
         if new == 1:
             self.mask[:, -1] = new_mask[:, 0]
             feed = {"attention_mask": self.mask}
@@ -91,11 +88,8 @@ class SelfAttentionCache:
             GraphContractError: a new K/V tensor is missing or its shape is not [B, H, S, Dh].
         """
         new = new_mask.shape[1]
+        self._check_room(new)
         needed = self.length + new
-        if needed > self.capacity:
-            raise PromptTooLongError(
-                f"the self-attention cache needs {needed} tokens ({self.length} cached + {new} new) but holds "
-                f"{self.capacity}; shorten the prompt, generate fewer tokens, or make the cache larger")
         pairs = [(buffer, name(layer)) for layer in range(len(self.keys))
                  for buffer, name in ((self.keys[layer], new_key), (self.values[layer], new_value))]
         for buffer, name in pairs:
@@ -104,6 +98,13 @@ class SelfAttentionCache:
             buffer[:, :, self.length : needed] = outputs[name]
         self.mask[:, self.length : needed] = new_mask
         self.length = needed
+
+    def _check_room(self, new: int) -> None:
+        """Refuse `new` tokens that do not fit after the cached ones (before anything runs or is written)."""
+        if self.length + new > self.capacity:
+            raise PromptTooLongError(
+                f"the self-attention cache needs {self.length + new} tokens ({self.length} cached + {new} new) but "
+                f"holds {self.capacity}; shorten the prompt, generate fewer tokens, or make the cache larger")
 
     def _check_new(self, outputs: Mapping[str, np.ndarray], name: str, shape: tuple, new: int) -> None:
         batch, heads, _, head_dim = shape
