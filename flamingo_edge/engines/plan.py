@@ -75,11 +75,11 @@ TRT_STAGING_COPIES = 2  # every engine I/O tensor has a device buffer and a pinn
 ORT_PROCESS_BYTES = 55 * MIB  # Python + numpy + onnxruntime + tokenizers + flamingo_edge.runtime, imported
 ORT_OPENCV_BYTES = 15 * MIB  # OpenCV, which the runtime imports to read image files and cameras
 ORT_SESSION_BYTES = 15 * MIB  # the first session's one-time cost (environment, kernel registry, thread pools)
-# RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them: fp32 MatMul weights are pre-packed
-# for MLAS and part of the originals' memory stays in the heap; MatMulNBits keeps its packed blocks and scales beside
-# the originals (1.45 with quantize's merged q/k/v and gate/up products and blocks of 128; it was 1.85 with separate
-# products and blocks of 32); fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts into fp32 copies).
-ORT_RSS_PER_BYTE = {"float32": 1.18, "float16": 3.25, "nbits": 1.45, "other": 1.0}
+# RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them. With glibc's mmap threshold pinned
+# (runtime/onnxruntime_backend.py), the originals that MLAS pre-packing (fp32) and MatMulNBits' packing replace go
+# back to the system, so both take what they store; fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts
+# into fp32 copies, beside the fp16 originals).
+ORT_RSS_PER_BYTE = {"float32": 1.0, "float16": 2.8, "nbits": 1.0, "other": 1.0}
 ORT_ARENA_SLACK = 2  # the CPU arena grows in powers of two: up to twice the largest activations it ever held
 
 
@@ -336,6 +336,7 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
     largest = _largest_tensors(config, limits)
     batch, images = limits.max_batch, limits.max_batch * limits.max_images
     self_kv = self_kv_bytes(config, limits.max_context, batch)
+    new_kv = self_kv_bytes(config, limits.max_prompt, batch)
     cross = cross_kv_bytes(config, images)
     # A context holds its input, its output and one tensor of the largest size at once; TensorRT reuses the rest.
     activations = sum(3 * elements * FLOAT_BYTES for elements in largest.values())
@@ -343,8 +344,9 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
     if workspace_mib:
         scratch = min(scratch, workspace_mib * MIB)
     return [
-        Item("self-attention K/V", TRT_STAGING_COPIES * 2 * self_kv,
-             f"past and present at P={limits.max_context}, B={batch}; device + pinned host buffers"),
+        Item("self-attention K/V", (TRT_STAGING_COPIES + 1) * self_kv + TRT_STAGING_COPIES * new_kv,
+             f"the cache at P={limits.max_context}, B={batch} (host) and the decoder's past (device + pinned host); "
+             f"new K/V for {limits.max_prompt} tokens (device + pinned host)"),
         Item("cross-attention K/V", TRT_STAGING_COPIES * 2 * cross + cross_kv_bytes(config, IMAGE_CACHE),
              f"M={limits.max_images} images x B={batch} (xattn_kv out, decoder in) + {IMAGE_CACHE} cached images"),
         Item("activations", activations, "5 execution contexts at the profiles' largest shapes"),
@@ -372,8 +374,10 @@ def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: lis
     largest = _largest_tensors(config, limits)
     batch, images = limits.max_batch, limits.max_batch * limits.max_images
     resident = _ort_weight_rss(weights, precision, lm_head) - sum(item.bytes for item in weights)
-    # Past and present are both alive during a step; the cross K/V sit in the image cache and in the decoder's feed.
-    caches = 2 * self_kv_bytes(config, limits.max_context, batch) + 2 * cross_kv_bytes(config, images)
+    # The decoder reads the cache's buffer in place and returns only the new tokens' K/V (graph contract v2); the
+    # cross K/V sit in the image cache and in the decoder's feed.
+    caches = (self_kv_bytes(config, limits.max_context, batch) + self_kv_bytes(config, limits.max_prompt, batch)
+              + 2 * cross_kv_bytes(config, images))
     activations = ORT_ARENA_SLACK * 3 * max(largest.values()) * FLOAT_BYTES
     return [
         Item("weights: kernel copies", resident, "MLAS pre-packing, MatMulNBits blocks, fp16 folded to fp32"),

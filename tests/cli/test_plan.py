@@ -113,9 +113,11 @@ def test_tensorrt_8_is_planned_without_weight_only_precisions(capsys):
 def test_self_attention_cache_grows_with_the_context():
     source = read_source(CONFIGS / "idefics-9b.json")
     at = {p: plan_for(source, "int4", ShapeLimits(1, 128, p, 1)).item("self-attention K/V") for p in (512, 1024)}
-    # 2 (K, V) x 32 layers x 32 heads x 128 x P x 4 bytes, past + present, device + pinned host
-    assert at[512] == 2 * 32 * 32 * 128 * 512 * 4 * 4
-    assert at[1024] == 2 * at[512]
+    per_token = 2 * 32 * 32 * 128 * 4  # K and V x 32 layers x 32 heads x 128 x 4 bytes
+    # the cache (host) and the decoder's past (device + pinned host) at P; the new K/V of a 128-token prefill
+    # (device + pinned host)
+    assert at[512] == per_token * (3 * 512 + 2 * 128)
+    assert at[1024] - at[512] == per_token * 3 * 512
 
 
 def test_plan_table_and_json(capsys):
