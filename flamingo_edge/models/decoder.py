@@ -93,13 +93,15 @@ class SelfAttention(nn.Module):
         self.k_norm = make_norm(config.norm, **norm) if config.qk_norm else None
 
     def forward(
-        self, x: Tensor, rotary: tuple[Tensor, ...], score_bias: Tensor, past_key: Tensor, past_value: Tensor
+        self, x: Tensor, rotary: tuple[Tensor, ...], score_bias: Tensor, past_key: Tensor, past_value: Tensor,
+        past_length: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], the new tokens' key/value [B, H, S, Dh].
 
         `rotary` is (cos, sin) for rotary embeddings, or () (ALiBi: its bias is in `score_bias`). `score_bias`
         [B, 1 or H, S, P+S] is added to the scores: the causal/padding mask (0 or MASKED_SCORE) and ALiBi, summed
-        once per forward. The past is only read, never copied.
+        once per forward. The past is only read, never copied. `past_length` is P, read once by the caller for every
+        layer (None: from `past_key`).
         """
         q, k = self.q(x), self.k(x)  # [B, S, D]
         if self.q_norm is not None:
@@ -107,7 +109,7 @@ class SelfAttention(nn.Module):
         q, k, v = (split_heads(t, self.heads, self.head_dim) for t in (q, k, self.v(x)))  # [B, H, S, Dh]
         if rotary:
             q, k = (apply_rotary(t, *rotary, self.rotary_channels, self.head_dim) for t in (q, k))
-        attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, None, score_bias)
+        attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, None, score_bias, past_length)
         return self.o(merge_heads(attended, self.heads * self.head_dim)), k, v
 
 
@@ -124,8 +126,8 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(config.mlp, dim=config.width, hidden=config.mlp_width, act=config.act,
                             bias=config.mlp_bias)
 
-    def forward(self, x, rotary, score_bias, past_key, past_value):
-        attended, key, value = self.attn(self.attn_norm(x), rotary, score_bias, past_key, past_value)
+    def forward(self, x, rotary, score_bias, past_key, past_value, past_length=None):
+        attended, key, value = self.attn(self.attn_norm(x), rotary, score_bias, past_key, past_value, past_length)
         if self.parallel:
             return x + attended + self.mlp(self.mlp_norm(x)), key, value
         x = x + attended
@@ -191,11 +193,12 @@ class Decoder(nn.Module):
         # every gated block attends over the same M*L visual tokens: their masks are computed once
         masks = cross_attention_masks(image_attention_mask, cross_keys[0].shape[2], x.dtype) if cross_index else None
         new_keys, new_values = [], []
+        past_length = past_keys[0].shape[2]  # P, one Shape in the graph for every layer's split of its weights
         for index, layer in enumerate(self.layers):
             if index in cross_index:
                 block = cross_index[index]
                 x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask, masks)
-            x, key, value = layer(x, position_terms, score_bias, past_keys[index], past_values[index])
+            x, key, value = layer(x, position_terms, score_bias, past_keys[index], past_values[index], past_length)
             new_keys.append(key)
             new_values.append(value)
         return self.lm_head(self.norm(x)), new_keys, new_values

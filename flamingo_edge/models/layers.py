@@ -95,13 +95,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, head_dim: int, allowed: Tensor | Non
 
 
 def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tensor, value: Tensor, head_dim: int,
-                      allowed: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+                      allowed: Tensor | None = None, bias: Tensor | None = None,
+                      past_length: int | Tensor | None = None) -> Tensor:
     """Attention of S new queries over P cached keys/values and the S new ones, without concatenating the cache.
 
     q/key/value [B, H, S, Dh], past_key/past_value [B, H, P, Dh]; allowed bool and bias broadcastable to
     [B, H, S, P+S] (the past's slots first). The same numbers as `attend(q, cat(past, new), ...)`, but the past is
     only read: no per-step copy of the whole cache into a P+S tensor. Only the scores are joined, [B, H, S, P+S],
-    a Dh-th of the K/V's size.
+    a Dh-th of the K/V's size. `past_length` is P when the caller has it (read once for every layer, a traced graph
+    then has one Shape for all of them); None reads it from `past_key`.
     """
     q = q * head_dim ** -0.5
     # (K q^T)^T rather than q K^T for the past: the cache is the product's streamed left operand, the queries the
@@ -109,7 +111,7 @@ def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tens
     past_scores = torch.matmul(past_key, q.transpose(-1, -2)).transpose(-1, -2)  # [B, H, S, P]
     scores = torch.cat((past_scores, torch.matmul(q, key.transpose(-1, -2))), dim=-1)
     weights = attention_weights(scores, allowed, bias, value.dtype)  # [B, H, S, P+S]
-    past = past_key.shape[2]
+    past = past_key.shape[2] if past_length is None else past_length
     return torch.matmul(weights[..., :past], past_value) + torch.matmul(weights[..., past:], value)  # [B, H, S, Dh]
 
 
@@ -137,7 +139,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, channels: int, head_dim: i
         rotated = apply_rotary(x[..., :channels], cos, sin, channels, channels)
         return torch.cat((rotated, x[..., channels:]), dim=-1)
     half = channels // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # rotate_half, its sign in `sin` (rotary_cos_sin)
+    # rotate_half, its sign in `sin` (rotary_cos_sin). A Gather of the permuted channels would be one node instead of
+    # a Split and a Concat, but ONNX Runtime's Gather on the last axis cost 4x as much in a 1024-token prefill.
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return x * cast(cos, x.dtype) + swapped * cast(sin, x.dtype)
 
 
