@@ -121,7 +121,8 @@ class Pipeline:
             engines: (tensorrt) the folder `flamingo-edge build` wrote from this export.
             cuda_graph: (tensorrt) replay decode steps from a CUDA graph; implies `static_decode`.
             static_decode: decode steps feed a past of `max_context` - 1 slots, masked beyond the cached tokens, so
-                every step and every generation of a batch size has the same shapes (default: with `cuda_graph`).
+                every step and every generation of a batch size has the same shapes (default: when CUDA graphs
+                replay decode steps: `cuda_graph` asked for, and TensorRT can capture the decoder).
                 Same tokens; each step attends over the whole context.
             max_context: most tokens (prompt + generated) per sequence; default the model's max positions (and with
                 engines, at most what they were built for).
@@ -168,11 +169,13 @@ class Pipeline:
                                   "it, or quantize the fp32 export with --target onnxruntime to run it here")
             sessions = {name: open_session(export_dir / record.graphs[name].file, specs[name], backend, device=device)
                         for name in GRAPH_NAMES}
+        # fixed decode shapes pay for attending over the whole context; only worth it when graphs replay them
+        graphs = cuda_graph and getattr(sessions["decoder"], "cuda_graphs", False)
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
                    max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
                    prefix_cache_bytes=prefix_cache_bytes, max_prompt=engine_limits.get("max_prompt"),
                    max_batch=engine_limits.get("max_batch"),
-                   static_decode=cuda_graph if static_decode is None else static_decode)
+                   static_decode=graphs if static_decode is None else static_decode)
 
     def close(self) -> None:
         for session in self.sessions.values():

@@ -109,7 +109,8 @@ def test_feeds_pick_the_prefill_or_the_decode_profile(engines):
     assert select_profile(profiles, shapes(1, 20, 0, 1)) == 0  # a prefill
     assert select_profile(profiles, shapes(1, 5, 30, 2)) == 0  # a prefill after a reused prefix
     assert select_profile(profiles, shapes(1, 1, 25, 1)) == 1  # a decode step
-    with pytest.raises(PromptTooLongError, match=r"input_ids \(1, 40\) > \(1, 1\).*rebuild with larger --max-prompt"):
+    # the limit quoted is the prefill profile's 32 prompt tokens (the most any profile takes), not decode's 1
+    with pytest.raises(PromptTooLongError, match=r"input_ids \(1, 40\) > \(1, 32\).*rebuild with larger --max-prompt"):
         select_profile(profiles, shapes(1, 40, 0, 1))
     assert high[2] == 47 and low[2] == 0
 
@@ -154,3 +155,19 @@ def test_the_engines_limits_are_checked_before_any_graph_runs(demo_export):
         with pytest.raises(PromptError, match="2 prompts in one batch; the engines take at most 1"):
             pipeline.complete([["a"], ["b"]])
         assert pipeline.stats["vision_runs"] == 0 and pipeline.stats["prefill_runs"] == 0
+
+
+def test_tensorrt_data_types_map_to_numpy_without_nptype():
+    """Our own map, not `tensorrt.nptype` (which names np.bool on TensorRT 8.5.1/8.5.2 and raises with numpy >= 1.24):
+    every type the contract uses, from the installed TensorRT's own enum, and a refusal for one it cannot hold."""
+    import tensorrt_rtx as trt
+
+    from flamingo_edge.errors import GraphContractError
+    from flamingo_edge.runtime.tensorrt_backend import numpy_dtype
+
+    expected = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
+                trt.DataType.INT64: np.int64, trt.DataType.BOOL: np.bool_, trt.DataType.INT8: np.int8}
+    for trt_type, numpy_type in expected.items():
+        assert numpy_dtype(trt_type) == np.dtype(numpy_type)
+    with pytest.raises(GraphContractError, match="data type BF16 has no numpy type"):
+        numpy_dtype(trt.DataType.BF16)
