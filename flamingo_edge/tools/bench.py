@@ -211,7 +211,14 @@ class PipelineRuns:
                 # end-to-end decode rate / the decoder graph's own step rate (1 = no time outside the graph)
                 "decode_rate_vs_step_rate": report["decode_tokens_per_s"]["median"]
                 * report["decode_per_token"]["median"],
-                "decode_bytes_per_token": bytes_per_token, "prompt": self.prompt[-1]}
+                "decode_bytes_per_token": bytes_per_token, "prompt": self.prompt[-1],
+                "device_bytes": self.device_bytes()}
+
+    def device_bytes(self) -> int | None:
+        """GPU memory the backend's sessions allocated for their inputs and outputs (TensorRT), or None (a backend
+        that does not report it)."""
+        sizes = [getattr(session, "device_bytes", None) for session in self.pipeline.sessions.values()]
+        return None if any(size is None for size in sizes) else int(sum(sizes))
 
     def close(self) -> None:
         self.pipeline.close()
@@ -396,7 +403,7 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
               "engines": str(engines) if engines else None,
               "workload": asdict(workload), "cpu_count": os.cpu_count(), "backend_result": ours,
               "memory_bandwidth": {"copy_bytes_per_s": bandwidth, **bandwidth_floor(ours, bandwidth)},
-              "gpu_memory_bytes": None}
+              "gpu_memory_bytes": ours.get("device_bytes")}
     report["precision"] = read_export_record(export_dir, verify_hashes=False).precision
     if theirs is not None:
         baseline_record = read_export_record(baseline, verify_hashes=False)
