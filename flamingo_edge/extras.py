@@ -5,7 +5,10 @@ The extras add the rest (pyproject.toml):
 
     export    torch, safetensors, onnx: export, quantize, convert, compare, `demo`, `info CHECKPOINT`, the
               PyTorch reference (`eval CHECKPOINT --backend pytorch`, `bench --reference`)
-    tensorrt  cuda-python for `--backend tensorrt`, onnx for `build`'s operator check (a Jetson needs no torch)
+    tensorrt  cuda-python for `--backend tensorrt`, onnx for `build`'s operator check (a Jetson needs no torch);
+              one extra per CUDA major, tensorrt-cu12 (JetPack 6; what `tensorrt` installs) and tensorrt-cu13
+              (JetPack 7, drivers >= 580), since cuda-python must not be newer than the driver's CUDA
+    rtx       tensorrt-rtx for RTX builds (rtx-cu12 / rtx-cu13 name its CUDA build)
     test      [export], transformers and the rest of what the tests compare against and build with
 
 Every entry point that needs one of them calls `require` before its lazy import, so a missing package is a

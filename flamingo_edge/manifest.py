@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flamingo_edge.artifacts import MANIFEST, read_export_record, sha256_of
-from flamingo_edge.trt_compat import version_tuple
+from flamingo_edge.trt_compat import cuda_major, version_tuple
 from flamingo_edge.errors import EngineBuildError, EngineMismatchError
 
 DLA_GRAPHS = ("vision",)  # the graphs a DLA build puts on the Jetson's DLA core (GPU fallback for the rest)
@@ -50,6 +50,9 @@ class Manifest:
     dla_core: int | None = None
     version_compatible: bool = False  # later TensorRT runtimes may load the engines
     hardware_compatible: bool = False  # any Ampere-or-newer GPU may run them
+    # The CUDA major of the TensorRT wheels that built them (tensorrt_rtx_cu12 / _cu13 ...; one version number for
+    # both builds); None: not known (JetPack's apt packages, manifests written before it was recorded).
+    cuda_major: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class RuntimeKey:
     version: str
     compute_capability: str  # "SM86"
     device: str  # the GPU's name
+    cuda_major: int | None = None  # of the imported TensorRT's wheels; None: read from the installed distribution
 
     def describe(self) -> str:
         return f"{self.flavour} {self.version} on {self.device} ({self.compute_capability})"
@@ -125,8 +129,9 @@ def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
 
     Rules: the same TensorRT flavour (RTX and TensorRT plans are different formats); the same version, exactly (a
     standard engine is tied to major, minor, patch and build; so is an RTX engine), or a later one for
-    version-compatible engines; and the compute capability the engines were built for (any from SM80 on for
-    hardware-compatible engines).
+    version-compatible engines; the same CUDA build of it where both sides know theirs (the cu12 and cu13 wheels
+    share a version number but are different builds); and the compute capability the engines were built for (any
+    from SM80 on for hardware-compatible engines).
 
     Raises:
         EngineMismatchError: naming what the engines were built with and for, what this machine has, and the
@@ -140,6 +145,13 @@ def check_runtime(manifest: Manifest, key: RuntimeKey, engines_dir: str | Path,
         kind = "version-compatible " if manifest.version_compatible else ""
         problems.append(f"they are {kind}engines built with {built['flavour']} {built['version']} and this machine "
                         f"has {key.version}")
+    have_cuda = key.cuda_major if key.cuda_major is not None else cuda_major(key.flavour)
+    if (built["flavour"] == key.flavour and None not in (manifest.cuda_major, have_cuda)
+            and manifest.cuda_major != have_cuda):
+        wheel = "tensorrt-rtx" if key.flavour == "tensorrt_rtx" else "tensorrt"
+        problems.append(f"they were built with the CUDA {manifest.cuda_major} build of {built['flavour']} and this "
+                        f"machine has its CUDA {have_cuda} build (pip install {wheel}-cu{manifest.cuda_major}=="
+                        f"{built['version']} runs them)")
     ampere_plus = manifest.hardware_compatible and int(key.compute_capability[2:]) >= 80
     if manifest.compute_capability != key.compute_capability and not ampere_plus:
         where = f" ({manifest.device})" if manifest.device else ""

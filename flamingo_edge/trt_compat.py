@@ -14,6 +14,9 @@ strings alone:
   for the GPU they run on.
 - portable engines: TensorRT 8.6+ can build version-compatible engines (later runtimes load them) and
   hardware-compatible ones (any Ampere-or-newer discrete GPU); RTX engines are tied to their release.
+- CUDA major: the pip wheels come per CUDA major (tensorrt-cu12 / tensorrt-cu13, tensorrt-rtx-cu12 / -cu13) with
+  one version number for both; `cuda_major` reads it from the installed distribution's name (JetPack's apt
+  packages have none: None).
 
 TensorRT is imported by `load()` only; the package imports and the CPU suite run without it.
 """
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
+from importlib.metadata import packages_distributions
 from types import ModuleType
 
 from flamingo_edge.errors import FeatureUnavailableError, UsageError
@@ -57,6 +62,20 @@ def has_weight_only(version: str) -> bool:
         raise UsageError(f"--trt-version {version!r} is not a TensorRT version (e.g. 10.3)") from None
 
 
+def cuda_major(flavour: str, distributions: dict[str, list[str]] | None = None) -> int | None:
+    """The CUDA major of the installed `flavour` ("tensorrt" or "tensorrt_rtx"), from the name of the distribution
+    that installs the module: tensorrt_rtx_cu13 -> 13, tensorrt_cu12_bindings -> 12. None when no distribution names
+    one (JetPack's python3-libnvinfer, a source build) or several disagree. Reads package metadata only; imports
+    nothing.
+
+    Args:
+        distributions: module -> distribution names (default: importlib.metadata.packages_distributions()).
+    """
+    names = (packages_distributions() if distributions is None else distributions).get(flavour, [])
+    majors = {int(m.group(1)) for name in names if (m := re.search(r"[-_]cu(\d+)(?:[-_]|$)", name.lower()))}
+    return majors.pop() if len(majors) == 1 else None
+
+
 @dataclass(frozen=True)
 class TensorRT:
     """An imported TensorRT and what it can do."""
@@ -68,6 +87,11 @@ class TensorRT:
     @property
     def major(self) -> int:
         return version_tuple(self.version)[0]
+
+    @property
+    def cuda_major(self) -> int | None:
+        """The CUDA major of the installed wheels (None: not known, e.g. JetPack's apt packages)."""
+        return cuda_major(self.flavour)
 
     @property
     def strongly_typed_only(self) -> bool:
@@ -136,7 +160,10 @@ def load(flavour: str = "auto") -> TensorRT:
 
 
 def collecting_logger(module):
-    """A TensorRT logger that keeps the errors (for our exception) and sends the rest to `logging`."""
+    """A TensorRT logger that keeps the errors (for our exception when a call fails) and sends every message to
+    `logging` at its own level: INTERNAL_ERROR and ERROR at ERROR, WARNING at WARNING, INFO and VERBOSE at DEBUG.
+    (TensorRT reports some errors without failing the call, e.g. a calibration cache it cannot use: those must be
+    seen.)"""
 
     class CollectingLogger(module.ILogger):
         def __init__(self):
@@ -146,9 +173,9 @@ def collecting_logger(module):
         def log(self, severity, message):
             if int(severity) <= int(module.ILogger.Severity.ERROR):
                 self.errors.append(message)
-                logger.debug("TensorRT error: %s", message)
+                logger.error("TensorRT: %s", message)
             elif int(severity) == int(module.ILogger.Severity.WARNING):
-                logger.info("TensorRT: %s", message)
+                logger.warning("TensorRT: %s", message)
             else:
                 logger.debug("TensorRT: %s", message)
 

@@ -53,3 +53,36 @@ def test_a_command_that_needs_the_extra_says_which(command, demo_export, tmp_pat
     assert result.stderr.startswith(f"flamingo-edge {command[0]}: error: ")
     assert result.stderr.rstrip().endswith("install it with: pip install 'flamingo-edge[export]'")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def _declared_extras() -> dict[str, list[str]]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+
+
+def _pins(requirements: list[str], name: str):
+    from packaging.requirements import Requirement
+
+    found = [Requirement(r).specifier for r in requirements if Requirement(r).name == name]
+    assert len(found) == 1, (name, requirements)
+    return found[0]
+
+
+@pytest.mark.parametrize("major", [11, 12, 13])
+def test_each_tensorrt_extra_pins_cuda_python_to_one_cuda_major(major):
+    """cuda-python 13 needs a CUDA 13 driver (>= 580): an unpinned one fails on JetPack 6 and older datacenter
+    drivers with cudaErrorInsufficientDriver. Each extra keeps to its major; [tensorrt] is the JetPack 6 one."""
+    extras = _declared_extras()
+    pins = _pins(extras[f"tensorrt-cu{major}"], "cuda-python")
+    assert pins.contains(f"{major}.9.0") and not pins.contains(f"{major + 1}.0.0")
+    assert not pins.contains(f"{major - 1}.9.0")
+    assert "onnx>=1.16" in extras[f"tensorrt-cu{major}"]  # build's operator check on a board without torch
+    assert extras["tensorrt"] == ["flamingo-edge[tensorrt-cu12]"]
+
+
+def test_the_rtx_extras_name_their_cuda_build():
+    extras = _declared_extras()
+    for major in (12, 13):
+        assert _pins(extras[f"rtx-cu{major}"], f"tensorrt-rtx-cu{major}").contains("1.7.1.116")
+    assert extras["rtx"] == ["tensorrt-rtx>=1.7"]

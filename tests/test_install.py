@@ -1,5 +1,6 @@
 """The base install (`pip install flamingo-edge`, no extras) in a fresh venv: no torch, onnx or safetensors; it runs
 an export made here (generate, eval, bench, calibrate, the camera app); the commands that need `[export]` say so.
+And what pip resolves for the TensorRT extras: cuda-python of the CUDA major each one names.
 
 pip fetches the base dependencies (numpy, onnxruntime, OpenCV, tokenizers, tqdm) from the package registry.
 """
@@ -27,14 +28,20 @@ EXTRA_HINT = "pip install 'flamingo-edge[export]'"
 PROMPT = f"<image>{scenes.CAPTION_PROMPT}"
 
 
+def _copy_source(root: Path) -> Path:
+    """A copy of the package's source, so that pip's build leaves the repository alone."""
+    source = root / "source"
+    shutil.copytree(ROOT / "flamingo_edge", source / "flamingo_edge", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    return source
+
+
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory) -> Path:
     """A fresh venv holding `pip install .` of a copy of the package (no extras, not editable)."""
     root = tmp_path_factory.mktemp("base-install")
-    source = root / "source"  # a copy, so that pip's build leaves the repository alone
-    shutil.copytree(ROOT / "flamingo_edge", source / "flamingo_edge", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
+    source = _copy_source(root)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(source)],
@@ -115,3 +122,15 @@ def test_a_command_that_needs_the_export_extra_names_it(base_venv, demo_export, 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and EXTRA_HINT in result.stderr.strip().splitlines()[-1]
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("extra, major", [("tensorrt", 12), ("tensorrt-cu12", 12), ("tensorrt-cu13", 13)])
+def test_the_tensorrt_extras_resolve_cuda_python_of_their_cuda_major(tmp_path, extra, major):
+    """An unpinned cuda-python resolved 13, which needs driver >= 580: JetPack 6 got cudaErrorInsufficientDriver."""
+    report = tmp_path / "report.json"
+    result = _run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+                   str(report), f"{_copy_source(tmp_path)}[{extra}]"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    versions = {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())[
+        "install"]}
+    assert versions["cuda-python"].split(".")[0] == str(major) and "onnx" in versions

@@ -23,19 +23,24 @@ Sources:
 - NV_TENSORRT_VERSION is major*1000 + minor*100 + patch up to TensorRT 8 (8.5.2 -> 8502) and
   major*10000 + minor*100 + patch from 10 on (10.3.0 -> 100300), per NvInferVersion.h.
 - TensorRT ignores a cache whose header does not match its version and calibrator (NVIDIA/TensorRT#1378), so
-  write the header of the TensorRT the device runs.
+  write the header of the TensorRT the device runs. The scales below the header do not depend on the TensorRT
+  version (they are ONNX tensor names and our own activation ranges), so `for_tensorrt` rewrites the header of a
+  cache written for another version; `flamingo-edge build` does so for the TensorRT that builds, and
+  `int8_calibrator` refuses a cache whose header its TensorRT would ignore (it would build INT8 with no ranges).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
 
+logger = logging.getLogger(__name__)
 CALIBRATOR = "EntropyCalibration2"  # the name IInt8EntropyCalibrator2 writes; the one the cache-only calibrator uses
 INT8_MAX = 127.0
 
@@ -56,6 +61,23 @@ def header(tensorrt_version: str, calibrator: str = CALIBRATOR) -> str:
                          "TensorRT 11 and TensorRT for RTX take the Q/DQ graphs instead)")
     number = major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
     return f"TRT-{number}-{calibrator}"
+
+
+def for_tensorrt(cache: bytes, tensorrt_version: str) -> bytes:
+    """`cache` (from `write_cache`) with the header of TensorRT `tensorrt_version` (e.g. trt.__version__,
+    "10.7.0.23"); the scales are kept byte for byte.
+
+    Raises:
+        CalibrationError: not a TensorRT calibration cache.
+        UsageError: a TensorRT without implicit INT8.
+    """
+    first, _ = read_cache(cache)
+    wanted = header(tensorrt_version)
+    if first == wanted:
+        return cache
+    logger.info("the calibration cache was written for %s; TensorRT %s reads only %s: rewriting the header", first,
+                tensorrt_version, wanted)
+    return (wanted + "\n").encode() + cache.split(b"\n", 1)[1]
 
 
 def activation_amax(onnx_path: str | Path, samples: Iterable[Mapping[str, np.ndarray]],
@@ -124,22 +146,35 @@ def qdq_scales(onnx_path: str | Path) -> dict[str, float]:
 
 
 def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
-                    trt=None):
+                    trt=None, opt_shapes: Mapping[str, Sequence[int]] | None = None):
     """An `IInt8EntropyCalibrator2` for implicit INT8 on TensorRT 8.5/10.x: `config.int8_calibrator = ...` with
     `BuilderFlag.INT8`.
 
-    With `cache` (from `write_cache`), TensorRT reads it and never asks for data: the way to build INT8 on a Jetson
-    from statistics computed on the CPU. With `samples` (e.g. `iter_samples(CALIB, "vision")`) and no cache,
-    TensorRT calibrates itself on the recorded feeds, one feed per batch, copied to the GPU with cuda-python; the
-    cache it writes is kept in `.written`. TensorRT and cuda-python are imported here only.
+    With `cache` (from `write_cache`, with this TensorRT's header: `for_tensorrt`), TensorRT reads it and never asks
+    for data: the way to build INT8 on a Jetson from statistics computed on the CPU. With `samples` (e.g.
+    `iter_samples(CALIB, "vision")`) and no cache, TensorRT calibrates itself on the recorded feeds, one feed per
+    batch, copied to the GPU with cuda-python; the cache it writes is kept in `.written`. TensorRT and cuda-python
+    are imported here only.
+
+    TensorRT calibrates a dynamic-shape network at the calibration profile's opt shapes only (profile 0 unless
+    `config.set_calibration_profile` says otherwise) and reads each batch's device buffers as that shape: it is
+    told pointers, never shapes. So `samples` need `opt_shapes`, that profile's {input: opt shape}; a feed of other
+    shapes (the decoder's recorded prompts and steps vary in S and P) is skipped, never handed over, and counted
+    in `.skipped` (`.used`: the feeds TensorRT got). When none fits, calibration ends with no data and the build
+    fails; the decoder's recorded feeds calibrate through the cache instead (`quantize --precision int8` computes
+    its ranges on the CPU over every feed, whatever its shape).
 
     Raises:
         FeatureUnavailableError: no TensorRT with implicit INT8 (none installed, TensorRT 11, TensorRT for RTX), or
             samples without cuda-python.
-        UsageError: neither a cache nor samples.
+        UsageError: neither a cache nor samples, or samples without opt_shapes.
+        CalibrationError: a cache whose header this TensorRT would ignore (another version or calibrator).
     """
     if cache is None and samples is None:
         raise UsageError("the calibrator needs a calibration cache or calibration samples")
+    if cache is None and opt_shapes is None:
+        raise UsageError("calibration samples need opt_shapes, the calibration profile's {input: opt shape}: "
+                         "TensorRT reads every batch as that shape")
     if trt is None:
         try:
             import tensorrt as trt
@@ -149,12 +184,20 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise FeatureUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} has no implicit INT8 "
                                       "calibrators; build from the Q/DQ graphs (flamingo-edge quantize) instead")
-    if samples is not None and cache is None:
+    if cache is not None:
+        first, wanted = read_cache(cache)[0], header(trt.__version__)
+        if first != wanted:
+            raise CalibrationError(
+                f"the calibration cache's header is {first} and TensorRT {trt.__version__} reads only {wanted}: it "
+                "would ignore the cache and build INT8 with no activation ranges. Rewrite the header with "
+                "trt_cache.for_tensorrt(cache, trt.__version__) (flamingo-edge build does), or quantize again with "
+                f"--trt-version {trt.__version__}")
+        cudart = None
+    else:
         from flamingo_edge.runtime.cuda import call, runtime_module
 
         cudart = runtime_module()
-    else:
-        cudart = None
+        opt_shapes = {name: tuple(int(d) for d in shape) for name, shape in opt_shapes.items()}
 
     from flamingo_edge.trt_compat import version_tuple
 
@@ -166,17 +209,35 @@ def int8_calibrator(cache: bytes | None = None, samples: Iterable[Mapping[str, n
             self.samples = iter(samples or ())
             self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
             self.written: bytes | None = None
+            self.used = self.skipped = 0
 
         def get_batch_size(self):
             return 1  # every recorded feed is one batch, its own batch dimension included
 
+        def next_fitting(self, names):
+            """The next feed whose inputs have the opt shapes (None at the end); the others are skipped."""
+            for sample in self.samples:
+                shapes = {name: tuple(np.shape(sample[name])) for name in names}
+                if all(shapes[name] == opt_shapes.get(name, shapes[name]) for name in names):
+                    return sample
+                if not self.skipped:
+                    logger.warning("skipping calibration feeds whose shapes are not the calibration profile's opt "
+                                   "shapes (TensorRT would read them as those): got %s, opt %s", shapes,
+                                   {name: opt_shapes.get(name) for name in names})
+                self.skipped += 1
+            return None
+
         def get_batch(self, names):
             if cudart is None:
                 return None  # the cache is complete
-            sample = next(self.samples, None)
+            sample = self.next_fitting(names)
             if sample is None:
                 self.free()
+                if not self.used:
+                    logger.error("no calibration feed has the calibration profile's opt shapes %s (%d skipped): "
+                                 "TensorRT calibrates on no data", opt_shapes, self.skipped)
                 return None
+            self.used += 1
             pointers = []
             for name in names:
                 array = np.ascontiguousarray(sample[name])

@@ -65,7 +65,8 @@ def engines_report(engines_dir: str) -> dict:
 
 def format_engines(report: dict) -> str:
     lines = [f"engines     {report['folder']} ({report['precision']}, from {report['export']})",
-             f"built with  {report['tensorrt']['flavour']} {report['tensorrt']['version']} for "
+             f"built with  {report['tensorrt']['flavour']} {report['tensorrt']['version']}"
+             + (f" (CUDA {report['cuda_major']} build)" if report.get("cuda_major") else "") + " for "
              f"{report['compute_capability']}" + (f" ({report['device']})" if report["device"] else "")
              + f", target {report['target']}",
              "limits      " + ", ".join(f"{k.replace('max_', '')} {v}" for k, v in report["limits"].items())]

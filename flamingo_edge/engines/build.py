@@ -213,12 +213,15 @@ def _check_options(trt: TensorRT, options: BuildOptions, precision: str) -> None
             raise FeatureUnavailableError(f"--dla-core {options.dla_core}: this device has {cores} DLA core(s)")
 
 
-def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, bytes]:
+def read_int8_caches(calibration: str | Path, export_dir: Path, tensorrt_version: str) -> dict[str, bytes]:
     """The TensorRT calibration caches `flamingo-edge quantize --precision int8` wrote next to its graphs, for
-    implicit INT8 of the fp32 export they were computed from.
+    implicit INT8 of the fp32 export they were computed from, with the header of TensorRT `tensorrt_version` (the
+    one that builds): TensorRT ignores a cache with another version's header, and quantize wrote the one of
+    --trt-version (10.3 by default). The scales are ours and version-free, so only the header is rewritten.
 
     Raises:
         UsageError: not an int8 export of `export_dir`, or no caches in it.
+        CalibrationError: a cache file that is not a TensorRT calibration cache.
     """
     calibration = Path(calibration)
     record = read_export_record(calibration)
@@ -230,7 +233,9 @@ def read_int8_caches(calibration: str | Path, export_dir: Path) -> dict[str, byt
     if Path(provenance["source_export"]).resolve() != export_dir.resolve():
         raise UsageError(f"the caches in {calibration} were computed for {provenance['source_export']}, not "
                          f"{export_dir}")
-    return {name: (calibration / file).read_bytes() for name, file in caches.items()}
+    from flamingo_edge.calibration.trt_cache import for_tensorrt
+
+    return {name: for_tensorrt((calibration / file).read_bytes(), tensorrt_version) for name, file in caches.items()}
 
 
 def _limits_for(target: Target, limits: ShapeLimits | None, max_positions: int) -> ShapeLimits:
@@ -313,7 +318,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     trt = load(target.flavour)
     _check_options(trt, options, record.precision)
     if int8_calibration is not None:
-        options = replace(options, int8_caches=read_int8_caches(int8_calibration, export_dir))
+        options = replace(options, int8_caches=read_int8_caches(int8_calibration, export_dir, trt.version))
     if trt.flavour == "tensorrt":  # TensorRT for RTX's parser is newer than any list; it is its own check
         from flamingo_edge.engines.operators import check_export
 
@@ -328,7 +333,8 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     manifest = Manifest(MANIFEST_VERSION, str(export_dir.resolve()), precision,
                         {"flavour": trt.flavour, "version": trt.version}, target_name, compute_capability,
                         asdict(limits), options.workspace_mib, {}, device=device, dla_core=dla_core,
-                        version_compatible=version_compatible, hardware_compatible=hardware_compatible)
+                        version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+                        cuda_major=trt.cuda_major)
     with atomic_folder(out_dir) as partial:
         for name in GRAPH_NAMES:
             if on_graph:

@@ -4,6 +4,11 @@ cuda-python returns `(error, *values)` tuples; `call` turns a failed call into a
 and CUDA's own message. cuda-python >= 12.6 spells the module `cuda.bindings.runtime`; older releases (the 11.x line
 for JetPack 5's CUDA 11.4) spell it `cuda.cudart`; both are accepted. Imported only when a TensorRT session opens
 or a TensorRT engine is built on a GPU.
+
+cuda-python's major must be the driver's CUDA major or an older one: cuda-python 13 needs a driver for CUDA 13
+(>= 580), and on an older driver (JetPack 6, a 525 to 57x datacenter driver) every call answers
+cudaErrorInsufficientDriver. The extras pin it per major (pyproject.toml, docs/engines.md's support matrix), and
+`device_info` names the one to install.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from flamingo_edge.errors import FeatureUnavailableError, FlamingoEdgeError
+
+# CUDA major -> the flamingo-edge extra whose cuda-python is built for it ([tensorrt] is [tensorrt-cu12], JetPack 6).
+CUDA_EXTRAS = {11: "tensorrt-cu11", 12: "tensorrt-cu12", 13: "tensorrt-cu13"}
+# CUDA major -> the drivers that run it: the oldest datacenter driver (NVIDIA's CUDA Compatibility guide, "Minor
+# Version Compatibility": 11.x >= 450, 12.x >= 525, 13.x >= 580) and the JetPack whose driver has it.
+DRIVERS = {11: "driver >= 450, JetPack 5", 12: "driver >= 525, JetPack 6", 13: "driver >= 580, JetPack 7"}
 
 
 class CudaError(FlamingoEdgeError):
@@ -33,9 +44,9 @@ def runtime_module():
             from cuda import cudart as runtime
         except ImportError:
             raise FeatureUnavailableError(
-                "the TensorRT backend needs cuda-python: pip install 'flamingo-edge[tensorrt]' (cuda-python "
-                "matching the CUDA major of the driver: 11.x on JetPack 5, 12.x on JetPack 6, 13.x on JetPack 7)"
-            ) from None
+                "the TensorRT backend needs cuda-python of the driver's CUDA major: pip install "
+                "'flamingo-edge[tensorrt-cu12]' (drivers 525 to 57x, JetPack 6; [tensorrt] is the same) or "
+                "'flamingo-edge[tensorrt-cu13]' (drivers >= 580, JetPack 7)") from None
     return runtime
 
 
@@ -62,19 +73,63 @@ class DeviceInfo:
         return f"SM{self.major}{self.minor}"
 
 
+def _version(runtime, name: str) -> int | None:
+    """`runtime.<name>()`'s version number (12060 for CUDA 12.6), or None when the call fails or answers 0."""
+    try:
+        error, version = getattr(runtime, name)()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return version if error == runtime.cudaError_t.cudaSuccess and version else None
+
+
+def _cuda(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _no_usable_gpu(reason: str, hint: str = "") -> FeatureUnavailableError:
+    return FeatureUnavailableError(f"TensorRT engines run on an NVIDIA GPU and this machine has no usable one "
+                                   f"({reason}); use backend 'onnxruntime' here{hint}")
+
+
+def _insufficient_driver(runtime) -> FeatureUnavailableError:
+    """cudaErrorInsufficientDriver: cuda-python's CUDA is newer than the driver's, or there is no driver at all.
+    The error names both CUDA versions where the calls answer, and the extra that matches the driver."""
+    built, driver = _version(runtime, "cudaRuntimeGetVersion"), _version(runtime, "cudaDriverGetVersion")
+    needs = "" if built is None else (
+        f"the installed cuda-python is built for CUDA {_cuda(built)}, which needs an NVIDIA driver for CUDA "
+        f"{built // 1000} ({DRIVERS.get(built // 1000, 'see NVIDIA CUDA Compatibility guide')})")
+    if driver is None:  # cudaDriverGetVersion answers 0 when no driver is installed
+        hint = (f". If it has a GPU: {needs}; install the cuda-python of its driver's CUDA major: pip install "
+                "'flamingo-edge[tensorrt-cu12]' (drivers 525 to 57x, JetPack 6) or 'flamingo-edge[tensorrt-cu13]' "
+                "(drivers >= 580)") if needs else ""
+        return _no_usable_gpu("CUDA: cudaErrorInsufficientDriver, and no driver says its version", hint)
+    have = driver // 1000
+    fix = (f"install the cuda-python of the driver's CUDA major, pip install 'flamingo-edge[{CUDA_EXTRAS[have]}]' "
+           f"(cuda-python for CUDA {have}), or update the driver" if have in CUDA_EXTRAS else "update the driver")
+    return FeatureUnavailableError(
+        f"CUDA cannot start (cudaGetDeviceCount: cudaErrorInsufficientDriver): "
+        f"{needs or 'the installed cuda-python is built for a newer CUDA than the driver'}; this machine's driver "
+        f"supports CUDA {_cuda(driver)}. Fix: {fix}")
+
+
 def device_info(index: int = 0) -> DeviceInfo:
     """The name and compute capability of a CUDA device.
 
     Raises:
-        FeatureUnavailableError: cuda-python is missing, or there is no usable CUDA GPU (no driver, no device).
+        FeatureUnavailableError: cuda-python is missing, it is built for a newer CUDA than the driver (the message
+            names both and the extra to install), or there is no usable CUDA GPU (no driver, no device).
     """
     runtime = runtime_module()
-    error, count = runtime.cudaGetDeviceCount()
+    try:
+        error, count = runtime.cudaGetDeviceCount()
+    except RuntimeError as raised:  # cuda-python 11.8 raises, instead of returning an error, when it finds no driver
+        raise _no_usable_gpu(f"cuda-python: {raised}") from None
+    if error == getattr(runtime.cudaError_t, "cudaErrorInsufficientDriver", None):
+        raise _insufficient_driver(runtime)
     if error != runtime.cudaError_t.cudaSuccess or count <= index:
         reason = runtime.cudaGetErrorString(error)[1] if error != runtime.cudaError_t.cudaSuccess else b"no device"
         reason = reason.decode() if isinstance(reason, bytes) else reason
-        raise FeatureUnavailableError(f"TensorRT engines run on an NVIDIA GPU and this machine has no usable one "
-                                      f"(CUDA: {reason}); use backend 'onnxruntime' here")
+        raise _no_usable_gpu(f"CUDA: {reason}")
     props = call(runtime, "cudaGetDeviceProperties", index)
     name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
     return DeviceInfo(name, props.major, props.minor, props.totalGlobalMem)

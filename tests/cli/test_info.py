@@ -56,6 +56,7 @@ def test_info_on_an_engines_folder_says_what_it_was_built_for_and_if_it_runs_her
     pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx with the test extras")
     from flamingo_edge.errors import FeatureUnavailableError
     from flamingo_edge.runtime.cuda import device_info
+    from flamingo_edge.trt_compat import cuda_major
 
     engines = tmp_path / "engines"
     assert main(["build", str(demo_export), "-o", str(engines), "--target", "rtx-sm86", "--max-context", "24",
@@ -64,6 +65,7 @@ def test_info_on_an_engines_folder_says_what_it_was_built_for_and_if_it_runs_her
     assert main(["info", str(engines), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["precision"] == "fp32" and report["compute_capability"] == "SM86"
+    assert report["cuda_major"] == cuda_major("tensorrt_rtx") is not None  # tensorrt_rtx_cu12 or _cu13 built them
     assert set(report["engines"]) == {"vision", "resampler", "xattn_kv", "decoder"}
     assert report["limits"]["max_context"] == 24
     try:
