@@ -69,7 +69,8 @@ BUILD_TARGET_DEVICES = {"orin-nano": ("orin-nano-8gb",), "orin-nx": ("orin-nx-16
 
 # -- TensorRT on a Jetson: assumptions (docs/plan.md)
 TRT_RUNTIME_BYTES = 512 * MIB  # Python, numpy, tokenizers, OpenCV and TensorRT's runtime beyond the CUDA context
-TRT_STAGING_COPIES = 2  # every engine I/O tensor has a device buffer and a pinned host buffer (tensorrt_backend.py)
+TRT_STAGING_COPIES = 2  # an engine I/O tensor has a device buffer and a pinned host buffer, but for the decoder's
+# past, which stays on the device (tensorrt_backend.py)
 
 # -- ONNX Runtime CPU: measured (docs/plan.md "Measured on ONNX Runtime CPU"; onnxruntime 1.32, x86-64, glibc)
 ORT_PROCESS_BYTES = 55 * MIB  # Python + numpy + onnxruntime + tokenizers + flamingo_edge.runtime, imported
@@ -344,9 +345,9 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
     if workspace_mib:
         scratch = min(scratch, workspace_mib * MIB)
     return [
-        Item("self-attention K/V", (TRT_STAGING_COPIES + 1) * self_kv + TRT_STAGING_COPIES * new_kv,
-             f"the cache at P={limits.max_context}, B={batch} (host) and the decoder's past (device + pinned host); "
-             f"new K/V for {limits.max_prompt} tokens (device + pinned host)"),
+        Item("self-attention K/V", 2 * self_kv + TRT_STAGING_COPIES * new_kv,
+             f"the cache at P={limits.max_context}, B={batch} on the host and its mirror on the device; new K/V for "
+             f"{limits.max_prompt} tokens (device + pinned host)"),
         Item("cross-attention K/V", TRT_STAGING_COPIES * 2 * cross + cross_kv_bytes(config, IMAGE_CACHE),
              f"M={limits.max_images} images x B={batch} (xattn_kv out, decoder in) + {IMAGE_CACHE} cached images"),
         Item("activations", activations, "5 execution contexts at the profiles' largest shapes"),

@@ -212,6 +212,39 @@ def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stre
          stream.handle)
 
 
+def zero(buffer: DeviceBuffer, stream: Stream) -> None:
+    """Fill device memory with zero bytes (fresh memory holds anything, NaN included)."""
+    call(stream.runtime, "cudaMemsetAsync", buffer.ptr, 0, buffer.nbytes, stream.handle)
+
+
+def copy_from_host(dst: DeviceBuffer, array: np.ndarray, stream: Stream) -> None:
+    """Copy a C-contiguous numpy array (ordinary, pageable memory) to the start of `dst`. CUDA stages pageable memory
+    before the call returns, so the array may change afterwards; such a copy cannot be captured in a CUDA graph."""
+    if array.nbytes:
+        runtime = stream.runtime
+        call(runtime, "cudaMemcpyAsync", dst.ptr, array.ctypes.data, array.nbytes,
+             runtime.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle)
+
+
+def copy_2d_from_host(dst: int, dst_pitch: int, array: np.ndarray, src_pitch: int, width: int, rows: int,
+                      stream: Stream) -> None:
+    """Copy `rows` rows of `width` bytes from a numpy array's memory (rows `src_pitch` bytes apart) to device address
+    `dst` (rows `dst_pitch` apart): a slice of every (batch, head) of a K/V buffer in one call."""
+    if width and rows:
+        runtime = stream.runtime
+        call(runtime, "cudaMemcpy2DAsync", dst, dst_pitch, array.ctypes.data, src_pitch, width, rows,
+             runtime.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle)
+
+
+def copy_2d_on_device(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int,
+                      stream: Stream) -> None:
+    """Copy `rows` rows of `width` bytes between device addresses (rows `src_pitch` / `dst_pitch` bytes apart)."""
+    if width and rows:
+        runtime = stream.runtime
+        call(runtime, "cudaMemcpy2DAsync", dst, dst_pitch, src, src_pitch, width, rows,
+             runtime.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle)
+
+
 class CudaGraph:
     """A captured sequence of launches on a stream, replayed with one call."""
 

@@ -55,8 +55,12 @@ def decoder_feed(spec: GraphSpec, input_ids: np.ndarray, new_mask: np.ndarray, c
 def run_decoder(session, input_ids, new_mask, cache, cross, image_attention_mask) -> np.ndarray:
     """Run S new tokens after the cached ones, write their K/V into the cache, return logits [B, S, V].
 
-    `new_mask` [B, S]: the new tokens' attention mask (the prompt's for a prefill, ones for a decode step).
+    `new_mask` [B, S]: the new tokens' attention mask (the prompt's for a prefill, ones for a decode step). A
+    session that keeps the cache on its device (TensorRT) is told which cache it reads (`attach_cache`).
     """
+    attach = getattr(session, "attach_cache", None)
+    if attach is not None:
+        attach(cache)
     outputs = session.run(decoder_feed(session.spec, input_ids, new_mask, cache, cross, image_attention_mask))
     cache.update(outputs, new_mask)
     return outputs["logits"]

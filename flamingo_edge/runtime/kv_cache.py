@@ -11,6 +11,7 @@ Plain numpy, no torch. Tensor names come from `graphs.py`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ import numpy as np
 
 from flamingo_edge.errors import GraphContractError, PromptTooLongError, UsageError
 from flamingo_edge.graphs import new_key, new_value, past_key, past_value
+
+_EPOCHS = itertools.count(1)  # process-wide: two caches, or one cache before and after a reset, never share one
 
 
 class SelfAttentionCache:
@@ -32,7 +35,11 @@ class SelfAttentionCache:
     step's host work does not grow with the context: one column of the mask and one slot per layer are written.
 
     A prefill (S > 1) feeds the cached prefix (often empty) as a P-token past: once per prompt, a prompt-sized copy
-    instead of attention over the unused slots for every prompt token.
+    instead of attention over the unused slots for every prompt token. A backend that keeps the cache on its device
+    sets `whole_past`: prefills then feed the whole buffers too, so that every run reads the past where it lies.
+
+    `epoch` changes whenever the contents change other than by `update` (a new cache, `reset`, `load`): a backend
+    that mirrors the buffers on a device knows its copy is current while (epoch, length) are what it last wrote.
     """
 
     def __init__(self, *, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
@@ -51,12 +58,15 @@ class SelfAttentionCache:
         self.values = [np.zeros(shape, dtype) for _ in range(layers)]
         # 1 for the slots in use by a real token; the last column is a decode step's new token: fed as it is.
         self.mask = np.zeros((batch, capacity + 1), np.int64)
+        self.whole_past = False  # prefills feed the whole buffers too (a backend that reads the past in place)
+        self.epoch = next(_EPOCHS)
 
     def feed(self, new_mask: np.ndarray) -> dict[str, np.ndarray]:
         """The decoder's past inputs and its `attention_mask`, for S new tokens whose mask is `new_mask` [B, S].
 
         S = 1 (a decode step): the whole buffers (P = capacity, unused slots masked) and the kept mask, no copies.
-        S > 1 (a prefill): the P cached tokens, contiguous copies, and their mask followed by `new_mask`.
+        S > 1 (a prefill): the P cached tokens, contiguous copies, and their mask followed by `new_mask`; with
+        `whole_past`, the whole buffers and the kept mask's C columns followed by `new_mask`.
 
         Raises:
             PromptTooLongError: the S new tokens do not fit (checked before anything runs).
@@ -66,6 +76,11 @@ class SelfAttentionCache:
         if new == 1:
             self.mask[:, -1] = new_mask[:, 0]
             feed = {"attention_mask": self.mask}
+            for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+                feed[past_key(layer)], feed[past_value(layer)] = keys, values
+            return feed
+        if self.whole_past:
+            feed = {"attention_mask": np.concatenate([self.mask[:, : self.capacity], new_mask], axis=1)}
             for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
                 feed[past_key(layer)], feed[past_value(layer)] = keys, values
             return feed
@@ -119,6 +134,7 @@ class SelfAttentionCache:
         """Forget every cached token (the buffers are kept)."""
         self.length = 0
         self.mask[:] = 0
+        self.epoch = next(_EPOCHS)
 
     def snapshot(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of the cached keys and values, one [B, H, P, Dh] per layer."""
@@ -140,6 +156,7 @@ class SelfAttentionCache:
         self.mask[:] = 0
         self.mask[:, :length] = 1
         self.length = length
+        self.epoch = next(_EPOCHS)
 
 
 @dataclass(frozen=True)

@@ -220,9 +220,14 @@ class Pipeline:
                 key = keys[row][slot] if keys is not None else None
                 for name, value in self.image_kv(image, key).items():
                     rows[name][row, slot] = value[0]
-        # [B, M, Hx, L, Dh] -> [B, Hx, M*L, Dh], image-major as the decoder's image_attention_mask expects
-        return {name: np.ascontiguousarray(value.transpose(0, 2, 1, 3, 4)).reshape(len(images), heads, -1, head_dim)
-                for name, value in rows.items()}
+        # [B, M, Hx, L, Dh] -> [B, Hx, M*L, Dh], image-major as the decoder's image_attention_mask expects. Read-only:
+        # fed unchanged at every step of a generation, so a device backend may keep them where it copied them once.
+        result = {}
+        for name, value in rows.items():
+            result[name] = np.ascontiguousarray(value.transpose(0, 2, 1, 3, 4)).reshape(len(images), heads, -1,
+                                                                                      head_dim)
+            result[name].setflags(write=False)
+        return result
 
     def _check_limits(self, input_ids: np.ndarray, images: list[list[np.ndarray]], max_new_tokens: int) -> None:
         if self.max_prompt is not None and input_ids.shape[1] > self.max_prompt:

@@ -18,14 +18,23 @@ Sessions are thread-safe: a camera stream encodes frames (vision, resampler, xat
 generates. Each session runs under its own lock on its own stream, so one thread's copies can never land in a CUDA
 graph another thread is capturing, nor in its staging buffers.
 
-The session keeps the backend protocol (numpy in, fresh numpy out), so the self-attention cache travels to the
-device with every decode step; keeping it on the device is the next step for long contexts.
+An input that is the same read-only array as the one last copied to its buffer is not copied again: the pipeline's
+cross-attention K/V of a generation (`Pipeline.rows_kv`) are copied once, not at every decode step.
+
+The self-attention cache stays on the device. The decoder's past inputs are one device buffer per layer and K/V,
+bound once in both contexts, that mirrors the runtime's SelfAttentionCache ([B, H, C, Dh], the same layout): the
+pipeline attaches its cache (`attach_cache`), which then feeds its whole buffers for prefills too. While the mirror
+is current, a run copies none of the past: after the engine, the new tokens' K/V are copied on the device into
+slots P..P+S-1 (a strided copy, outside any CUDA graph), and only logits and the new K/V come back to the host. The
+mirror is brought up to date from the host (slots 0..P-1 only) when the cache was loaded or reset. Past inputs have
+no pinned staging: a past that is not an attached cache's is copied from where it lies.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,7 +42,7 @@ import numpy as np
 
 from flamingo_edge.manifest import DLA_GRAPHS, Manifest, RuntimeKey, check_runtime, read_manifest
 from flamingo_edge.errors import EngineMismatchError, GraphContractError, PromptTooLongError, UsageError
-from flamingo_edge.graphs import GraphSpec, TensorSpec, format_dims
+from flamingo_edge.graphs import GraphSpec, TensorSpec, format_dims, new_key, new_value, past_key, past_value
 from flamingo_edge.runtime.backend import BaseSession, check_model_io
 
 logger = logging.getLogger(__name__)
@@ -128,6 +137,12 @@ class TensorRTSession(BaseSession):
         self.lock = threading.Lock()  # one run at a time: staging, device buffers, contexts and graph are shared
         self.buffers, self.staging, self.contexts = {}, {}, []
         self.graph, self.graph_shapes, self.seen_shapes, self.graph_profile = None, None, None, None
+        # The decoder's past inputs and the new K/V they are updated from; the attached SelfAttentionCache and the
+        # (epoch, length) of its contents that the device buffers hold.
+        self.past = {name: name.replace("past_", "new_", 1) for name in spec.input_names
+                     if name.startswith(("past_key.", "past_value."))}
+        self.cache, self.mirrored = None, None
+        self.on_device: dict[str, np.ndarray] = {}  # read-only inputs as last copied: the same array is not copied again
         self.engine = self.stream = None
         module = trt.module
         self.log = collecting_logger(module)
@@ -172,7 +187,10 @@ class TensorRTSession(BaseSession):
         self.stream.synchronize()
         for name, nbytes in self._largest_bytes().items():
             self.buffers[name] = self.cuda.DeviceBuffer(nbytes)
-            self.staging[name] = self.cuda.PinnedBuffer(nbytes)
+            if name not in self.past:  # the past stays on the device (copied from where it lies when it must be)
+                self.staging[name] = self.cuda.PinnedBuffer(nbytes)
+            else:  # slots a run reads but masks must hold numbers: a masked NaN still poisons its row's softmax
+                self.cuda.zero(self.buffers[name], self.stream)
         for context in self.contexts:
             for name, buffer in self.buffers.items():
                 context.set_tensor_address(name, buffer.ptr)
@@ -194,6 +212,16 @@ class TensorRTSession(BaseSession):
     def cuda_graphs(self) -> bool:
         """Whether decode steps replay CUDA graphs (asked for, and possible)."""
         return self.graph_profile is not None
+
+    def attach_cache(self, cache) -> None:
+        """Read the past from `cache` (a runtime.kv_cache.SelfAttentionCache) where it lies: its buffers are mirrored
+        in the device buffers the engine reads, and every run feeds them whole (`whole_past`)."""
+        if not self.past:
+            return
+        with self.lock:
+            if self.cache is None or self.cache() is not cache:
+                self.cache, self.mirrored = weakref.ref(cache), None
+            cache.whole_past = True
 
     @property
     def device_bytes(self) -> int:
@@ -264,20 +292,72 @@ class TensorRTSession(BaseSession):
         shapes = {name: tuple(feed[name].shape) for name in self.spec.input_names}
         index = self._pick_profile(shapes)
         context = self.contexts[index]
+        cache = self._resident_cache(feed)
         for name, shape in shapes.items():
-            staged = self.staging[name].view(self.dtypes[name], shape)
-            np.copyto(staged, feed[name], casting="same_kind" if staged.dtype == feed[name].dtype else "unsafe")
             if not context.set_input_shape(name, shape):
                 raise GraphContractError(f"{self.spec.name}: TensorRT refused shape {format_dims(shape)} for {name}")
+            if name in self.past or self.on_device.get(name) is feed[name]:
+                continue
+            staged = self.staging[name].view(self.dtypes[name], shape)
+            np.copyto(staged, feed[name], casting="same_kind" if staged.dtype == feed[name].dtype else "unsafe")
+            self.on_device.pop(name, None)
             self.cuda.copy_to_device(self.buffers[name], self.staging[name], staged.nbytes, self.stream)
+            if not feed[name].flags.writeable:  # cannot change: kept (the reference keeps its id unique)
+                self.on_device[name] = feed[name]
+        self._feed_past(feed, cache)
         outputs = {t.name: tuple(context.get_tensor_shape(t.name)) for t in self.spec.outputs}
         self._execute(index, context, shapes)
+        if cache is not None:
+            self._write_new_slots(cache, shapes["input_ids"][1])
         for name, shape in outputs.items():
             nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize
             self.cuda.copy_to_host(self.staging[name], self.buffers[name], nbytes, self.stream)
         self.stream.synchronize()
         return {t.name: self.staging[t.name].view(self.dtypes[t.name], outputs[t.name]).astype(t.np_dtype, copy=True)
                 for t in self.spec.outputs}
+
+    def _resident_cache(self, feed: Mapping[str, np.ndarray]):
+        """The attached cache, if this feed's past is its whole buffers (fed by `SelfAttentionCache.feed`)."""
+        cache = self.cache() if self.cache is not None else None
+        if cache is None or not self.past:
+            return None
+        layers = len(cache.keys)
+        for layer in range(layers):
+            if feed[past_key(layer)] is not cache.keys[layer] or feed[past_value(layer)] is not cache.values[layer]:
+                return None
+        return cache
+
+    def _feed_past(self, feed: Mapping[str, np.ndarray], cache) -> None:
+        """Bring the past device buffers up to what the run reads: nothing while they mirror `cache`; the cache's
+        used slots when it was loaded or reset; a past that is not an attached cache's, copied whole."""
+        if cache is None:
+            self.mirrored = None
+            for name in self.past:
+                array = np.ascontiguousarray(feed[name], dtype=self.dtypes[name])
+                self.cuda.copy_from_host(self.buffers[name], array, self.stream)
+            return
+        if self.mirrored == (cache.epoch, cache.length):
+            return
+        batch, heads, capacity, head_dim = cache.keys[0].shape
+        row = capacity * head_dim * cache.keys[0].itemsize  # one (b, h)'s slots; the used ones are its first bytes
+        used = cache.length * head_dim * cache.keys[0].itemsize
+        if used:
+            for layer in range(len(cache.keys)):
+                for name, array in ((past_key(layer), cache.keys[layer]), (past_value(layer), cache.values[layer])):
+                    self.cuda.copy_2d_from_host(self.buffers[name].ptr, row, array, row, used, batch * heads,
+                                                self.stream)
+        self.mirrored = (cache.epoch, cache.length)
+
+    def _write_new_slots(self, cache, new: int) -> None:
+        """Copy the new tokens' K/V [B, H, S, Dh] into slots P..P+S-1 of the past buffers, on the device: the mirror
+        then holds what `cache.update` is about to write on the host."""
+        batch, heads, capacity, head_dim = cache.keys[0].shape
+        itemsize = cache.keys[0].itemsize
+        offset, width = cache.length * head_dim * itemsize, new * head_dim * itemsize
+        for name, produced in self.past.items():
+            self.cuda.copy_2d_on_device(self.buffers[name].ptr + offset, capacity * head_dim * itemsize,
+                                        self.buffers[produced].ptr, width, width, batch * heads, self.stream)
+        self.mirrored = (cache.epoch, cache.length + new)
 
     def _execute(self, index: int, context, shapes: dict[str, Shape]) -> None:
         """Enqueue the engine: a plain `execute_async_v3`, or for the decode profile with CUDA graphs, its graph.

@@ -127,6 +127,40 @@ def test_load_marks_the_prefix_in_use(seed):
     np.testing.assert_array_equal(cache.keys[1][:, :, :3], prefix[1][0])
 
 
+def test_whole_past_prefills_read_the_buffers_in_place(seed):
+    """For a backend that mirrors the cache on its device: a prefill feeds the buffers themselves and a mask over all
+    C slots (the unused ones 0) followed by the new tokens'."""
+    rng = np.random.default_rng(seed)
+    cache = _cache(7)
+    cache.whole_past = True
+    cache.update(_decoder_outputs(_new_kv(rng, 2)), _ones(2))
+    new_mask = np.array([[0, 1, 1], [1, 1, 1]])
+    feed = cache.feed(new_mask)
+    assert all(feed[past_key(layer)] is cache.keys[layer] and feed[past_value(layer)] is cache.values[layer]
+               for layer in range(LAYERS))
+    expected = np.zeros((BATCH, 7 + 3), np.int64)
+    expected[:, :2], expected[:, 7:] = 1, new_mask
+    np.testing.assert_array_equal(feed["attention_mask"], expected)
+    cache.update(_decoder_outputs(_new_kv(rng, 3)), new_mask)
+    np.testing.assert_array_equal(cache.mask[:, :5], expected[:, [0, 1, 7, 8, 9]])
+
+
+def test_the_epoch_changes_when_contents_change_other_than_by_update(seed):
+    """What a device mirror keys on: (epoch, length) is the same only for the same contents."""
+    rng = np.random.default_rng(seed)
+    first, second = _cache(6), _cache(6)
+    assert first.epoch != second.epoch
+    epoch = first.epoch
+    first.update(_decoder_outputs(_new_kv(rng, 2)), _ones(2))
+    assert first.epoch == epoch  # update: the length says what was added
+    prefix = _new_kv(rng, 2)
+    first.load([kv[0] for kv in prefix], [kv[1] for kv in prefix])
+    assert first.epoch != epoch and first.length == 2  # same length, other contents
+    loaded = first.epoch
+    first.reset()
+    assert first.epoch not in (epoch, loaded, second.epoch)
+
+
 def test_over_capacity_is_refused_before_anything_is_written(seed):
     rng = np.random.default_rng(seed)
     cache = _cache(5)

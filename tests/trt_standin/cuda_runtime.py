@@ -186,6 +186,7 @@ class CudaRuntime:
         self.execs: dict[int, tuple[Op, ...]] = {}
         self.handles = itertools.count(0x5000)
         self.events: Counter = Counter()
+        self.bytes_copied: Counter = Counter()  # by direction ("HostToDevice", ...): what the copies moved
         self.violations: list[str] = []
         # called (in the capturing thread) right after a capture begins: tests use it to interleave another thread
         self.on_begin_capture: Callable[[int], None] | None = None
@@ -307,28 +308,78 @@ class CudaRuntime:
             ctypes.memmove(int(ptr), array.ctypes.data, array.nbytes)
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        return self._copy(dst, count, src, count, count, 1, kind, stream, "cudaMemcpyAsync")
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        return self._copy(dst, dpitch, src, spitch, width, height, kind, stream, "cudaMemcpy2DAsync")
+
+    def cudaMemsetAsync(self, devPtr, value, count, stream):
+        ptr, count = int(devPtr), int(count)
+        problem = self.check_range(ptr, count, DEVICE)
+        if problem is not None:
+            self.violations.append(f"cudaMemsetAsync {count} B: {problem}")
+            return (cudaError_t.cudaErrorInvalidValue,)
+
+        def fill():
+            again = self.check_range(ptr, count, DEVICE)
+            if again:
+                raise MemoryViolation(again)
+            ctypes.memset(ptr, int(value), count)
+
+        return (self.enqueue(stream, f"cudaMemsetAsync {count} B", fill, "Memset"),)
+
+    def _pageable(self, ptr: int, nbytes: int) -> bool:
+        """Whether [ptr, ptr + nbytes) is ordinary host memory: in no allocation of ours (a numpy array's)."""
+        with self.lock:
+            return not any(a.ptr < ptr + max(nbytes, 1) and ptr < a.ptr + a.nbytes for a in self.allocations.values())
+
+    def _copy(self, dst, dpitch, src, spitch, width, height, kind, stream, call: str):
+        """`height` rows of `width` bytes, each `dpitch`/`spitch` apart (a plain copy is one row). Host memory is
+        pinned (ours), or for a host-to-device copy also pageable: as CUDA does, the call then takes the source's
+        bytes before it returns (the caller may reuse them at once), and it cannot be captured."""
         kind = cudaMemcpyKind(kind)
         if kind not in COPY_KINDS:  # cudaMemcpyDefault (unified addressing) is not modelled
-            self.violations.append(f"cudaMemcpyAsync with {kind.name}: not modelled by the stand-in")
+            self.violations.append(f"{call} with {kind.name}: not modelled by the stand-in")
             return (cudaError_t.cudaErrorInvalidValue,)
         dst_kind, src_kind = COPY_KINDS[kind]
-        dst, src, count = int(dst), int(src), int(count)
-        problems = [f"{side} {problem}" for side, problem in (("dst", self.check_range(dst, count, dst_kind)),
-                                                              ("src", self.check_range(src, count, src_kind)))
-                    if problem is not None]
-        what = f"cudaMemcpyAsync {kind.name[len('cudaMemcpy'):]} {count} B"
+        dst, src, dpitch, spitch = int(dst), int(src), int(dpitch), int(spitch)
+        width, height = int(width), int(height)
+        if width > min(dpitch, spitch) and height > 1:
+            self.violations.append(f"{call}: width {width} > pitch ({dpitch}, {spitch})")
+            return (cudaError_t.cudaErrorInvalidValue,)
+        span = lambda pitch: (height - 1) * pitch + width if height else 0  # noqa: E731
+        pageable = kind == cudaMemcpyKind.cudaMemcpyHostToDevice and self._pageable(src, span(spitch))
+        checks = [("dst", self.check_range(dst, span(dpitch), dst_kind))]
+        if not pageable:
+            checks.append(("src", self.check_range(src, span(spitch), src_kind)))
+        problems = [f"{side} {problem}" for side, problem in checks if problem is not None]
+        name = kind.name[len("cudaMemcpy"):]
+        what = f"{call} {name} {width * height} B" + (" (pageable)" if pageable else "")
+        if pageable and self.is_capturing(stream):
+            problems.append("a copy from pageable host memory cannot be captured")
         if problems:
             self.violations.append(f"{what}: " + "; ".join(problems))
             return (cudaError_t.cudaErrorInvalidValue,)
+        with self.lock:
+            self.bytes_copied[name] += width * height
+        if pageable:  # taken now, as CUDA stages pageable memory before the call returns
+            taken = np.empty(span(spitch), np.uint8)
+            if taken.nbytes:
+                ctypes.memmove(taken.ctypes.data, src, taken.nbytes)
+            source, source_check = taken.ctypes.data, None
+        else:
+            taken, source, source_check = None, src, (src, span(spitch), src_kind)
 
         def copy():
-            again = [p for p in (self.check_range(dst, count, dst_kind), self.check_range(src, count, src_kind)) if p]
+            again = [p for p in (self.check_range(dst, span(dpitch), dst_kind),
+                                 source_check and self.check_range(*source_check)) if p]
             if again:  # freed between enqueue and execution
                 raise MemoryViolation("; ".join(again))
-            if count:
-                ctypes.memmove(dst, src, count)
+            keep = taken  # noqa: F841  (the pageable bytes live until the copy ran)
+            for row in range(height if width else 0):
+                ctypes.memmove(dst + row * dpitch, source + row * spitch, width)
 
-        return (self.enqueue(stream, what, copy, kind.name[len("cudaMemcpy"):]),)
+        return (self.enqueue(stream, what, copy, name),)
 
     # streams
 
