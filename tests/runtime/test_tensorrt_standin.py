@@ -397,3 +397,84 @@ def test_the_self_attention_cache_stays_on_the_device(engines, demo_export, cuda
     assert [c.token_ids for c in again] == [c.token_ids for c in want]
     assert standin.cuda.events["enqueued HostToDevice"] > pageable
     assert_clean(standin)
+
+
+def test_compare_passes_through_the_tensorrt_backend(engines, demo_export):
+    """`flamingo-edge compare --backend tensorrt`'s code path (per graph, per layer, end to end against the PyTorch
+    reference) on the stand-in, with CUDA graphs: the engines run their own ONNX graphs, so it must pass."""
+    from flamingo_edge.models.checkpoint import DEMO_CHECKPOINT
+    from flamingo_edge.tools.compare import compare
+
+    prompts = [PROMPTS["batch_of_one"]()[0], ["the shapes are", frame(7), "what colour"]]
+    with installed(engines, demo_export) as standin:
+        report = compare(DEMO_CHECKPOINT, demo_export, prompts, backend="tensorrt", engines=engines,
+                         cuda_graph=True, new_tokens=8)
+    assert report.passed, report.to_dict()
+    assert_clean(standin)
+
+
+def test_the_camera_stream_through_the_tensorrt_backend(engines, demo_export, tmp_path):
+    """The real FrameStream (a source thread reading and encoding frames, a worker generating, the few-shot preamble
+    from the prefix cache) on the TensorRT backend: the texts of ONNX Runtime's stream, prompt by prompt."""
+    import cv2
+
+    from flamingo_edge.runtime.sources import open_source
+    from flamingo_edge.runtime.stream import FrameStream
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index in range(4):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), cv2.cvtColor(frame(400 + index), cv2.COLOR_RGB2BGR))
+    few_shot = [frame(500), "a photo of shapes", frame(501), "a photo of colours"]
+    prompts = ["a photo of", "the shapes are"]
+
+    def stream(pipeline):
+        return [(r.prompt, r.text) for r in FrameStream(pipeline, open_source(f"file://{folder}"), prompts=prompts,
+                                                         few_shot=few_shot, max_new_tokens=8, every=1)]
+
+    with Pipeline.open(demo_export, max_context=MAX_CONTEXT) as reference:
+        want = stream(reference)
+    with installed(engines, demo_export) as standin:
+        with Pipeline.open(demo_export, backend="tensorrt", engines=engines, cuda_graph=True) as ours:
+            got = stream(ours)
+            assert ours.stats["prefix_tokens_reused"] > 0
+    assert got == want and len(got) == 4
+    assert_clean(standin)
+
+
+def test_a_profile_tensorrt_refuses_is_an_engine_mismatch(engines, demo_export):
+    """TensorRT 8.5 and 10.3 raise RuntimeError from set_optimization_profile_async where later releases return
+    False: either way the user gets EngineMismatchError, and nothing stays allocated."""
+    from flamingo_edge.errors import EngineMismatchError
+    from trt_standin.tensorrt_module import Context
+
+    def refuse(self, profile_index, stream):
+        raise RuntimeError("profile index 1 is out of range")
+
+    with installed(engines, demo_export) as standin:
+        with mock.patch.object(Context, "set_optimization_profile_async", refuse), \
+                pytest.raises(EngineMismatchError, match="could not set up optimization profile 0.*out of range"):
+            Pipeline.open(demo_export, backend="tensorrt", engines=engines)
+    assert sum(standin.cuda.live().values()) == 0, standin.cuda.live()
+
+
+@pytest.mark.parametrize("failing", [1, 9, 40])
+def test_an_open_that_fails_part_way_frees_what_it_allocated(engines, demo_export, failing):
+    """Device memory running out at the n-th allocation (in the first session, or after some sessions opened): a
+    CudaError, and no buffer, pinned buffer or stream left behind."""
+    from flamingo_edge.runtime.cuda import CudaError
+    from trt_standin.cuda_runtime import cudaError_t
+
+    with installed(engines, demo_export) as standin:
+        allocate, calls = standin.cuda._allocate, []
+
+        def running_out(size, kind, call):
+            calls.append(call)
+            if len(calls) == failing:
+                return cudaError_t.cudaErrorMemoryAllocation, None
+            return allocate(size, kind, call)
+
+        with mock.patch.object(standin.cuda, "_allocate", running_out), \
+                pytest.raises(CudaError, match="cudaErrorMemoryAllocation"):
+            Pipeline.open(demo_export, backend="tensorrt", engines=engines)
+    assert sum(standin.cuda.live().values()) == 0, standin.cuda.live()
