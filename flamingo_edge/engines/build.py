@@ -127,6 +127,12 @@ def _configure(trt: TensorRT, config, options: BuildOptions, name: str, *, stron
     if options.hardware_compatible:
         config.hardware_compatibility_level = module.HardwareCompatibilityLevel.AMPERE_PLUS
         flags.append("AMPERE_PLUS")
+    if name == "decoder" and trt.flavour == "tensorrt_rtx" and hasattr(module.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        # TensorRT for RTX (1.2+) captures a context's runs in a CUDA graph only when the engine uses memory the
+        # application gave it: without this flag `--cuda-graph` would find is_stream_capturable() false and turn
+        # graphs off (the backend checks it)
+        config.set_flag(module.BuilderFlag.REQUIRE_USER_ALLOCATION)
+        flags.append("REQUIRE_USER_ALLOCATION")
     if options.target.compute_capability:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(module.ComputeCapability, options.target.compute_capability), 0)

@@ -74,7 +74,9 @@ def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys,
     assert all(entry["bytes"] > 10_000 for entry in manifest.engines.values())
     assert len(manifest.profiles["decoder"]) == 2  # prefill and decode
     assert manifest.limits == {"max_batch": 1, "max_prompt": 32, "max_context": 48, "max_images": 3}
-    assert manifest.build_flags == {name: [] for name in manifest.engines}  # strongly typed: no precision flags
+    # strongly typed: no precision flags; the decoder asks for user allocation, without which RTX cannot capture it
+    assert manifest.build_flags == {**{name: [] for name in manifest.engines},
+                                    "decoder": ["REQUIRE_USER_ALLOCATION"]}
     assert manifest.device is None and manifest.dla_core is None
 
 
