@@ -84,7 +84,9 @@ class TorchSession:
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            outputs = self.module(*(torch.from_numpy(np.asarray(feed[name])) for name in self.spec.input_names))
+            # a read-only feed (the pipeline's cross K/V) is copied: torch tensors over read-only memory are undefined
+            outputs = self.module(*(torch.from_numpy(np.require(feed[name], requirements="W"))
+                                    for name in self.spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return {name: tensor.numpy().copy() for name, tensor in zip(self.spec.output_names, outputs)}
 
