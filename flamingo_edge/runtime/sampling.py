@@ -23,7 +23,31 @@ logger = logging.getLogger(__name__)
 Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:
+class SeenTokens:
+    """The ids each row's history holds, kept from one call of a sampler to the next: when the history is the last
+    one grown by one column (a generation's preallocated history, seen through a longer view at each step), only
+    that column is added, so a step costs O(V) whatever the context. Any other history is read whole."""
+
+    def __init__(self):
+        self.mask: np.ndarray | None = None  # [B, V+1]; column V collects out-of-range ids
+        self.source, self.length = None, 0
+
+    def of(self, history: np.ndarray, vocab: int) -> np.ndarray:
+        """bool [B, V]: which ids occur in each row of `history` [B, T]."""
+        source = history.base if history.base is not None else history
+        batch, length = history.shape
+        grown = (self.mask is not None and source is self.source and length == self.length + 1
+                 and self.mask.shape == (batch, vocab + 1))
+        if not grown:
+            self.mask = np.zeros((batch, vocab + 1), dtype=bool)
+        new = history[:, -1:] if grown else history
+        np.put_along_axis(self.mask, np.where((new >= 0) & (new < vocab), new, vocab), True, axis=1)
+        self.source, self.length = source, length
+        return self.mask[:, :vocab]
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float,
+                             seen: SeenTokens | None = None) -> np.ndarray:
     """Make every token already in `history` less likely: logit < 0 -> logit * penalty, else logit / penalty.
 
     As in transformers, every id in `history` counts once, however often it occurs, and pad ids are penalised too
@@ -33,16 +57,15 @@ def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: f
         logits: float [B, V].
         history: int [B, T], the ids so far (prompt and generated).
         penalty: > 1 penalises, < 1 rewards, 1 changes nothing.
+        seen: a sampler's SeenTokens, kept across its calls (None: read the whole history).
 
     Returns:
         New logits [B, V], same dtype.
     """
     vocab = logits.shape[-1]
-    seen = np.zeros((logits.shape[0], vocab + 1), dtype=bool)  # [B, V+1]; column V collects out-of-range ids
-    ids = np.where((history >= 0) & (history < vocab), history, vocab)
-    np.put_along_axis(seen, ids, True, axis=1)
+    mask = (seen or SeenTokens()).of(history, vocab)
     penalised = np.where(logits < 0, logits * penalty, logits / penalty)
-    return np.where(seen[:, :vocab], penalised, logits).astype(logits.dtype, copy=False)
+    return np.where(mask, penalised, logits).astype(logits.dtype, copy=False)
 
 
 def apply_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
@@ -98,7 +121,8 @@ def check_settings(*, temperature: float, top_k: int, top_p: float, repetition_p
 
 
 def _filtered_logits(logits: np.ndarray, history: np.ndarray, *, temperature: float, top_k: int = 0,
-                     top_p: float = 1.0, repetition_penalty: float = 1.0) -> np.ndarray:
+                     top_p: float = 1.0, repetition_penalty: float = 1.0,
+                     seen: SeenTokens | None = None) -> np.ndarray:
     """The logits a sampler draws from: penalised, divided by the temperature, top-k and top-p filtered (-inf).
 
     Args:
@@ -106,12 +130,13 @@ def _filtered_logits(logits: np.ndarray, history: np.ndarray, *, temperature: fl
         history: int64 [B, T], the ids so far.
         temperature: > 0 (greedy, temperature 0, has no distribution; see `sampling_probabilities`).
         top_k, top_p, repetition_penalty: as in `make_sampler`.
+        seen: the sampler's SeenTokens (None: read the whole history).
 
     Returns:
         float32 [B, V].
     """
     if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, history, repetition_penalty)
+        logits = apply_repetition_penalty(logits, history, repetition_penalty, seen)
     logits = logits / np.float32(temperature)
     if top_k > 0:
         logits = apply_top_k(logits, top_k)
@@ -145,9 +170,11 @@ def sampling_probabilities(logits: np.ndarray, history: np.ndarray, *, temperatu
 def greedy(repetition_penalty: float = 1.0) -> Sampler:
     """The most likely token of every row (after the repetition penalty, as transformers' greedy search does)."""
 
+    seen = SeenTokens()
+
     def sample(logits: np.ndarray, history: np.ndarray) -> np.ndarray:
         if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, history, repetition_penalty)
+            logits = apply_repetition_penalty(logits, history, repetition_penalty, seen)
         return logits.argmax(axis=-1).astype(np.int64)
 
     return sample
@@ -184,11 +211,11 @@ def make_sampler(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
             logger.warning("top_k=%s and top_p=%s do nothing with temperature 0 (greedy); set a temperature > 0 to "
                            "sample", top_k, top_p)
         return greedy(repetition_penalty)
-    rng = np.random.default_rng(seed)
+    rng, seen = np.random.default_rng(seed), SeenTokens()
 
     def sample(logits: np.ndarray, history: np.ndarray) -> np.ndarray:
         filtered = _filtered_logits(logits, history, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    repetition_penalty=repetition_penalty)
+                                    repetition_penalty=repetition_penalty, seen=seen)
         return _draw(_softmax(filtered), rng)
 
     return sample

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,31 @@ def test_repetition_penalty_equals_transformers(seed, penalty):
     np.testing.assert_allclose(apply_repetition_penalty(logits, history, penalty), expected, rtol=1e-7, atol=0)
     empty = np.zeros((BATCH, 0), np.int64)  # nothing generated yet, no prompt: nothing changes
     np.testing.assert_array_equal(apply_repetition_penalty(logits, empty, penalty), logits)
+
+
+def test_a_samplers_penalty_reads_one_new_column_per_step_and_equals_transformers(seed):
+    """A generation's history is one preallocated array, seen through a view one column longer at each step: the
+    sampler's SeenTokens then adds only that column (a step's cost does not grow with the context), and every step's
+    penalised logits still equal transformers'. A history that is not the last one grown by one is read whole."""
+    from flamingo_edge.runtime.sampling import SeenTokens
+
+    rng = np.random.default_rng(seed)
+    logits, prompt = _inputs(rng)
+    history = np.empty((BATCH, prompt.shape[1] + 6), np.int64)
+    history[:, : prompt.shape[1]] = prompt
+    processor = logits_process.RepetitionPenaltyLogitsProcessor(penalty=1.7)
+    seen, reads = SeenTokens(), []
+    put = np.put_along_axis
+    with mock.patch.object(np, "put_along_axis", lambda a, i, v, axis: (reads.append(i.shape[1]), put(a, i, v, axis))):
+        for step in range(6):
+            length = prompt.shape[1] + step
+            view = history[:, :length]
+            expected = processor(torch.from_numpy(view.copy()), torch.from_numpy(logits.copy())).numpy()
+            np.testing.assert_allclose(apply_repetition_penalty(logits, view, 1.7, seen), expected, rtol=1e-7, atol=0)
+            history[:, length] = rng.integers(0, logits.shape[-1], BATCH)
+        other = history[:, : prompt.shape[1] + 2].copy()  # another array: read whole
+        apply_repetition_penalty(logits, other, 1.7, seen)
+    assert reads == [prompt.shape[1], 1, 1, 1, 1, 1, other.shape[1]]
 
 
 def test_top_k_keeps_ties_like_transformers(seed):
