@@ -25,6 +25,8 @@ CUDA_EXTRAS = {11: "tensorrt-cu11", 12: "tensorrt-cu12", 13: "tensorrt-cu13"}
 # CUDA major -> the drivers that run it: the oldest datacenter driver (NVIDIA's CUDA Compatibility guide, "Minor
 # Version Compatibility": 11.x >= 450, 12.x >= 525, 13.x >= 580) and the JetPack whose driver has it.
 DRIVERS = {11: "driver >= 450, JetPack 5", 12: "driver >= 525, JetPack 6", 13: "driver >= 580, JetPack 7"}
+INSTALL_BY_DRIVER = ("pip install 'flamingo-edge[tensorrt-cu12]' (drivers 525 to 57x, JetPack 6; [tensorrt] is the "
+                     "same) or 'flamingo-edge[tensorrt-cu13]' (drivers >= 580, JetPack 7)")
 
 
 class CudaError(FlamingoEdgeError):
@@ -44,9 +46,7 @@ def runtime_module():
             from cuda import cudart as runtime
         except ImportError:
             raise FeatureUnavailableError(
-                "the TensorRT backend needs cuda-python of the driver's CUDA major: pip install "
-                "'flamingo-edge[tensorrt-cu12]' (drivers 525 to 57x, JetPack 6; [tensorrt] is the same) or "
-                "'flamingo-edge[tensorrt-cu13]' (drivers >= 580, JetPack 7)") from None
+                f"the TensorRT backend needs cuda-python of the driver's CUDA major: {INSTALL_BY_DRIVER}") from None
     return runtime
 
 
@@ -99,9 +99,8 @@ def _insufficient_driver(runtime) -> FeatureUnavailableError:
         f"the installed cuda-python is built for CUDA {_cuda(built)}, which needs an NVIDIA driver for CUDA "
         f"{built // 1000} ({DRIVERS.get(built // 1000, 'see NVIDIA CUDA Compatibility guide')})")
     if driver is None:  # cudaDriverGetVersion answers 0 when no driver is installed
-        hint = (f". If it has a GPU: {needs}; install the cuda-python of its driver's CUDA major: pip install "
-                "'flamingo-edge[tensorrt-cu12]' (drivers 525 to 57x, JetPack 6) or 'flamingo-edge[tensorrt-cu13]' "
-                "(drivers >= 580)") if needs else ""
+        hint = (f". If it has a GPU: {needs}; install the cuda-python of its driver's CUDA major: "
+                f"{INSTALL_BY_DRIVER}") if needs else ""
         return _no_usable_gpu("CUDA: cudaErrorInsufficientDriver, and no driver says its version", hint)
     have = driver // 1000
     fix = (f"install the cuda-python of the driver's CUDA major, pip install 'flamingo-edge[{CUDA_EXTRAS[have]}]' "
@@ -136,23 +135,12 @@ def device_info(index: int = 0) -> DeviceInfo:
 
 
 class Stream:
-    """One CUDA stream, shared by the sessions of a pipeline: each `acquire`s it and `release`s it when it closes;
-    the last release (after the creator's own) destroys it."""
+    """One CUDA stream, owned by one session (a TensorRT session creates its own and closes it)."""
 
     def __init__(self):
         self.runtime = runtime_module()
         # Non-blocking: no implicit synchronization with the legacy default stream, which would also break capture.
         self.handle = call(self.runtime, "cudaStreamCreateWithFlags", self.runtime.cudaStreamNonBlocking)
-        self.users = 1
-
-    def acquire(self) -> Stream:
-        self.users += 1
-        return self
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            self.close()
 
     @property
     def ptr(self) -> int:

@@ -73,14 +73,13 @@ class SelfAttentionCache:
         """
         new = new_mask.shape[1]
         self._check_room(new)
-        if new == 1:
-            self.mask[:, -1] = new_mask[:, 0]
-            feed = {"attention_mask": self.mask}
-            for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
-                feed[past_key(layer)], feed[past_value(layer)] = keys, values
-            return feed
-        if self.whole_past:
-            feed = {"attention_mask": np.concatenate([self.mask[:, : self.capacity], new_mask], axis=1)}
+        if new == 1 or self.whole_past:
+            if new == 1:
+                self.mask[:, -1] = new_mask[:, 0]
+                mask = self.mask
+            else:
+                mask = np.concatenate([self.mask[:, : self.capacity], new_mask], axis=1)
+            feed = {"attention_mask": mask}
             for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
                 feed[past_key(layer)], feed[past_value(layer)] = keys, values
             return feed

@@ -6,7 +6,8 @@
       └─ TensorRTSession per graph, each with its own CUDA stream and lock:
            at open: engine I/O vs the graph contract; one execution context per optimization profile (decoder:
                     prefill and decode); device buffers for every tensor at the profiles' largest shapes (the KV
-                    inputs and outputs included) and pinned host staging of the same size, allocated once
+                    inputs and outputs included) and pinned host staging of the same size for every tensor but the
+                    decoder's past (it stays on the device), allocated once
            at run:  check_feed -> (the session's lock) pick the profile -> inputs into pinned staging -> H2D ->
                     execute_async_v3 (or the decode context's CUDA graph) -> D2H -> synchronize -> fresh numpy outputs
 
@@ -75,7 +76,7 @@ def admits(profile: Profile, shapes: Mapping[str, Shape]) -> bool:
                for name, (lows, _, highs) in profile.items())
 
 
-def select_profile(profiles: list[dict[str, tuple[Shape, Shape, Shape]]], shapes: Mapping[str, Shape]) -> int:
+def select_profile(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int:
     """The optimization profile for a set of input shapes: of those that admit every shape, the one whose opt shape
     of the first input (the decoder's input_ids [B, S]) is nearest, so a decode step (S = 1) takes the decode profile
     whatever its past length, and a prompt the prefill one.
@@ -139,8 +140,9 @@ class TensorRTSession(BaseSession):
         self.graph, self.graph_shapes, self.seen_shapes, self.graph_profile = None, None, None, None
         # The decoder's past inputs and the new K/V they are updated from; the attached SelfAttentionCache and the
         # (epoch, length) of its contents that the device buffers hold.
-        self.past = {name: name.replace("past_", "new_", 1) for name in spec.input_names
-                     if name.startswith(("past_key.", "past_value."))}
+        layers = sum(name.startswith("past_key.") for name in spec.input_names)
+        self.past = {past(layer): new(layer) for layer in range(layers)
+                     for past, new in ((past_key, new_key), (past_value, new_value))}
         self.cache, self.mirrored = None, None
         self.on_device: dict[str, np.ndarray] = {}  # read-only inputs as last copied: the same array is not copied again
         self.engine = self.stream = None
