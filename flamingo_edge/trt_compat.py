@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from importlib.metadata import packages_distributions
 from types import ModuleType
@@ -182,12 +184,46 @@ def collecting_logger(module):
     return CollectingLogger()
 
 
-def progress_monitor(module, report):
+class HeldInterrupt:
+    """Ctrl-C held while TensorRT works, raised as KeyboardInterrupt once it returns.
+
+    TensorRT catches whatever its Python callbacks raise (our logger, our progress monitor), logs it and goes on: a
+    KeyboardInterrupt that lands in one is lost, and the build runs to its end (seen in CI). So, in the main thread,
+    SIGINT only sets `pending` while this is entered; a progress monitor given `cancelled=held.pending_now` cancels
+    the build at its next step. Elsewhere (signals go to the main thread only) it changes nothing.
+
+    Raises:
+        KeyboardInterrupt: on exit, when Ctrl-C came meanwhile (and nothing else was raised).
+    """
+
+    def __init__(self):
+        self.pending, self.previous = False, None
+
+    def pending_now(self) -> bool:
+        return self.pending
+
+    def _hold(self, signum, frame) -> None:
+        self.pending = True
+
+    def __enter__(self) -> HeldInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+        if self.pending and kind is None:
+            raise KeyboardInterrupt
+
+
+def progress_monitor(module, report, cancelled=lambda: False):
     """A TensorRT progress monitor (TensorRT 10+ and RTX; None before) that calls `report(text)` with the phase being
-    optimized and its step, e.g. "Building engine 3/7". TensorRT may call it from several threads."""
+    optimized and its step, e.g. "Building engine 3/7", and cancels the build once `cancelled()` is true (a held
+    Ctrl-C, `HeldInterrupt`). TensorRT may call it from several threads."""
     if not hasattr(module, "IProgressMonitor"):
         return None
-    import threading
 
     class Monitor(module.IProgressMonitor):
         def __init__(self):
@@ -204,7 +240,7 @@ def progress_monitor(module, report):
             with self.lock:
                 if phase_name in self.steps:
                     report(f"{phase_name} {step + 1}/{self.steps[phase_name]}")
-            return True  # False would cancel the build
+            return not cancelled()  # False cancels the build
 
         def phase_finish(self, phase_name):
             with self.lock:

@@ -40,3 +40,32 @@ def test_cuda_major_of_the_installed_tensorrt_rtx():
     pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx with the test extras")
     names = packages_distributions()["tensorrt_rtx"]
     assert cuda_major("tensorrt_rtx") in (12, 13) and any(f"cu{cuda_major('tensorrt_rtx')}" in n for n in names)
+
+
+
+def test_ctrl_c_during_tensorrt_is_held_then_raised():
+    """TensorRT catches what its Python callbacks raise and goes on, so a KeyboardInterrupt that lands in our logger
+    or progress monitor was lost and the build ran to its end (seen in CI: `build` exited 0 after Ctrl-C). While
+    HeldInterrupt is entered, SIGINT only marks it pending: the progress monitor cancels the build at its next step,
+    and KeyboardInterrupt is raised once TensorRT has returned; the previous handler is back afterwards."""
+    import os
+    import signal
+
+    from flamingo_edge.trt_compat import HeldInterrupt, progress_monitor
+
+    trt = pytest.importorskip("tensorrt_rtx", reason="CI installs tensorrt-rtx with the test extras")
+    before = signal.getsignal(signal.SIGINT)
+    reports = []
+    with pytest.raises(KeyboardInterrupt):
+        with HeldInterrupt() as held:
+            monitor = progress_monitor(trt, reports.append, held.pending_now)
+            monitor.phase_start("Building engine", None, 3)
+            assert monitor.step_complete("Building engine", 0) is True
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; handled between bytecodes, not raised here
+            log = collecting_logger(trt)
+            log.log(trt.ILogger.Severity.WARNING, "a callback runs after the Ctrl-C")
+            assert held.pending and monitor.step_complete("Building engine", 1) is False  # cancels the build
+    assert reports == ["Building engine 0/3", "Building engine 1/3", "Building engine 2/3"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with HeldInterrupt():  # no Ctrl-C: nothing raised
+        pass

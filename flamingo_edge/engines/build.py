@@ -25,7 +25,7 @@ from flamingo_edge.precision import BUILDER_FLAGS, Precision
 from flamingo_edge.manifest import DLA_GRAPHS, MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
 from flamingo_edge.engines.plan import check_build_fits
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
-from flamingo_edge.trt_compat import TensorRT, collecting_logger, load, progress_monitor
+from flamingo_edge.trt_compat import HeldInterrupt, TensorRT, collecting_logger, load, progress_monitor
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
 from flamingo_edge.config import FlamingoConfig
@@ -164,16 +164,17 @@ def build_graph(trt: TensorRT, onnx_path: Path, profiles, options: BuildOptions,
     builder = trt.module.Builder(log)
     int8_cache = (options.int8_caches or {}).get(name)
     strongly_typed = int8_cache is None and (trt.can_strongly_type or trt.strongly_typed_only)
-    network, _parser = _parse(trt, builder, log, onnx_path, strongly_typed=strongly_typed)
-    config = builder.create_builder_config()
-    _add_profiles(builder, config, profiles)
-    flags = _configure(trt, config, options, name, strongly_typed=strongly_typed, int8_cache=int8_cache)
-    if timing_cache is not None:
-        _use_timing_cache(config, timing_cache)
-    monitor = progress_monitor(trt.module, on_progress) if on_progress else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-    plan = builder.build_serialized_network(network, config)
+    with HeldInterrupt() as held:  # TensorRT would swallow a Ctrl-C that lands in our logger or progress monitor
+        network, _parser = _parse(trt, builder, log, onnx_path, strongly_typed=strongly_typed)
+        config = builder.create_builder_config()
+        _add_profiles(builder, config, profiles)
+        flags = _configure(trt, config, options, name, strongly_typed=strongly_typed, int8_cache=int8_cache)
+        if timing_cache is not None:
+            _use_timing_cache(config, timing_cache)
+        monitor = progress_monitor(trt.module, on_progress, held.pending_now) if on_progress else None
+        if monitor is not None:
+            config.progress_monitor = monitor
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         said = "; ".join(log.errors[-3:]) or "no message"
         raise EngineBuildError(f"{trt.flavour} {trt.version} could not build {onnx_path.name} for "
