@@ -76,8 +76,8 @@ TRT_STAGING_COPIES = 2  # an engine I/O tensor has a device buffer and a pinned 
 ORT_PROCESS_BYTES = 55 * MIB  # Python + numpy + onnxruntime + tokenizers + flamingo_edge.runtime, imported
 ORT_OPENCV_BYTES = 15 * MIB  # OpenCV, which the runtime imports to read image files and cameras
 ORT_SESSION_BYTES = 15 * MIB  # the first session's one-time cost (environment, kernel registry, thread pools)
-# RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them. With glibc's mmap threshold pinned
-# (runtime/onnxruntime_backend.py), the originals that MLAS pre-packing (fp32) and MatMulNBits' packing replace go
+# RSS per byte of weights as stored, by how ONNX Runtime's CPU kernels hold them. With glibc's mmap threshold held low
+# while sessions load (runtime/onnxruntime_backend.py), the originals that MLAS pre-packing (fp32) and MatMulNBits' packing replace go
 # back to the system, so both take what they store; fp16 MatMuls run as fp32 (ONNX Runtime folds the inserted Casts
 # into fp32 copies, beside the fp16 originals).
 ORT_RSS_PER_BYTE = {"float32": 1.0, "float16": 2.8, "nbits": 1.0, "other": 1.0}

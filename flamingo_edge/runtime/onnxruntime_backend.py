@@ -6,6 +6,7 @@ IO binding, so each run makes one host-to-device copy per input and one device-t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -38,32 +39,48 @@ def _declared(args) -> list[TensorSpec]:
     return [TensorSpec(arg.name, _ORT_TO_NUMPY.get(arg.type, arg.type), tuple(arg.shape)) for arg in args]
 
 
-# glibc's mallopt parameter and the value glibc starts from (its own default, 128 KiB).
-_M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 128 * 1024
+# glibc's mallopt parameter; its starting mmap threshold (128 KiB) and the most its dynamic threshold grows to (32 MiB
+# on 64-bit), which is where a long-running process's threshold ends up.
+_M_MMAP_THRESHOLD, _LOADING_THRESHOLD, _RUNNING_THRESHOLD = -3, 128 << 10, 32 << 20
 
 
 @functools.cache
-def pin_malloc_mmap_threshold() -> bool:
-    """Keep glibc's mmap threshold at its default, so that freed large blocks go back to the system at once.
+def _glibc():
+    """libc through ctypes where it is glibc and the user has not set the threshold, else None."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def loading_memory_returned():
+    """While a session loads, large blocks that are freed go back to the system at once; afterwards they come from the
+    heap and are reused, as in any long-running glibc process.
 
     glibc raises its mmap threshold each time a large mmapped block is freed, and later blocks of that size then come
-    from the heap. Loading a session does exactly that: ONNX Runtime pre-packs each fp32 MatMul weight and frees the
-    original. What it frees then stays in the process. The 100m preset's decoder alone peaked at 462 MiB in some runs
-    and 535-553 MiB in others; with the threshold pinned, 460 MiB in every run, and decode speed did not change. A
-    pinned threshold is what the environment variable MALLOC_MMAP_THRESHOLD_ sets. A process that sets it
-    itself, or that does not run on glibc, is left as it is.
+    from the heap. Loading a session does exactly that: ONNX Runtime pre-packs each fp32 MatMul weight (and
+    MatMulNBits its blocks) and frees the original, and what it frees stayed in the process. The 100m preset's decoder
+    alone peaked at 462 MiB in some runs and 535-553 MiB in others; with the threshold held at glibc's starting
+    128 KiB while it loads, 460 MiB in every run. Held there for good, every later allocation over 128 KiB would be
+    a fresh mapping: copying a 320x240 camera frame took 167 us instead of 12 us. So the threshold is then set to
+    32 MiB, the most glibc's own dynamic threshold grows to. (Setting it turns glibc's adjustment off for good.)
 
-    Returns:
-        whether the threshold is pinned (by this call or by the environment).
+    A process that sets MALLOC_MMAP_THRESHOLD_ itself, or that does not run on glibc, is left as it is.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _LOADING_THRESHOLD)
     try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _RUNNING_THRESHOLD)
 
 
 def _providers(device: Device) -> list[str]:
@@ -99,7 +116,6 @@ class OnnxRuntimeSession(BaseSession):
         if not self.path.is_file():
             raise GraphContractError(f"{spec.name}: graph file {self.path} does not exist; "
                                      "re-run `flamingo-edge export`")
-        pin_malloc_mmap_threshold()
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # A pipeline runs its sessions one after another, each with its own thread pool. By default a pool's threads
@@ -109,7 +125,8 @@ class OnnxRuntimeSession(BaseSession):
         # other ONNX Runtime session in the user's process onto it.)
         options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=_providers(device))
+            with loading_memory_returned():
+                self.session = onnxruntime.InferenceSession(str(self.path), options, providers=_providers(device))
         except _LOAD_ERRORS as error:
             raise GraphContractError(f"{spec.name}: ONNX Runtime cannot load {self.path} ({error}); "
                                      "re-run `flamingo-edge export`") from None
