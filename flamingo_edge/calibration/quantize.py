@@ -28,6 +28,7 @@ from pathlib import Path
 from flamingo_edge.precision import QUANTIZED_PRECISIONS, WEIGHT_BITS, WEIGHT_ONLY_PRECISIONS, Precision
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.errors import CalibrationError, FeatureUnavailableError, UsageError
+from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.extras import require
 from flamingo_edge.graphs import GRAPH_NAMES
 
@@ -119,7 +120,7 @@ def _dynamic_int8(source: Path, target: Path) -> None:
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
                  encoding: str, accuracy_level: int, lm_head: bool, embeddings: bool, calibration,
-                 name: str, keep_fp32: tuple[str, ...] | None,
+                 name: str, keep_fp32: tuple[str, ...] | None, max_positions: int,
                  on_step: Callable[[str], None] | None = None) -> dict:
     """Write the weight-only quantized `source` as `folder/file` (external data when large), its float parts in
     fp16 when `keep_fp32` names the ops to keep in fp32; its summary, with the GraphFile fields under "files"."""
@@ -136,7 +137,7 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
             return iter_samples(calibration, name)
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                                     method=method, encoding=encoding, lm_head=lm_head, embeddings=embeddings,
-                                    accuracy_level=accuracy_level, samples=samples,
+                                    accuracy_level=accuracy_level, samples=samples, max_positions=max_positions,
                                     on_weight=on_step and (lambda done, total: on_step(f"{name} {done}/{total}")),
                                     on_pass=on_step and (lambda number, total: on_step(
                                         f"{name}: calibration inputs, pass {number}/{total}")))
@@ -255,6 +256,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         raise FeatureUnavailableError(f"quantize needs onnxruntime's quantization tools ({error})") from None
 
     keep = tuple(dict.fromkeys([*FP16_KEEP_FP32, *(exclude_ops or [])]))
+    positions = FlamingoConfig.from_dict(record.config).decoder.max_positions
     op_types = tuple(op for op in INT8_OP_TYPES if op not in (exclude_ops or []))
     with atomic_folder(out_dir) as partial:
         for name in record.tokenizer_files:
@@ -283,7 +285,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             if weight_only:
                 summaries[name] = _weight_only(source, partial, entry.file, precision, block_size, method,
                                                encoding, accuracy_level, lm_head, embeddings, calibration, name,
-                                               keep if float16 else None, on_step)
+                                               keep if float16 else None, positions, on_step)
                 files[name] = replace(entry, **summaries[name].pop("files"))
                 continue
             if precision == Precision.FP16:

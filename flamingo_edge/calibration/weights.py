@@ -408,7 +408,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                    lm_head: bool = True, embeddings: bool = False, accuracy_level: int = 4,
                    samples: Callable[[], Iterable[Mapping]] | None = None,
                    on_weight: Callable[[int, int], None] | None = None,
-                   on_pass: Callable[[int, int], None] | None = None, merge: bool = True):
+                   on_pass: Callable[[int, int], None] | None = None, merge: bool = True,
+                   max_positions: int | None = None):
     """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
 
     Args:
@@ -419,6 +420,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         on_weight: called with (done, total) as weights are quantized (progress).
         on_pass: gptq: called with (pass, passes) as the calibration feeds are run for the Hessians.
         merge: first merge the MatMuls that share an input (fuse_shared_inputs).
+        max_positions: MatMulNBits (ONNX Runtime): fuse the rotary embeddings into RotaryEmbedding with tables of
+            this many positions (ort_fusions.fuse_rotary); None leaves them as exported.
     """
     import onnx
 
@@ -470,6 +473,11 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         after += rows.q.size * bits // 8 + rows.scales.nbytes
         if uses[table] == 1:
             model.graph.initializer.remove(initializers[table])
+    rotary = 0
+    if encoding == "MatMulNBits" and max_positions:
+        from flamingo_edge.calibration.ort_fusions import fuse_rotary
+
+        rotary = fuse_rotary(model, max_positions)
     domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
     if domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
@@ -477,7 +485,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                "embeddings": len(tables),
                "encoding": encoding,
                "block_size": "per-channel" if per_column else block_size,
-               "float_bytes": before, "quantized_bytes": after}
+               "float_bytes": before, "quantized_bytes": after, "fused_rotary": rotary}
     logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)
     return model, summary
 

@@ -25,8 +25,10 @@ _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER = 7, 1, 5
 _NODE_INPUT, _NODE_OP_TYPE = 1, 4
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME = 1, 2, 8
 # (op_type, input index) of the tables a token reads one row of: an embedding's Gather, and ONNX Runtime's
-# GatherBlockQuantized (quantized data, scales, zero points).
-_ROW_LOOKUPS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3)}
+# GatherBlockQuantized (quantized data, scales, zero points), and the cos/sin tables of RotaryEmbedding (one row per
+# position).
+_ROW_LOOKUPS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3),
+                ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,7 @@ class Pipeline:
                 raise PromptError(f"prompt {row} has {len(row_images)} images; at most {self.max_images} are allowed "
                                   "(Pipeline.open(max_images=...))")
 
-    def _capacity(self, prompt: int, max_new_tokens: int) -> int:
+    def cache_slots(self, prompt: int, max_new_tokens: int) -> int:
         """Slots of a generation's self-attention cache: every decode step feeds them all as its past. The prompt and
         every generated token but the last (never fed); with `static_decode`, the context less that one token, the
         same for every generation."""
@@ -262,7 +262,7 @@ class Pipeline:
         cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys)
         text = self.config.decoder
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
-                                   head_dim=text.head_dim, capacity=self._capacity(batch.input_ids.shape[1],
+                                   head_dim=text.head_dim, capacity=self.cache_slots(batch.input_ids.shape[1],
                                                                                    max_new_tokens))
         self._count("prefill_runs")
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:

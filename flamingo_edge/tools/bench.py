@@ -29,6 +29,7 @@ from flamingo_edge.extras import require
 from flamingo_edge.runtime.generation import step_speed
 from flamingo_edge.runtime.onnx_weights import weight_bytes_per_token
 from flamingo_edge.runtime.pipeline import Pipeline
+from flamingo_edge.tools.bandwidth import BandwidthProbe
 
 REPORT_VERSION = 2  # 2: host_per_token_s, decode_rate_vs_step_rate; several prompt lengths in one report
 STAGES = ("preprocess", "vision", "resampler", "xattn_kv", "prefill", "decode_per_token")
@@ -104,40 +105,21 @@ def random_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(240, 320, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def copy_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
-    """Bytes per second moved by a large copy (read + write), split over one thread per CPU as the backends'
-    thread pools read weights; best of `repeats`."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    source = np.ones(megabytes << 18, np.float32)
-    target = np.empty_like(source)
-    threads = os.cpu_count() or 1
-    bounds = np.linspace(0, source.size, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL while it copies
-        def copy():
-            list(pool.map(lambda i: np.copyto(target[bounds[i]:bounds[i + 1]], source[bounds[i]:bounds[i + 1]]),
-                          range(threads)))
-
-        best = min(_seconds(copy) for _ in range(repeats))
-    return 2 * source.nbytes / best
-
-
 def _seconds(function) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
 
 
-def decode_bytes_per_token(export_dir: Path, config, workload: Workload, prompt_tokens: int) -> int:
-    """What one decode step must read at least: the decoder graph's weights as stored (packed 4-bit or 8-bit weights
-    and their scales for weight-only precisions, fp16 or fp32 otherwise; one row of an embedding table) plus the
-    self- and cross-attention K/V (fp32) at the mean context length of the decode steps."""
+def decode_bytes_per_token(export_dir: Path, config, workload: Workload, past_slots: int) -> int:
+    """What one decode step reads: the decoder graph's weights as stored (packed 4-bit or 8-bit weights and their
+    scales for weight-only precisions, fp16 or fp32 otherwise; one row of an embedding table or of a rotary table)
+    plus the self-attention K/V of the `past_slots` a step feeds (the whole cache, `Pipeline.cache_slots`: the
+    slots not yet written are read and masked) and the cross-attention K/V, all fp32."""
     record = read_export_record(export_dir, verify_hashes=False)
     weights = weight_bytes_per_token(export_dir / record.graphs["decoder"].file)
     text = config.decoder
-    context = prompt_tokens + workload.new_tokens / 2
-    self_kv = 2 * text.layers * text.heads * text.head_dim * context * 4
+    self_kv = 2 * text.layers * text.heads * text.head_dim * past_slots * 4
     cross_kv = (2 * len(text.cross_layers) * text.cross_heads * text.cross_head_dim
                 * workload.images * config.visual_tokens_per_image * 4)
     return int(weights + self_kv + cross_kv)
@@ -153,8 +135,9 @@ class PipelineRuns:
     on new images; `result` sums up the timed runs. Two of these in one process interleave two exports' runs."""
 
     def __init__(self, export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
-                 device: str = "auto", seed: int = 0, engines: str | Path | None = None, cuda_graph: bool = False):
-        self.export_dir, self.workload = Path(export_dir), workload
+                 device: str = "auto", seed: int = 0, engines: str | Path | None = None, cuda_graph: bool = False,
+                 probe: BandwidthProbe | None = None):
+        self.export_dir, self.workload, self.probe = Path(export_dir), workload, probe
         self._rng = np.random.default_rng(seed)  # same seed, same images: two exports see the same workload
         self._log: dict[str, list[float]] = defaultdict(list)
         self._runs: dict[str, list[float]] = defaultdict(list)
@@ -185,6 +168,8 @@ class PipelineRuns:
         log, runs = self._log, self._runs
         log.clear()
         prompt = [*random_images(self._rng, self.workload.images), self.prompt[-1]]
+        if timed and self.probe:  # the bandwidth of this moment, for this run's floor (tools/bandwidth.py)
+            runs["copy_bytes_per_s"].append(self.probe.measure())
         steps = list(self.pipeline.generate([prompt], max_new_tokens=self.workload.new_tokens, stop_token_ids=[]))
         if not timed:
             return
@@ -203,8 +188,18 @@ class PipelineRuns:
     def result(self) -> dict:
         """Spreads of the timed runs, the prompt and the bytes a decode step reads (docs/bench.md)."""
         report = {name: asdict(Spread.of(values)) for name, values in self._runs.items()}
-        bytes_per_token = decode_bytes_per_token(self.export_dir, self.pipeline.config, self.workload,
-                                                 self.prompt_tokens)
+        past_slots = self.pipeline.cache_slots(self.prompt_tokens, self.workload.new_tokens)
+        bytes_per_token = decode_bytes_per_token(self.export_dir, self.pipeline.config, self.workload, past_slots)
+        floor = {}
+        if self._runs.get("copy_bytes_per_s"):
+            floors = [bytes_per_token / bandwidth for bandwidth in self._runs["copy_bytes_per_s"]]
+            floor = {"memory_bandwidth": {
+                "copy_bytes_per_s": report["copy_bytes_per_s"]["median"],
+                "copy_bytes_per_s_spread": report["copy_bytes_per_s"],
+                "decode_floor_s": statistics.median(floors),
+                # each run's floor over its own decode step, measured moments apart
+                "fraction_of_floor_reached": statistics.median(
+                    f / step for f, step in zip(floors, self._runs["decode_per_token"]))}}
         return {"prompt_tokens": self.prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
                 "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
                 "host_per_token_s": report["host_per_token_s"],
@@ -212,7 +207,7 @@ class PipelineRuns:
                 "decode_rate_vs_step_rate": report["decode_tokens_per_s"]["median"]
                 * report["decode_per_token"]["median"],
                 "decode_bytes_per_token": bytes_per_token, "prompt": self.prompt[-1],
-                "device_bytes": self.device_bytes()}
+                "device_bytes": self.device_bytes(), **floor}
 
     def device_bytes(self) -> int | None:
         """GPU memory the backend's sessions allocated for their inputs and outputs (TensorRT), or None (a backend
@@ -232,11 +227,12 @@ class PipelineRuns:
 
 def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str = "onnxruntime",
                    device: str = "auto", seed: int = 0, on_run: Callable[[], None] | None = None,
-                   engines: str | Path | None = None, cuda_graph: bool = False) -> dict:
+                   engines: str | Path | None = None, cuda_graph: bool = False,
+                   probe: BandwidthProbe | None = None) -> dict:
     """Per-stage latency, TTFT, decode tokens/s and peak RSS of the backend's pipeline on `workload` (with
-    "tensorrt", the export's `engines`)."""
+    "tensorrt", the export's `engines`); with a `probe`, the decode's memory-bandwidth floor run by run."""
     with PipelineRuns(export_dir, workload, backend=backend, device=device, seed=seed, engines=engines,
-                      cuda_graph=cuda_graph) as runs:
+                      cuda_graph=cuda_graph, probe=probe) as runs:
         for run in range(workload.runs + 1):
             runs.run(timed=run > 0)  # the first is a warm-up
             if run and on_run:
@@ -248,14 +244,14 @@ def bench_pipeline(export_dir: str | Path, workload: Workload, *, backend: str =
 def bench_with_baseline(export_dir: str | Path, baseline: str | Path, workload: Workload, *,
                         backend: str = "onnxruntime", baseline_backend: str = "onnxruntime", device: str = "auto",
                         seed: int = 0, engines: str | Path | None = None,
-                        cuda_graph: bool = False) -> tuple[dict, dict]:
+                        cuda_graph: bool = False, probe: BandwidthProbe | None = None) -> tuple[dict, dict]:
     """The export and its baseline in one process on the same images and prompt, their timed runs interleaved
     (alternating which goes first), so that the machine's drift and noise fall on both alike.
 
     Peak RSS is the export's own, taken after its warm-up, before the baseline is opened; the baseline's is None
     (in the same process, its peak would include the export's).
     """
-    options = {"device": device, "seed": seed}
+    options = {"device": device, "seed": seed, "probe": probe}
     with PipelineRuns(export_dir, workload, backend=backend, engines=engines, cuda_graph=cuda_graph,
                       **options) as ours:
         ours.run(timed=False)
@@ -345,13 +341,6 @@ def stage_ratios(ours: dict, theirs: dict) -> dict:
     return {stage: theirs["stages_s"][stage]["median"] / ours["stages_s"][stage]["median"] for stage in STAGES}
 
 
-def bandwidth_floor(result: dict, bandwidth: float) -> dict:
-    """The shortest decode step the copy bandwidth allows for the bytes it reads, and the fraction of it reached."""
-    floor = result["decode_bytes_per_token"] / bandwidth
-    per_token = result["stages_s"]["decode_per_token"]["median"]
-    return {"decode_floor_s": floor, "fraction_of_floor_reached": floor / per_token}
-
-
 def bench_lengths(export_dir: str | Path, workload: Workload, prompt_lengths: list[int], *,
                   on_stage: Callable[[str], None] | None = None, **options) -> dict:
     """`bench` at every prompt length of `prompt_lengths`, one after the other in this process (each with its own
@@ -390,19 +379,18 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
         require("torch", "export", "bench --reference (the PyTorch reference)")
     stage = on_stage or (lambda name: None)
     options = {"device": device, "seed": seed, "engines": engines, "cuda_graph": cuda_graph}
-    if baseline is None:
-        stage("backend")
-        ours, theirs = bench_pipeline(export_dir, workload, backend=backend, **options), None
-    else:
-        stage("backend and baseline")
-        ours, theirs = bench_with_baseline(export_dir, baseline, workload, backend=backend,
-                                           baseline_backend="onnxruntime" if engines else backend, **options)
-    stage("bandwidth")
-    bandwidth = copy_bandwidth()
+    with BandwidthProbe() as probe:
+        if baseline is None:
+            stage("backend")
+            ours, theirs = bench_pipeline(export_dir, workload, backend=backend, probe=probe, **options), None
+        else:
+            stage("backend and baseline")
+            ours, theirs = bench_with_baseline(export_dir, baseline, workload, backend=backend, probe=probe,
+                                               baseline_backend="onnxruntime" if engines else backend, **options)
     report = {"version": REPORT_VERSION, "export": str(export_dir), "backend": backend, "device": device,
               "engines": str(engines) if engines else None,
               "workload": asdict(workload), "cpu_count": os.cpu_count(), "backend_result": ours,
-              "memory_bandwidth": {"copy_bytes_per_s": bandwidth, **bandwidth_floor(ours, bandwidth)},
+              "memory_bandwidth": ours.pop("memory_bandwidth"),
               "gpu_memory_bytes": ours.get("device_bytes")}
     report["precision"] = read_export_record(export_dir, verify_hashes=False).precision
     if theirs is not None:
@@ -410,7 +398,7 @@ def bench(export_dir: str | Path, workload: Workload, *, backend: str = "onnxrun
         report.update(baseline=str(baseline), baseline_precision=baseline_record.precision, baseline_result=theirs,
                       speedup_vs_baseline=ratios(ours, theirs),
                       stage_speedup_vs_baseline=stage_ratios(ours, theirs),
-                      baseline_memory_bandwidth=bandwidth_floor(theirs, bandwidth))
+                      baseline_memory_bandwidth=theirs.pop("memory_bandwidth"))
     if reference is not None:
         from flamingo_edge.models.checkpoint import is_own_format, resolve_checkpoint
 

@@ -119,15 +119,18 @@ def test_bench_against_a_baseline_reports_ratios_per_stage(demo_export, demo_fp1
     # A decode step reads the decoder's weights, fp16 ones half the bytes (norms stay fp32), and the same fp32 K/V
     kv = kv_bytes(demo_export, prompt_tokens=12, new_tokens=4)
     assert 1.8 < (theirs["decode_bytes_per_token"] - kv) / (ours["decode_bytes_per_token"] - kv) <= 2
-    floor = report["baseline_memory_bandwidth"]
-    assert floor["decode_floor_s"] == pytest.approx(theirs["decode_bytes_per_token"]
-                                                    / report["memory_bandwidth"]["copy_bytes_per_s"])
+    # each side's floor from the copy bandwidth measured before each of its runs
+    for result, floor in ((ours, report["memory_bandwidth"]), (theirs, report["baseline_memory_bandwidth"])):
+        bandwidth = floor["copy_bytes_per_s_spread"]
+        assert 0 < bandwidth["min"] <= floor["copy_bytes_per_s"] <= bandwidth["max"]
+        assert (result["decode_bytes_per_token"] / bandwidth["max"] * (1 - 1e-9) <= floor["decode_floor_s"]
+                <= result["decode_bytes_per_token"] / bandwidth["min"] * (1 + 1e-9))
 
 
 def kv_bytes(export, *, prompt_tokens: int, new_tokens: int) -> float:
-    """The fp32 self- and cross-attention K/V one decode step reads, at the mean context of the decode steps."""
+    """The fp32 self- and cross-attention K/V one decode step reads: every slot of the cache (prompt + new - 1)."""
     config = FlamingoConfig.from_dict(json.loads((export / "export.json").read_text())["config"])
-    text, context = config.decoder, prompt_tokens + new_tokens / 2
+    text, context = config.decoder, prompt_tokens + new_tokens - 1
     return 4 * 2 * (text.layers * text.heads * text.head_dim * context
                     + len(text.cross_layers) * text.cross_heads * text.cross_head_dim * config.resampler.latents)
 
