@@ -108,6 +108,9 @@ def _indexed(prefix: str):
 past_key, past_value = _indexed("past_key"), _indexed("past_value")  # per decoder layer
 new_key, new_value = _indexed("new_key"), _indexed("new_value")  # per decoder layer: the new tokens' K/V
 cross_key, cross_value = _indexed("cross_key"), _indexed("cross_value")  # per gated cross-attention block
+# The in-place decoder (in_place_decoder): the whole cache buffers written where they lie, per decoder layer
+present_key, present_value = _indexed("present_key"), _indexed("present_value")
+SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 def _f32(name: str, *dims) -> TensorSpec:
@@ -159,6 +162,27 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
             ),
         ),
     }
+
+
+def in_place_decoder(spec: GraphSpec) -> GraphSpec:
+    """What a decoder graph that writes the new tokens' K/V into the cache buffers itself declares (ONNX Runtime's
+    weight-only exports, `calibration/ort_fusions.fuse_attention`), for the same contract `spec`.
+
+    The past inputs are the whole [B, H, C, Dh] buffers, `attention_mask` [B, C + S] marks the slots in use and then
+    the new tokens (as a decode step's feed already does), and the new tokens go to slots T - S .. T - 1 of the
+    buffers, T = `total_sequence_length`: the outputs `present_key.{l}` / `present_value.{l}` are the buffers
+    themselves, bound to the same memory as the past. `seqlens_k` [B] int32 is T - 1 for every row. The ONNX
+    Runtime session runs such a graph in place and returns what the contract names (runtime/onnxruntime_backend.py).
+    """
+    inputs = (*spec.inputs, TensorSpec(SEQLENS_K, "int32", ("B",)), TensorSpec(TOTAL_LENGTH, "int32", ()))
+    outputs = [out for out in spec.outputs if not out.name.startswith(("new_key.", "new_value."))]
+    for out in spec.outputs:
+        if out.name.startswith("new_key."):
+            layer = int(out.name.split(".")[1])
+            batch, heads, _, head_dim = out.dims
+            outputs += [TensorSpec(name(layer), out.dtype, (batch, heads, "P", head_dim))
+                        for name in (present_key, present_value)]
+    return GraphSpec(spec.name, inputs, tuple(outputs))
 
 
 def resolve_dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:

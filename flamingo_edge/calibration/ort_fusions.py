@@ -9,8 +9,13 @@ outputs and numbers.
 - `fuse_rotary`: each rotary embedding that `models.layers.apply_rotary` wrote, x·cos + swap_halves(x)·signed_sin with
   cos and sin computed in the graph from the positions (`rotary_cos_sin`), becomes one com.microsoft
   `RotaryEmbedding` reading the positions and cos/sin tables over the model's positions: 5 nodes per query or key
-  (and the graph's cos/sin subgraph) become 1. 100m preset, int4, 2-core CPU: the decode step takes ~0.1-0.5 ms less
-  out of ~4.6 ms (benchmarks/README.md).
+  (and the graph's cos/sin subgraph) become 1.
+- `fuse_attention`: each layer's `attend_after_past` (with the reshapes and transposes around it) becomes one
+  com.microsoft `GroupQueryAttention` that reads the cache buffers and writes the new tokens' K/V into them in place
+  (`graphs.in_place_decoder`; the ONNX Runtime session binds the buffers as past and present at once).
+
+100m preset, int4, 2-core CPU: the decoder goes from 642 nodes to 311 after ONNX Runtime's own fusions
+(benchmarks/README.md has the decode figures).
 """
 
 from __future__ import annotations
@@ -144,3 +149,148 @@ def prune(model) -> None:
     model.graph.node.extend(reversed(kept))
     for init in [i for i in model.graph.initializer if i.name not in needed]:
         model.graph.initializer.remove(init)
+
+
+def _single_consumer(consumers: dict, name: str, op_type: str):
+    """The one `op_type` node reading `name` (other readers, e.g. a Shape, are allowed), else None."""
+    nodes = [node for node in consumers.get(name, []) if node.op_type == op_type]
+    return nodes[0] if len(nodes) == 1 else None
+
+
+def _heads_input(graph: _Graph, rotated: str):
+    """(the [B, S, H·Dh] projection, the RotaryEmbedding node) behind a rotated [B, H, S, Dh] query or key:
+    RotaryEmbedding(Transpose(Reshape(projection)))."""
+    rotary = graph.node(rotated, "RotaryEmbedding")
+    transpose = rotary and graph.node(rotary.input[0], "Transpose")
+    reshape = transpose and graph.node(transpose.input[0], "Reshape")
+    return (reshape.input[0], rotary) if reshape else None
+
+
+def _self_attention(graph: _Graph, consumers: dict, layer: int):
+    """The names around one layer's `attend_after_past` in a graph whose rotary embeddings are fused: the query, key
+    and value projections [B, S, H·Dh], the rotary inputs (positions, cos, sin), the score bias [B, 1, S, P+S], the
+    scale, and the attention output [B, S, H·Dh] the output projection reads; None if the layer does not match."""
+    from flamingo_edge.graphs import new_key, new_value, past_key, past_value
+
+    scores = _single_consumer(consumers, past_key(layer), "MatMul")  # (K q^T)
+    values = _single_consumer(consumers, past_value(layer), "MatMul")
+    lifted = scores and graph.node(scores.input[1], "Transpose")
+    scaled = lifted and graph.node(lifted.input[0], "Mul")
+    query = scaled and _heads_input(graph, scaled.input[0])
+    key = _heads_input(graph, new_key(layer))
+    value = graph.node(new_value(layer), "Transpose")
+    value = value and graph.node(value.input[0], "Reshape")
+    total = values and _single_consumer(consumers, values.output[0], "Add")
+    back = total and _single_consumer(consumers, total.output[0], "Transpose")
+    merged = back and _single_consumer(consumers, back.output[0], "Reshape")  # [B, S, H, Dh] -> [B, S, H·Dh]
+    if not (query and key and value and merged) or query[1].input[1:] != key[1].input[1:]:
+        return None
+    scale = graph.values.get(scaled.input[1])
+    # the score bias: Add(Concat(Transpose(past scores), new scores), bias) before the Softmax
+    turned = _single_consumer(consumers, scores.output[0], "Transpose")
+    joined = turned and _single_consumer(consumers, turned.output[0], "Concat")
+    biased = joined and _single_consumer(consumers, joined.output[0], "Add")
+    if scale is None or scale.size != 1 or not biased:
+        return None
+    return dict(query=query[0], key=key[0], value=value.input[0], rotary=list(query[1].input[1:]),
+                bias=biased.input[1], scale=float(scale.ravel()[0]), output=merged.output[0])
+
+
+def fuse_attention(model) -> int:
+    """Replace (in place) every self-attention layer's attention over the cache with ONNX Runtime's
+    GroupQueryAttention reading and writing the cache buffers where they lie; returns the layers replaced, 0 when
+    any layer does not match (e.g. ALiBi, partial rotary, q/k norms: the graph is then left as it was).
+
+    The graph then takes the whole [B, H, C, Dh] buffers as the past and writes the new tokens' K/V into them
+    (`graphs.in_place_decoder`): outputs `present_key.{l}` / `present_value.{l}`, inputs `seqlens_k` and
+    `total_sequence_length`; the score bias of the exported graph (mask, causality) is cut to the T slots
+    GroupQueryAttention reads. Run `fuse_rotary` first: the rotations move onto the [B, S, H·Dh] projections.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from flamingo_edge.graphs import (SEQLENS_K, TOTAL_LENGTH, new_key, new_value, past_key, past_value,
+                                      present_key, present_value)
+
+    graph = _Graph(model)
+    inputs = {i.name: i for i in model.graph.input}
+    layers = sum(1 for name in inputs if name.startswith("past_key."))
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = [_self_attention(graph, consumers, layer) for layer in range(layers)]
+    if not layers or any(f is None for f in found) or len({f["bias"] for f in found}) != 1:
+        return 0
+    dims = inputs[past_key(0)].type.tensor_type.shape.dim
+    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    if not heads or not head_dim or any(abs(f["scale"] - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5 for f in found):
+        return 0
+    bias = found[0]["bias"]  # [B, 1, S, P+S]: the past's P slots, then the S new tokens
+    constants = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                 (("gqa_zero", [0]), ("gqa_one", [1]), ("gqa_two", [2]), ("gqa_end", [np.iinfo(np.int64).max]),
+                  ("gqa_axis", [3]), ("gqa_flat", [1]))]
+    model.graph.initializer.extend(constants)
+    nodes = [  # T = total_sequence_length; the bias over slots 0..T-S-1 then the S new tokens: [B, 1, S, T]
+        helper.make_node("Shape", ["input_ids"], ["gqa_ids_shape"]),
+        helper.make_node("Slice", ["gqa_ids_shape", "gqa_one", "gqa_two"], ["gqa_new"]),
+        helper.make_node("Cast", [TOTAL_LENGTH], ["gqa_total64"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["gqa_total64", "gqa_flat"], ["gqa_total"]),
+        helper.make_node("Sub", ["gqa_total", "gqa_new"], ["gqa_used"]),
+        helper.make_node("Neg", ["gqa_new"], ["gqa_minus_new"]),
+        helper.make_node("Slice", [bias, "gqa_zero", "gqa_used", "gqa_axis"], ["gqa_bias_past"]),
+        helper.make_node("Slice", [bias, "gqa_minus_new", "gqa_end", "gqa_axis"], ["gqa_bias_new"]),
+        helper.make_node("Concat", ["gqa_bias_past", "gqa_bias_new"], ["gqa_bias"], axis=3),
+    ]
+    for layer, f in enumerate(found):
+        query, key = f"gqa_query.{layer}", f"gqa_key.{layer}"
+        nodes += [
+            helper.make_node("RotaryEmbedding", [f["query"], *f["rotary"]], [query], domain=MICROSOFT,
+                             interleaved=0, num_heads=heads),
+            helper.make_node("RotaryEmbedding", [f["key"], *f["rotary"]], [key], domain=MICROSOFT,
+                             interleaved=0, num_heads=heads),
+            helper.make_node("GroupQueryAttention",
+                             [query, key, f["value"], past_key(layer), past_value(layer), SEQLENS_K, TOTAL_LENGTH,
+                              "", "", "", "gqa_bias"],
+                             [f"{f['output']}_gqa", present_key(layer), present_value(layer)],
+                             name=f"gqa.{layer}", domain=MICROSOFT, num_heads=heads, kv_num_heads=heads),
+        ]
+    renamed = {f["output"]: f"{f['output']}_gqa" for f in found}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
+    model.graph.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["B"]),
+                              helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])])
+    _insert_in_order(model, nodes)
+    outputs = [o for o in model.graph.output if not o.name.startswith(("new_key.", "new_value."))]
+    for layer in range(layers):
+        for name in (present_key, present_value):
+            outputs.append(helper.make_tensor_value_info(name(layer), TensorProto.FLOAT,
+                                                         ["B", heads, "P", head_dim]))
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    prune(model)
+    assert not {new_key(0), new_value(0)} & {o.name for o in model.graph.output}
+    if not any(o.domain == MICROSOFT for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
+    logger.info("fused %d self-attention layers into GroupQueryAttention over the cache in place", layers)
+    return layers
+
+
+def _insert_in_order(model, nodes: list) -> None:
+    """Add `nodes` to the graph, keeping it topologically sorted."""
+    known = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node) + nodes, []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in known for name in node.input):
+                ordered.append(node)
+                known.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"cannot order the graph: {waiting[0].name} waits for an input no node makes")
+        pending = waiting
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)

@@ -120,7 +120,7 @@ def _dynamic_int8(source: Path, target: Path) -> None:
 
 def _weight_only(source: Path, folder: Path, file: str, precision: str, block_size: int, method: str,
                  encoding: str, accuracy_level: int, lm_head: bool, embeddings: bool, calibration,
-                 name: str, keep_fp32: tuple[str, ...] | None, max_positions: int,
+                 name: str, keep_fp32: tuple[str, ...] | None, max_positions: int | None,
                  on_step: Callable[[str], None] | None = None) -> dict:
     """Write the weight-only quantized `source` as `folder/file` (external data when large), its float parts in
     fp16 when `keep_fp32` names the ops to keep in fp32; its summary, with the GraphFile fields under "files"."""
@@ -138,6 +138,7 @@ def _weight_only(source: Path, folder: Path, file: str, precision: str, block_si
     model, summary = quantize_graph(source, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                                     method=method, encoding=encoding, lm_head=lm_head, embeddings=embeddings,
                                     accuracy_level=accuracy_level, samples=samples, max_positions=max_positions,
+                                    in_place_attention=keep_fp32 is None,
                                     on_weight=on_step and (lambda done, total: on_step(f"{name} {done}/{total}")),
                                     on_pass=on_step and (lambda number, total: on_step(
                                         f"{name}: calibration inputs, pass {number}/{total}")))
@@ -164,7 +165,8 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                     on_graph: Callable[[str], None] | None = None, tensorrt_version: str = "10.3",
                     block_size: int | None = None, target: str = "onnxruntime", accuracy_level: int = 4,
                     lm_head: bool = True, embeddings: bool = False, float16: bool = False,
-                    vision_int8: bool = False, on_step: Callable[[str], None] | None = None) -> Path:
+                    vision_int8: bool = False, on_step: Callable[[str], None] | None = None,
+                    fusions: bool = True) -> Path:
     """Write `out_dir`: the export with `graphs` in `precision`, the rest copied; export.json says how.
 
     Args:
@@ -194,6 +196,9 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             kernels run on a GPU, and half the memory of the vision tower.
         vision_int8: int4 / int8-weights for ONNX Runtime: the vision and resampler graphs with int8 weights and
             dynamic int8 activations.
+        fusions: int4 / int8-weights for ONNX Runtime: fuse the decoder's rotary embeddings into RotaryEmbedding
+            and, with fp32 float parts, its attention over the cache into GroupQueryAttention writing the cache in
+            place (calibration/ort_fusions.py).
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an
@@ -256,7 +261,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
         raise FeatureUnavailableError(f"quantize needs onnxruntime's quantization tools ({error})") from None
 
     keep = tuple(dict.fromkeys([*FP16_KEEP_FP32, *(exclude_ops or [])]))
-    positions = FlamingoConfig.from_dict(record.config).decoder.max_positions
+    positions = FlamingoConfig.from_dict(record.config).decoder.max_positions if fusions else None
     op_types = tuple(op for op in INT8_OP_TYPES if op not in (exclude_ops or []))
     with atomic_folder(out_dir) as partial:
         for name in record.tokenizer_files:
@@ -311,7 +316,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
                               (f"; float parts in fp16 except {', '.join(keep)}" if float16 else ""),
                               method=method, bits=WEIGHT_BITS[Precision(precision)], block_size=block_size,
                               symmetric=True, target=target, encoding=encoding, lm_head=lm_head,
-                              embeddings=embeddings, float="fp16" if float16 else "fp32",
+                              embeddings=embeddings, float="fp16" if float16 else "fp32", fusions=fusions,
                               vision_int8="dynamic" if vision_int8 else None,
                               weights={name: summary for name, summary in summaries.items()})
             if encoding == "MatMulNBits":

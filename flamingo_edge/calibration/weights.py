@@ -409,7 +409,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                    samples: Callable[[], Iterable[Mapping]] | None = None,
                    on_weight: Callable[[int, int], None] | None = None,
                    on_pass: Callable[[int, int], None] | None = None, merge: bool = True,
-                   max_positions: int | None = None):
+                   max_positions: int | None = None, in_place_attention: bool = False):
     """The graph at `source` with its MatMul weights quantized (an onnx.ModelProto) and a summary dict.
 
     Args:
@@ -422,6 +422,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         merge: first merge the MatMuls that share an input (fuse_shared_inputs).
         max_positions: MatMulNBits (ONNX Runtime): fuse the rotary embeddings into RotaryEmbedding with tables of
             this many positions (ort_fusions.fuse_rotary); None leaves them as exported.
+        in_place_attention: MatMulNBits, with `max_positions`: also replace the self-attention over the cache with
+            GroupQueryAttention writing the cache buffers in place (ort_fusions.fuse_attention; fp32 float parts).
     """
     import onnx
 
@@ -473,11 +475,12 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         after += rows.q.size * bits // 8 + rows.scales.nbytes
         if uses[table] == 1:
             model.graph.initializer.remove(initializers[table])
-    rotary = 0
+    rotary = attention = 0
     if encoding == "MatMulNBits" and max_positions:
-        from flamingo_edge.calibration.ort_fusions import fuse_rotary
+        from flamingo_edge.calibration.ort_fusions import fuse_attention, fuse_rotary
 
         rotary = fuse_rotary(model, max_positions)
+        attention = fuse_attention(model) if rotary and in_place_attention else 0
     domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
     if domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
@@ -485,7 +488,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                "embeddings": len(tables),
                "encoding": encoding,
                "block_size": "per-channel" if per_column else block_size,
-               "float_bytes": before, "quantized_bytes": after, "fused_rotary": rotary}
+               "float_bytes": before, "quantized_bytes": after, "fused_rotary": rotary,
+               "fused_attention": attention}
     logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)
     return model, summary
 

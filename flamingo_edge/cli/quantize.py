@@ -43,6 +43,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--vision-int8", action="store_true",
                          help="onnxruntime: the vision and resampler graphs with int8 weights and dynamic int8 "
                               "activations too (VNNI on x86; about 2.4x faster vision on the 100m preset)")
+    weights.add_argument("--no-fusions", action="store_true",
+                         help="onnxruntime: keep the exported rotary and attention nodes instead of ONNX Runtime's "
+                              "RotaryEmbedding and GroupQueryAttention writing the KV cache in place (docs/weights.md)")
     weights.add_argument("--embeddings", action="store_true",
                          help="quantize the token embedding tables too (saves memory; a step reads one row per token, "
                               "so decode speed does not change)")
@@ -72,6 +75,6 @@ def main(args: argparse.Namespace) -> int:
                               tensorrt_version=args.trt_version, block_size=args.block_size, target=args.target,
                               accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
                               embeddings=args.embeddings, float16=args.float == "fp16",
-                              vision_int8=args.vision_int8)
+                              vision_int8=args.vision_int8, fusions=not args.no_fusions)
     print(f"wrote {out} ({args.precision})")
     return 0

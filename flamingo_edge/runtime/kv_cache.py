@@ -35,8 +35,9 @@ class SelfAttentionCache:
     step's host work does not grow with the context: one column of the mask and one slot per layer are written.
 
     A prefill (S > 1) feeds the cached prefix (often empty) as a P-token past: once per prompt, a prompt-sized copy
-    instead of attention over the unused slots for every prompt token. A backend that keeps the cache on its device
-    sets `whole_past`: prefills then feed the whole buffers too, so that every run reads the past where it lies.
+    instead of attention over the unused slots for every prompt token. A backend that reads the past where it lies
+    sets `whole_past` (TensorRT's device mirror; ONNX Runtime's in-place decoder, which also writes the new K/V into
+    the buffers itself): prefills then feed the whole buffers too.
 
     `epoch` changes whenever the contents change other than by `update` (a new cache, `reset`, `load`): a backend
     that mirrors the buffers on a device knows its copy is current while (epoch, length) are what it last wrote.

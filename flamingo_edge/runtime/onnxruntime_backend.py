@@ -2,6 +2,12 @@
 
 On the CPU it calls `InferenceSession.run`. With CUDA it binds inputs from numpy and outputs to CPU memory through
 IO binding, so each run makes one host-to-device copy per input and one device-to-host copy per output.
+
+A decoder graph that writes the cache itself (`graphs.in_place_decoder`: the int4 / int8-weights exports for ONNX
+Runtime, whose attention is GroupQueryAttention over the cache) runs through IO binding on the CPU: the pipeline's
+cache is attached (`attach_cache`), its buffers are bound as the past inputs and as the present outputs at once,
+and the graph writes the new tokens' K/V into them. The session still answers with the contract's outputs (the new
+tokens' K/V copied out of the buffers), so the pipeline cannot tell the two kinds of decoder apart.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import functools
 import logging
 import os
 import platform
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +27,8 @@ import onnxruntime
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from flamingo_edge.errors import FeatureUnavailableError, GraphContractError
-from flamingo_edge.graphs import GraphSpec, TensorSpec
+from flamingo_edge.graphs import (SEQLENS_K, TOTAL_LENGTH, GraphSpec, TensorSpec, in_place_decoder, new_key,
+                                  new_value, past_key, past_value, present_key, present_value)
 from flamingo_edge.runtime.backend import BaseSession, Device, check_model_io, parse_choice
 
 logger = logging.getLogger(__name__)
@@ -93,6 +101,24 @@ def _providers(device: Device) -> list[str]:
     return [CUDA, CPU] if device is not Device.CPU and CUDA in available else [CPU]
 
 
+def in_place_feed(feed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """A contract feed made without a cache (a P-slot past), as an in-place decoder's inputs: each layer's past in a
+    new buffer with room for the S new tokens after it, `attention_mask` over the buffer then the new tokens
+    [B, (P + S) + S], and `seqlens_k` / `total_sequence_length`. Returns (the inputs, P)."""
+    batch, new = feed["input_ids"].shape
+    used = feed[past_key(0)].shape[2]
+    inputs = dict(feed)
+    for name, past in feed.items():
+        if name.startswith(("past_key.", "past_value.")):
+            inputs[name] = np.concatenate([past, np.zeros((*past.shape[:2], new, past.shape[3]), past.dtype)], axis=2)
+    given = feed["attention_mask"]  # [B, P + S]: the buffers' S empty slots are masked
+    inputs["attention_mask"] = np.concatenate([given[:, :used], np.zeros((batch, new), given.dtype), given[:, used:]],
+                                              axis=1)
+    inputs[SEQLENS_K] = np.full(batch, used + new - 1, np.int32)
+    inputs[TOTAL_LENGTH] = np.array(used + new, np.int32)
+    return inputs, used
+
+
 class OnnxRuntimeSession(BaseSession):
     """One ONNX graph on ONNX Runtime, checked against its contract when opened and at every run.
 
@@ -131,7 +157,16 @@ class OnnxRuntimeSession(BaseSession):
             raise GraphContractError(f"{spec.name}: ONNX Runtime cannot load {self.path} ({error}); "
                                      "re-run `flamingo-edge export`") from None
         self.on_cuda = self._check_cuda_active(device)
-        check_model_io(spec, self.path, _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
+        self.in_place = SEQLENS_K in {value.name for value in self.session.get_inputs()}
+        if self.in_place and self.on_cuda:
+            raise FeatureUnavailableError(f"{spec.name}: {self.path} writes the KV cache in place, which flamingo-edge "
+                                          "runs on the CPU only; use device 'cpu', or quantize with --target tensorrt "
+                                          "for a GPU")
+        check_model_io(in_place_decoder(spec) if self.in_place else spec, self.path,
+                       _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
+        self._cache = None  # the attached SelfAttentionCache of an in-place decoder
+        self._bound_key = None  # the cache buffers and batch size the kept IO binding is for (_binding_for)
+        self._in_place_lock = threading.Lock()  # the kept binding is one per session: one in-place run at a time
         logger.debug("%s: %s on %s", spec.name, self.path, self.session.get_providers())
 
     def _check_cuda_active(self, device: Device) -> bool:
@@ -152,7 +187,17 @@ class OnnxRuntimeSession(BaseSession):
     def closed(self) -> bool:
         return self.session is None
 
+    def attach_cache(self, cache) -> None:
+        """An in-place decoder is told the cache it writes: every run then feeds its whole buffers (`whole_past`),
+        which are bound as both the past and the present. Other graphs ignore it."""
+        if self.in_place:
+            self._cache = cache
+            cache.whole_past = True
+
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.in_place:
+            with self._in_place_lock:
+                return self._run_in_place(feed)
         if not self.on_cuda:
             values = self.session.run(self.spec.output_names, dict(feed))
             return dict(zip(self.spec.output_names, values))
@@ -165,6 +210,68 @@ class OnnxRuntimeSession(BaseSession):
         # copy_outputs_to_cpu returns the outputs in the order they were bound.
         return dict(zip(self.spec.output_names, binding.copy_outputs_to_cpu()))
 
+    def _run_in_place(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run an in-place decoder on a contract feed: on the attached cache's own buffers when the feed's past is
+        them, else on copies of the feed's past with room for the new tokens (a feed made without a cache)."""
+        layers = sum(1 for name in feed if name.startswith("past_key."))
+        batch, new = feed["input_ids"].shape
+        cache = self._cache
+        if cache is not None and all(feed[past_key(l)] is cache.keys[l] and feed[past_value(l)] is cache.values[l]
+                                     for l in range(layers)):
+            keys, values, used, mask = cache.keys, cache.values, cache.length, feed["attention_mask"]
+        else:
+            inputs, used = in_place_feed(feed)
+            keys = [inputs[past_key(l)] for l in range(layers)]
+            values = [inputs[past_value(l)] for l in range(layers)]
+            mask = inputs["attention_mask"]
+        if new > 1 and used and batch > 1:
+            raise GraphContractError(f"{self.spec.name}: {self.path} (GroupQueryAttention) runs several new tokens "
+                                     "after a cached past one row at a time; feed the rows of the batch separately")
+        total = used + new
+        binding, bound, lengths = self._binding_for(keys, values, batch)
+        lengths[SEQLENS_K][:] = total - 1
+        lengths[TOTAL_LENGTH][...] = total
+        for name, array in feed.items():  # rebind only what is not bound already (a decode step: its token ids)
+            if name.startswith(("past_key.", "past_value.")):
+                continue
+            array = mask if name == "attention_mask" else np.ascontiguousarray(array)
+            if bound.get(name) is not array:
+                binding.bind_cpu_input(name, array)
+                bound[name] = array
+        binding.bind_output("logits", "cpu")  # anew: the last run's logits, kept by the binding, had its shape
+        self.session.run_with_iobinding(binding)
+        outputs = {"logits": np.array(binding.get_outputs()[self._logits_index].numpy())}
+        for layer in range(layers):
+            outputs[new_key(layer)] = keys[layer][:, :, used:total].copy()
+            outputs[new_value(layer)] = values[layer][:, :, used:total].copy()
+        return outputs
+
+    def _binding_for(self, keys: list, values: list, batch: int):
+        """The IO binding of these cache buffers, kept from run to run: the buffers are bound once as the past and
+        the present, and so are the feed arrays that stay the same objects (a decode step's mask, images, cross
+        K/V), so that a decode step rebinds only its token ids. Returns (binding, the arrays bound by input name,
+        the `seqlens_k` / `total_sequence_length` arrays, written in place before each run)."""
+        key = (id(keys[0]), batch)
+        if self._bound_key != key:
+            binding = self.session.io_binding()
+            lengths = {SEQLENS_K: np.zeros(batch, np.int32), TOTAL_LENGTH: np.zeros((), np.int32)}
+            for name, array in lengths.items():
+                binding.bind_cpu_input(name, array)
+            order = []
+            for layer, (key_buffer, value_buffer) in enumerate(zip(keys, values)):
+                for past, present, buffer in ((past_key(layer), present_key(layer), key_buffer),
+                                              (past_value(layer), present_value(layer), value_buffer)):
+                    binding.bind_cpu_input(past, buffer)
+                    binding.bind_output(present, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+                    order.append(present)
+            binding.bind_output("logits", "cpu")
+            self._logits_index = len(order)  # get_outputs() follows the order of binding
+            # the bound buffers stay referenced as long as the binding that points into them
+            self._binding, self._bound, self._lengths = binding, dict(lengths), lengths
+            self._bound_buffers, self._bound_key = (keys, values), key
+        return self._binding, self._bound, self._lengths
+
     def _release(self) -> None:
-        """Drop the ONNX Runtime session (and its device memory)."""
-        self.session = None
+        """Drop the ONNX Runtime session (and its device memory), and an in-place decoder's binding and cache."""
+        self.session = self._cache = self._bound_key = None
+        self.__dict__.pop("_binding", None), self.__dict__.pop("_bound_buffers", None)

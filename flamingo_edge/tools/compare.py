@@ -131,6 +131,9 @@ def onnx_layer_outputs(path: Path, feed: Mapping[str, np.ndarray], layers: list[
     import onnx
     import onnxruntime
 
+    from flamingo_edge.graphs import SEQLENS_K
+    from flamingo_edge.runtime.onnxruntime_backend import in_place_feed
+
     model = onnx.load(str(path))
     producers = {}  # tensor -> scope of the node that makes it
     for node in model.graph.node:
@@ -153,6 +156,8 @@ def onnx_layer_outputs(path: Path, feed: Mapping[str, np.ndarray], layers: list[
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
+    if SEQLENS_K in {value.name for value in session.get_inputs()}:  # a decoder that writes the cache in place
+        feed = in_place_feed(feed)[0]
     values = dict(zip(names, session.run(names, dict(feed))))
     return {layer: [values[t] for t in tensors] for layer, tensors in leaving.items()}
 
