@@ -47,7 +47,9 @@ class Session(Protocol):
     """One graph, opened by a backend, run with feeds by name.
 
     IMPORTANT: the arrays returned by `run` are fresh on every call and belong to the caller; a session never
-    reuses or overwrites them, so they may be kept (e.g. in a KV cache) across calls.
+    reuses or overwrites them, so they may be kept (e.g. in a KV cache) across calls. One exception: a decoder
+    that writes an attached SelfAttentionCache in place (ONNX Runtime's in-place decoder) returns its new K/V as
+    views of the slots it wrote in that cache, which the cache owns.
     """
 
     spec: GraphSpec  # the contract this graph was checked against when it was opened

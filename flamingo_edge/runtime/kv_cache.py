@@ -95,7 +95,9 @@ class SelfAttentionCache:
         """Write the new tokens' K/V from the decoder's outputs at the next slots (and their mask).
 
         Args:
-            outputs: the decoder's outputs by name; `new_key.{l}` / `new_value.{l}` are [B, H, S, Dh].
+            outputs: the decoder's outputs by name; `new_key.{l}` / `new_value.{l}` are [B, H, S, Dh] (views of
+                this cache's slots P..P+S-1 when the decoder wrote them there itself: ONNX Runtime's in-place
+                decoder).
             new_mask: [B, S], the new tokens' attention mask as fed.
 
         Raises:
@@ -110,7 +112,8 @@ class SelfAttentionCache:
         for buffer, name in pairs:
             self._check_new(outputs, name, buffer.shape, new)
         for buffer, name in pairs:
-            buffer[:, :, self.length : needed] = outputs[name]
+            if outputs[name].base is not buffer:  # else a view of these very slots: a decoder that wrote them in place
+                buffer[:, :, self.length : needed] = outputs[name]
         self.mask[:, self.length : needed] = new_mask
         self.length = needed
 

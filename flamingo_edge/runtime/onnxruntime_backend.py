@@ -167,6 +167,7 @@ class OnnxRuntimeSession(BaseSession):
         self._cache = None  # the attached SelfAttentionCache of an in-place decoder
         self._bound_key = None  # the cache buffers and batch size the kept IO binding is for (_binding_for)
         self._in_place_lock = threading.Lock()  # the kept binding is one per session: one in-place run at a time
+        self._vocab = spec.outputs[spec.output_names.index("logits")].dims[-1] if self.in_place else None
         logger.debug("%s: %s on %s", spec.name, self.path, self.session.get_providers())
 
     def _check_cuda_active(self, device: Device) -> bool:
@@ -216,8 +217,9 @@ class OnnxRuntimeSession(BaseSession):
         layers = sum(1 for name in feed if name.startswith("past_key."))
         batch, new = feed["input_ids"].shape
         cache = self._cache
-        if cache is not None and all(feed[past_key(l)] is cache.keys[l] and feed[past_value(l)] is cache.values[l]
-                                     for l in range(layers)):
+        attached = cache is not None and all(feed[past_key(l)] is cache.keys[l] and feed[past_value(l)] is
+                                             cache.values[l] for l in range(layers))
+        if attached:
             keys, values, used, mask = cache.keys, cache.values, cache.length, feed["attention_mask"]
         else:
             inputs, used = in_place_feed(feed)
@@ -228,48 +230,54 @@ class OnnxRuntimeSession(BaseSession):
             raise GraphContractError(f"{self.spec.name}: {self.path} (GroupQueryAttention) runs several new tokens "
                                      "after a cached past one row at a time; feed the rows of the batch separately")
         total = used + new
-        binding, bound, lengths = self._binding_for(keys, values, batch)
-        lengths[SEQLENS_K][:] = total - 1
-        lengths[TOTAL_LENGTH][...] = total
-        for name, array in feed.items():  # rebind only what is not bound already (a decode step: its token ids)
-            if name.startswith(("past_key.", "past_value.")):
+        binding, bound, kept = self._binding_for(keys, values, batch)
+        kept[SEQLENS_K][:] = total - 1
+        kept[TOTAL_LENGTH][...] = total
+        shape = (batch, new)
+        if shape not in kept:  # per shape (a prefill, a decode step): token ids copied in, logits written out
+            kept[shape] = (np.empty(shape, np.int64), np.empty((*shape, self._vocab), np.float32))
+        ids, logits = kept[shape]
+        np.copyto(ids, feed["input_ids"])
+        for name, array in (("input_ids", ids), *feed.items()):  # bind what is not bound already
+            if name.startswith(("past_key.", "past_value.")) or name == "input_ids" and array is not ids:
                 continue
             array = mask if name == "attention_mask" else np.ascontiguousarray(array)
             if bound.get(name) is not array:
                 binding.bind_cpu_input(name, array)
                 bound[name] = array
-        binding.bind_output("logits", "cpu")  # anew: the last run's logits, kept by the binding, had its shape
+        if bound.get("logits") is not logits:
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            bound["logits"] = logits
         self.session.run_with_iobinding(binding)
-        outputs = {"logits": np.array(binding.get_outputs()[self._logits_index].numpy())}
+        outputs = {"logits": logits.copy()}
+        # The attached cache gets views of the slots the graph wrote (SelfAttentionCache.update skips them);
+        # a feed without a cache gets copies.
+        slots = (lambda buffer: buffer[:, :, used:total]) if attached else (lambda b: b[:, :, used:total].copy())
         for layer in range(layers):
-            outputs[new_key(layer)] = keys[layer][:, :, used:total].copy()
-            outputs[new_value(layer)] = values[layer][:, :, used:total].copy()
+            outputs[new_key(layer)], outputs[new_value(layer)] = slots(keys[layer]), slots(values[layer])
         return outputs
 
     def _binding_for(self, keys: list, values: list, batch: int):
         """The IO binding of these cache buffers, kept from run to run: the buffers are bound once as the past and
         the present, and so are the feed arrays that stay the same objects (a decode step's mask, images, cross
-        K/V), so that a decode step rebinds only its token ids. Returns (binding, the arrays bound by input name,
-        the `seqlens_k` / `total_sequence_length` arrays, written in place before each run)."""
+        K/V) and the arrays kept for token ids and logits. Returns (binding, the arrays bound by name, the kept
+        arrays: `seqlens_k` / `total_sequence_length`, written before each run, and per (B, S) the token ids and
+        logits buffers)."""
         key = (id(keys[0]), batch)
         if self._bound_key != key:
             binding = self.session.io_binding()
             lengths = {SEQLENS_K: np.zeros(batch, np.int32), TOTAL_LENGTH: np.zeros((), np.int32)}
             for name, array in lengths.items():
                 binding.bind_cpu_input(name, array)
-            order = []
             for layer, (key_buffer, value_buffer) in enumerate(zip(keys, values)):
                 for past, present, buffer in ((past_key(layer), present_key(layer), key_buffer),
                                               (past_value(layer), present_value(layer), value_buffer)):
                     binding.bind_cpu_input(past, buffer)
                     binding.bind_output(present, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
-                    order.append(present)
-            binding.bind_output("logits", "cpu")
-            self._logits_index = len(order)  # get_outputs() follows the order of binding
             # the bound buffers stay referenced as long as the binding that points into them
-            self._binding, self._bound, self._lengths = binding, dict(lengths), lengths
+            self._binding, self._bound, self._kept = binding, dict(lengths), lengths
             self._bound_buffers, self._bound_key = (keys, values), key
-        return self._binding, self._bound, self._lengths
+        return self._binding, self._bound, self._kept
 
     def _release(self) -> None:
         """Drop the ONNX Runtime session (and its device memory), and an in-place decoder's binding and cache."""
