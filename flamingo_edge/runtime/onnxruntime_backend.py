@@ -159,9 +159,15 @@ class OnnxRuntimeSession(BaseSession):
         self.on_cuda = self._check_cuda_active(device)
         self.in_place = SEQLENS_K in {value.name for value in self.session.get_inputs()}
         if self.in_place and self.on_cuda:
-            raise FeatureUnavailableError(f"{spec.name}: {self.path} writes the KV cache in place, which flamingo-edge "
-                                          "runs on the CPU only; use device 'cpu', or quantize with --target tensorrt "
-                                          "for a GPU")
+            if device is Device.CUDA:
+                raise FeatureUnavailableError(
+                    f"{spec.name}: {self.path} writes the KV cache in place, which flamingo-edge runs on the CPU "
+                    "only; use device 'cpu', or for a GPU quantize with --no-fusions or --target tensorrt")
+            logger.warning("%s: %s writes the KV cache in place, which runs on the CPU only: using the CPU",
+                           spec.name, self.path)
+            with loading_memory_returned():
+                self.session = onnxruntime.InferenceSession(str(self.path), options, providers=[CPU])
+            self.on_cuda = False
         check_model_io(in_place_decoder(spec) if self.in_place else spec, self.path,
                        _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
         self._cache = None  # the attached SelfAttentionCache of an in-place decoder
