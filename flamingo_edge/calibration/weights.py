@@ -423,7 +423,8 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         max_positions: MatMulNBits (ONNX Runtime): fuse the rotary embeddings into RotaryEmbedding with tables of
             this many positions (ort_fusions.fuse_rotary); None leaves them as exported.
         in_place_attention: MatMulNBits, with `max_positions`: also replace the self-attention over the cache with
-            GroupQueryAttention writing the cache buffers in place (ort_fusions.fuse_attention; fp32 float parts).
+            GroupQueryAttention writing the cache buffers in place, and the cross-attention over the images with
+            MultiHeadAttention (ort_fusions.fuse_attention, fuse_cross_attention; fp32 float parts).
     """
     import onnx
 
@@ -475,12 +476,13 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
         after += rows.q.size * bits // 8 + rows.scales.nbytes
         if uses[table] == 1:
             model.graph.initializer.remove(initializers[table])
-    rotary = attention = 0
+    rotary = attention = cross = 0
     if encoding == "MatMulNBits" and max_positions:
-        from flamingo_edge.calibration.ort_fusions import fuse_attention, fuse_rotary
+        from flamingo_edge.calibration.ort_fusions import fuse_attention, fuse_cross_attention, fuse_rotary
 
         rotary = fuse_rotary(model, max_positions)
         attention = fuse_attention(model) if rotary and in_place_attention else 0
+        cross = fuse_cross_attention(model) if in_place_attention else 0
     domain = {"MatMulNBits": "com.microsoft", "TRT_INT4DequantizeLinear": TRT_DOMAIN}.get(encoding)
     if domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
@@ -489,7 +491,7 @@ def quantize_graph(source: Path, *, bits: int, block_size: int, method: str, enc
                "encoding": encoding,
                "block_size": "per-channel" if per_column else block_size,
                "float_bytes": before, "quantized_bytes": after, "fused_rotary": rotary,
-               "fused_attention": attention}
+               "fused_attention": attention, "fused_cross_attention": cross}
     logger.info("%s: %d weights, %.1f MB -> %.1f MB", source.name, len(targets), before / 1e6, after / 1e6)
     return model, summary
 

@@ -95,7 +95,7 @@ def _check_in_place(export, rng, *, fused: bool):
     feeds made without a cache: the exported graph's logits and new K/V at every real position, for a left-padded
     prefill, a decode step after a padded past and a prompt after a cached prefix. Partial rotary (gpt_neox) and
     ALiBi (mpt) are left as exported."""
-    from flamingo_edge.calibration.ort_fusions import fuse_attention
+    from flamingo_edge.calibration.ort_fusions import fuse_attention, fuse_cross_attention
     from flamingo_edge.config import FlamingoConfig
     from flamingo_edge.errors import GraphContractError
     from flamingo_edge.graphs import build_graphs
@@ -106,6 +106,8 @@ def _check_in_place(export, rng, *, fused: bool):
     model = onnx.load(str(export / "decoder.onnx"))
     fuse_rotary(model, config.decoder.max_positions)
     assert fuse_attention(model) == (config.decoder.layers if fused else 0)
+    # every family's gated blocks, unless they normalize the queries (IDEFICS' qk_layer_norms)
+    assert fuse_cross_attention(model) == (0 if config.decoder.cross_qk_norms else len(config.decoder.cross_layers))
     if not fused:
         return
     path = export.parent / "decoder-in-place.onnx"
@@ -137,7 +139,8 @@ def test_int4_pipeline_with_the_cache_written_in_place_generates_the_same_tokens
     exports = {fusions: quantize_export(idefics_export, tmp_path / f"int4-{fusions}", "int4", accuracy_level=0,
                                         fusions=fusions) for fusions in (True, False)}
     record = json.loads((exports[True] / "export.json").read_text())["quantization"]
-    assert record["weights"]["decoder"]["fused_attention"] == record["weights"]["decoder"]["fused_rotary"] // 2 > 0
+    decoder = record["weights"]["decoder"]
+    assert decoder["fused_attention"] == decoder["fused_rotary"] // 2 > 0
     rng = np.random.default_rng(seed)
     batch = make_prompts("batch_of_two_with_padding", rng)
     shots = make_prompts("two_images", rng)[0]
