@@ -32,13 +32,16 @@ MICROSOFT = "com.microsoft"
 
 
 class _Graph:
-    """Producers and constant values of one ONNX graph, for matching exported patterns."""
+    """Producers, readers and constant values of one ONNX graph, for matching exported patterns."""
 
     def __init__(self, model):
         from onnx import numpy_helper
 
-        self.model = model
         self.producer = {out: node for node in model.graph.node for out in node.output}
+        self.readers: dict[str, list] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
         self.values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -48,6 +51,11 @@ class _Graph:
         """The node producing `name` if it is an `op_type`, else None."""
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type else None
+
+    def reader(self, name: str, op_type: str):
+        """The one `op_type` node reading `name` (other readers, e.g. a Shape, are allowed), else None."""
+        nodes = [node for node in self.readers.get(name, []) if node.op_type == op_type]
+        return nodes[0] if len(nodes) == 1 else None
 
     def ints(self, name: str) -> list[int] | None:
         value = self.values.get(name)
@@ -132,9 +140,7 @@ def fuse_rotary(model, max_positions: int) -> int:
     nodes = [replaced.get(index, node) for index, node in enumerate(model.graph.node)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    prune(model)
-    if not any(o.domain == MICROSOFT for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
+    _finish(model)
     logger.info("fused %d rotary embeddings into RotaryEmbedding", len(replaced))
     return len(replaced)
 
@@ -153,12 +159,6 @@ def prune(model) -> None:
         model.graph.initializer.remove(init)
 
 
-def _single_consumer(consumers: dict, name: str, op_type: str):
-    """The one `op_type` node reading `name` (other readers, e.g. a Shape, are allowed), else None."""
-    nodes = [node for node in consumers.get(name, []) if node.op_type == op_type]
-    return nodes[0] if len(nodes) == 1 else None
-
-
 def _heads_input(graph: _Graph, rotated: str):
     """(the [B, S, H·Dh] projection, the RotaryEmbedding node) behind a rotated [B, H, S, Dh] query or key:
     RotaryEmbedding(Transpose(Reshape(projection)))."""
@@ -168,30 +168,30 @@ def _heads_input(graph: _Graph, rotated: str):
     return (reshape.input[0], rotary) if reshape else None
 
 
-def _self_attention(graph: _Graph, consumers: dict, layer: int):
+def _self_attention(graph: _Graph, layer: int):
     """The names around one layer's `attend_after_past` in a graph whose rotary embeddings are fused: the query, key
     and value projections [B, S, H·Dh], the rotary inputs (positions, cos, sin), the score bias [B, 1, S, P+S], the
     scale, and the attention output [B, S, H·Dh] the output projection reads; None if the layer does not match."""
     from flamingo_edge.graphs import new_key, new_value, past_key, past_value
 
-    scores = _single_consumer(consumers, past_key(layer), "MatMul")  # (K q^T)
-    values = _single_consumer(consumers, past_value(layer), "MatMul")
+    scores = graph.reader(past_key(layer), "MatMul")  # (K q^T)
+    values = graph.reader(past_value(layer), "MatMul")
     lifted = scores and graph.node(scores.input[1], "Transpose")
     scaled = lifted and graph.node(lifted.input[0], "Mul")
     query = scaled and _heads_input(graph, scaled.input[0])
     key = _heads_input(graph, new_key(layer))
     value = graph.node(new_value(layer), "Transpose")
     value = value and graph.node(value.input[0], "Reshape")
-    total = values and _single_consumer(consumers, values.output[0], "Add")
-    back = total and _single_consumer(consumers, total.output[0], "Transpose")
-    merged = back and _single_consumer(consumers, back.output[0], "Reshape")  # [B, S, H, Dh] -> [B, S, H·Dh]
+    total = values and graph.reader(values.output[0], "Add")
+    back = total and graph.reader(total.output[0], "Transpose")
+    merged = back and graph.reader(back.output[0], "Reshape")  # [B, S, H, Dh] -> [B, S, H·Dh]
     if not (query and key and value and merged) or query[1].input[1:] != key[1].input[1:]:
         return None
     scale = graph.values.get(scaled.input[1])
     # the score bias: Add(Concat(Transpose(past scores), new scores), bias) before the Softmax
-    turned = _single_consumer(consumers, scores.output[0], "Transpose")
-    joined = turned and _single_consumer(consumers, turned.output[0], "Concat")
-    biased = joined and _single_consumer(consumers, joined.output[0], "Add")
+    turned = graph.reader(scores.output[0], "Transpose")
+    joined = turned and graph.reader(turned.output[0], "Concat")
+    biased = joined and graph.reader(joined.output[0], "Add")
     if scale is None or scale.size != 1 or not biased:
         return None
     return dict(query=query[0], key=key[0], value=value.input[0], rotary=list(query[1].input[1:]),
@@ -213,17 +213,11 @@ def fuse_attention(model) -> int:
     from flamingo_edge.graphs import SEQLENS_K, TOTAL_LENGTH, past_key, past_value, present_key, present_value
 
     graph = _Graph(model)
-    inputs = {i.name: i for i in model.graph.input}
-    layers = sum(1 for name in inputs if name.startswith("past_key."))
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    found = [_self_attention(graph, consumers, layer) for layer in range(layers)]
+    layers = sum(1 for i in model.graph.input if i.name.startswith("past_key."))
+    found = [_self_attention(graph, layer) for layer in range(layers)]
     if not layers or any(f is None for f in found) or len({f["bias"] for f in found}) != 1:
         return 0
-    dims = inputs[past_key(0)].type.tensor_type.shape.dim
-    heads, head_dim = dims[1].dim_value, dims[3].dim_value
+    _, heads, _, head_dim = _input_dims(model, past_key(0))
     if not heads or not head_dim or any(abs(f["scale"] - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5 for f in found):
         return 0
     bias = found[0]["bias"]  # [B, 1, S, P+S]: the past's P slots, then the S new tokens
@@ -255,14 +249,8 @@ def fuse_attention(model) -> int:
              "gqa_bias"],
             [f"{f['output']}_gqa", present_key(layer), present_value(layer)],
             name=f"gqa.{layer}", domain=MICROSOFT, num_heads=heads, kv_num_heads=heads))
-    renamed = {f["output"]: f"{f['output']}_gqa" for f in found}
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            if name in renamed:
-                node.input[index] = renamed[name]
     model.graph.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["B"]),
                               helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])])
-    _insert_in_order(model, nodes)
     outputs = [o for o in model.graph.output if not o.name.startswith(("new_key.", "new_value."))]
     for layer in range(layers):
         for name in (present_key, present_value):
@@ -270,11 +258,35 @@ def fuse_attention(model) -> int:
                                                          ["B", heads, "P", head_dim]))
     del model.graph.output[:]
     model.graph.output.extend(outputs)
+    _splice(model, nodes, {f["output"]: f"{f['output']}_gqa" for f in found})
+    logger.info("fused %d self-attention layers into GroupQueryAttention over the cache in place", layers)
+    return layers
+
+
+def _input_dims(model, name: str) -> list[int]:
+    """The fixed sizes of graph input `name` (0 for a dynamic axis)."""
+    value = next(i for i in model.graph.input if i.name == name)
+    return [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+
+
+def _splice(model, nodes: list, renamed: dict[str, str]) -> None:
+    """Put `nodes` in the graph in place of the subgraphs they replace: the readers of each tensor of `renamed` read
+    its replacement instead, the graph stays topologically sorted, and what no output needs any more goes."""
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
+    _insert_in_order(model, nodes)
+    _finish(model)
+
+
+def _finish(model) -> None:
+    """Prune what no graph output needs, and declare the com.microsoft domain the fused operators come from."""
+    from onnx import helper
+
     prune(model)
     if not any(o.domain == MICROSOFT for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
-    logger.info("fused %d self-attention layers into GroupQueryAttention over the cache in place", layers)
-    return layers
 
 
 def _insert_in_order(model, nodes: list) -> None:
@@ -296,22 +308,22 @@ def _insert_in_order(model, nodes: list) -> None:
     model.graph.node.extend(ordered)
 
 
-def _cross_attention(graph: _Graph, consumers: dict, block: int):
+def _cross_attention(graph: _Graph, block: int):
     """The names around one gated cross-attention block's attention over its images' K/V: the query projection
     [B, S, Hx·Dh], the allowed-positions condition and its masked score, the scale, and the attention output
     [B, S, Hx·Dh]; None if the block does not match."""
     from flamingo_edge.graphs import cross_key, cross_value
 
-    key_t = _single_consumer(consumers, cross_key(block), "Transpose")
-    scores = key_t and _single_consumer(consumers, key_t.output[0], "MatMul")
+    key_t = graph.reader(cross_key(block), "Transpose")
+    scores = key_t and graph.reader(key_t.output[0], "MatMul")
     scaled = scores and graph.node(scores.input[0], "Mul")
     lifted = scaled and graph.node(scaled.input[0], "Transpose")
     split = lifted and graph.node(lifted.input[0], "Reshape")
-    masked = scores and _single_consumer(consumers, scores.output[0], "Where")
-    softmax = masked and _single_consumer(consumers, masked.output[0], "Softmax")
-    values = softmax and _single_consumer(consumers, softmax.output[0], "MatMul")
-    back = values and _single_consumer(consumers, values.output[0], "Transpose")
-    merged = back and _single_consumer(consumers, back.output[0], "Reshape")
+    masked = scores and graph.reader(scores.output[0], "Where")
+    softmax = masked and graph.reader(masked.output[0], "Softmax")
+    values = softmax and graph.reader(softmax.output[0], "MatMul")
+    back = values and graph.reader(values.output[0], "Transpose")
+    merged = back and graph.reader(back.output[0], "Reshape")
     if not (split and merged) or scores.input[1] != key_t.output[0] or values.input[1] != cross_value(block) \
             or masked.input[1] != scores.output[0]:
         return None
@@ -336,15 +348,10 @@ def fuse_cross_attention(model) -> int:
 
     graph = _Graph(model)
     blocks = sum(1 for i in model.graph.input if i.name.startswith("cross_key."))
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    found = [_cross_attention(graph, consumers, block) for block in range(blocks)]
+    found = [_cross_attention(graph, block) for block in range(blocks)]
     if not blocks or any(f is None for f in found):
         return 0
-    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}["cross_key.0"]
-    heads = dims[1].dim_value
+    heads = _input_dims(model, "cross_key.0")[1]
     nodes, biases = [], {}
     for block, f in enumerate(found):
         key = (f["allowed"], f["fill"])
@@ -357,14 +364,6 @@ def fuse_cross_attention(model) -> int:
         nodes.append(helper.make_node(
             "MultiHeadAttention", [f["query"], f"cross_key.{block}", f"cross_value.{block}", "", "", biases[key]],
             [f"{f['output']}_mha"], name=f"mha.{block}", domain=MICROSOFT, num_heads=heads, scale=f["scale"]))
-    renamed = {f["output"]: f"{f['output']}_mha" for f in found}
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            if name in renamed:
-                node.input[index] = renamed[name]
-    _insert_in_order(model, nodes)
-    prune(model)
-    if not any(o.domain == MICROSOFT for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MICROSOFT, 1))
+    _splice(model, nodes, {f["output"]: f"{f['output']}_mha" for f in found})
     logger.info("fused %d cross-attention blocks into MultiHeadAttention", blocks)
     return blocks

@@ -198,7 +198,7 @@ def quantize_export(export_dir: str | Path, out_dir: str | Path, precision: str,
             dynamic int8 activations.
         fusions: int4 / int8-weights for ONNX Runtime: fuse the decoder's rotary embeddings into RotaryEmbedding
             and, with fp32 float parts, its attention over the cache into GroupQueryAttention writing the cache in
-            place (calibration/ort_fusions.py).
+            place and its cross-attention into MultiHeadAttention (calibration/ort_fusions.py).
 
     Raises:
         UsageError: an unknown precision, method or graph, an existing `out_dir`, int8 without calibration, or an

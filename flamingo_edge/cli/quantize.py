@@ -45,7 +45,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                               "activations too (VNNI on x86; about 2.4x faster vision on the 100m preset)")
     weights.add_argument("--no-fusions", action="store_true",
                          help="onnxruntime: keep the exported rotary and attention nodes instead of ONNX Runtime's "
-                              "RotaryEmbedding and GroupQueryAttention writing the KV cache in place (docs/weights.md)")
+                              "RotaryEmbedding, GroupQueryAttention writing the KV cache in place, and "
+                              "MultiHeadAttention over the images (docs/weights.md)")
     weights.add_argument("--embeddings", action="store_true",
                          help="quantize the token embedding tables too (saves memory; a step reads one row per token, "
                               "so decode speed does not change)")

@@ -7,7 +7,8 @@ A decoder graph that writes the cache itself (`graphs.in_place_decoder`: the int
 Runtime, whose attention is GroupQueryAttention over the cache) runs through IO binding on the CPU: the pipeline's
 cache is attached (`attach_cache`), its buffers are bound as the past inputs and as the present outputs at once,
 and the graph writes the new tokens' K/V into them. The session still answers with the contract's outputs (the new
-tokens' K/V copied out of the buffers), so the pipeline cannot tell the two kinds of decoder apart.
+tokens' K/V as views of the slots the graph wrote, which `SelfAttentionCache.update` leaves as they are), so the
+pipeline cannot tell the two kinds of decoder apart.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ class OnnxRuntimeSession(BaseSession):
         check_model_io(in_place_decoder(spec) if self.in_place else spec, self.path,
                        _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
         self._cache = None  # the attached SelfAttentionCache of an in-place decoder
-        self._bound_key = None  # the cache buffers and batch size the kept IO binding is for (_binding_for)
+        # the kept IO binding (_binding_for) and the cache buffers it points into
+        self._binding = self._bound_buffers = None
         self._in_place_lock = threading.Lock()  # the kept binding is one per session: one in-place run at a time
         self._vocab = spec.outputs[spec.output_names.index("logits")].dims[-1] if self.in_place else None
         logger.debug("%s: %s on %s", spec.name, self.path, self.session.get_providers())
@@ -244,13 +246,17 @@ class OnnxRuntimeSession(BaseSession):
             kept[shape] = (np.empty(shape, np.int64), np.empty((*shape, self._vocab), np.float32))
         ids, logits = kept[shape]
         np.copyto(ids, feed["input_ids"])
-        for name, array in (("input_ids", ids), *feed.items()):  # bind what is not bound already
-            if name.startswith(("past_key.", "past_value.")) or name == "input_ids" and array is not ids:
-                continue
-            array = mask if name == "attention_mask" else np.ascontiguousarray(array)
+
+        def bind(name, array):  # only what is not bound already: a decode step rebinds nothing
             if bound.get(name) is not array:
                 binding.bind_cpu_input(name, array)
                 bound[name] = array
+
+        bind("input_ids", ids)
+        bind("attention_mask", mask)
+        for name, array in feed.items():
+            if name not in ("input_ids", "attention_mask") and not name.startswith(("past_key.", "past_value.")):
+                bind(name, np.ascontiguousarray(array))
         if bound.get("logits") is not logits:
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             bound["logits"] = logits
@@ -269,8 +275,7 @@ class OnnxRuntimeSession(BaseSession):
         K/V) and the arrays kept for token ids and logits. Returns (binding, the arrays bound by name, the kept
         arrays: `seqlens_k` / `total_sequence_length`, written before each run, and per (B, S) the token ids and
         logits buffers)."""
-        key = (id(keys[0]), batch)
-        if self._bound_key != key:
+        if self._bound_buffers is None or self._bound_buffers[0][0] is not keys[0]:  # (their batch comes with them)
             binding = self.session.io_binding()
             lengths = {SEQLENS_K: np.zeros(batch, np.int32), TOTAL_LENGTH: np.zeros((), np.int32)}
             for name, array in lengths.items():
@@ -282,10 +287,9 @@ class OnnxRuntimeSession(BaseSession):
                     binding.bind_output(present, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
             # the bound buffers stay referenced as long as the binding that points into them
             self._binding, self._bound, self._kept = binding, dict(lengths), lengths
-            self._bound_buffers, self._bound_key = (keys, values), key
+            self._bound_buffers = (keys, values)
         return self._binding, self._bound, self._kept
 
     def _release(self) -> None:
         """Drop the ONNX Runtime session (and its device memory), and an in-place decoder's binding and cache."""
-        self.session = self._cache = self._bound_key = None
-        self.__dict__.pop("_binding", None), self.__dict__.pop("_bound_buffers", None)
+        self.session = self._cache = self._binding = self._bound_buffers = None
