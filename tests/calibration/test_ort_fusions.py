@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from flamingo_edge.calibration.ort_fusions import fuse_rotary
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.graphs import build_graphs, example_feed
 from flamingo_edge.tolerances import LOGITS_REL_TOL
 
 
@@ -19,32 +21,20 @@ def rng(seed):
     return np.random.default_rng(seed)
 
 
-def _feeds(session, rng, vocab: int):
-    """A prefill with left padding (P = 0), a decode step after 7 slots of which the first 2 are padding, and a
-    3-token prefill after a 4-token prefix: batches of 2."""
-    for batch, new, past, pad in ((2, 6, 0, 2), (2, 1, 7, 2), (2, 3, 4, 1)):
-        dims = {"B": batch, "S": new, "P": past, "M": 2}
-        feed = {}
-        for value in session.get_inputs():
-            shape = [d if isinstance(d, int) else eval(d.replace("M*L", "M*3"), {}, dims) for d in value.shape]
-            if value.name == "input_ids":
-                feed[value.name] = rng.integers(0, vocab, shape)
-            elif value.name == "attention_mask":
-                mask = np.ones(shape, np.int64)
-                mask[0, :pad] = 0  # row 0 is left-padded
-                feed[value.name] = mask
-            elif value.type == "tensor(int64)":
-                feed[value.name] = rng.integers(0, 2, shape)
-            else:
-                feed[value.name] = rng.standard_normal(shape).astype(np.float32)
-        yield feed
+def _feeds(config, rng):
+    """Contract feeds (graphs.example_feed: every row but the first left-padded over the first third of its slots):
+    a prefill (P = 0), a decode step after 7 slots, and a 3-token prompt after a 4-token prefix; batches of 2."""
+    spec = build_graphs(config)["decoder"]
+    for batch, new, past in ((2, 6, 0), (2, 1, 7), (2, 3, 4)):
+        sizes = {"B": batch, "S": new, "P": past, "M": 2, "L": config.visual_tokens_per_image}
+        yield example_feed(spec, sizes, rng=rng, vocab_size=config.decoder.vocab_size)
 
 
 def _check_fused_graph_matches(export, rng, expected_fused: int):
     source = export / "decoder.onnx"
-    config = json.loads((export / "export.json").read_text())["config"]["decoder"]
+    config = FlamingoConfig.from_dict(json.loads((export / "export.json").read_text())["config"])
     model = onnx.load(str(source))
-    assert fuse_rotary(model, config["max_positions"]) == expected_fused
+    assert fuse_rotary(model, config.decoder.max_positions) == expected_fused
     ops = {node.op_type for node in model.graph.node}
     assert ("RotaryEmbedding" in ops) == bool(expected_fused)
     if expected_fused:
@@ -53,7 +43,7 @@ def _check_fused_graph_matches(export, rng, expected_fused: int):
     fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in exported.get_outputs()]
     assert [o.name for o in fused.get_outputs()] == names  # the same contract
-    for feed in _feeds(exported, rng, config["vocab_size"]):
+    for feed in _feeds(config, rng):
         for name, want, got in zip(names, exported.run(names, feed), fused.run(names, feed)):
             _real_positions_match(name, want, got, feed["attention_mask"])
 
@@ -96,9 +86,7 @@ def _check_in_place(export, rng, *, fused: bool):
     prefill, a decode step after a padded past and a prompt after a cached prefix. Partial rotary (gpt_neox) and
     ALiBi (mpt) are left as exported."""
     from flamingo_edge.calibration.ort_fusions import fuse_attention, fuse_cross_attention
-    from flamingo_edge.config import FlamingoConfig
     from flamingo_edge.errors import GraphContractError
-    from flamingo_edge.graphs import build_graphs
     from flamingo_edge.runtime.onnxruntime_backend import OnnxRuntimeSession
 
     record = json.loads((export / "export.json").read_text())
@@ -116,14 +104,14 @@ def _check_in_place(export, rng, *, fused: bool):
     session = OnnxRuntimeSession(path, spec, device="cpu")
     assert session.in_place
     exported = ort.InferenceSession(str(export / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    feeds = list(_feeds(exported, rng, config.decoder.vocab_size))
+    feeds = list(_feeds(config, rng))
     feeds[2] = {name: value[:1] for name, value in feeds[2].items()}  # a prompt after a prefix: one row
     for feed in feeds:
         want = dict(zip(spec.output_names, exported.run(spec.output_names, feed)))
         got = session.run(feed)
         for name in spec.output_names:
             _real_positions_match(name, want[name], got[name], feed["attention_mask"])
-    two_rows_after_a_prefix = list(_feeds(exported, rng, config.decoder.vocab_size))[2]
+    two_rows_after_a_prefix = list(_feeds(config, rng))[2]
     with pytest.raises(GraphContractError, match="one row at a time"):
         session.run(two_rows_after_a_prefix)
 
