@@ -102,6 +102,18 @@ class TextStream:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def advance(stream: TextStream, token: int, index: int, stop: StopCondition) -> tuple[str, str | None]:
+    """One row's `index`-th generated token: the text it adds, and why the row ends with it ("stop_token",
+    "stop_string", "length"; None: it goes on). A row that ends releases the text held back (`TextStream.flush`)."""
+    text = stream.push(token)
+    reason = ("stop_token" if token in stop.token_ids
+              else "stop_string" if any(s in stream.text[-(len(s) + len(text)):] for s in stop.strings)
+              else "length" if index + 1 == stop.max_new_tokens else None)
+    if reason is not None:
+        text += stream.flush()
+    return text, reason
+
+
 def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mask: np.ndarray,
              image_attention_mask: np.ndarray, cross: Mapping[str, np.ndarray], cache: SelfAttentionCache,
              sampler: Sampler, stop: StopCondition, *, pad_token_id: int, start: float | None = None,
@@ -140,20 +152,13 @@ def generate(decoder, tokenizer: Tokenizer, input_ids: np.ndarray, attention_mas
     finished = np.zeros(batch, dtype=bool)
     history = np.empty((batch, prompt + stop.max_new_tokens), np.int64)  # the sampler sees history[:, :T]
     history[:, :prompt] = input_ids
-    stop_ids = np.fromiter(stop.token_ids, np.int64, len(stop.token_ids))
     for index in range(stop.max_new_tokens):
         tokens = np.where(finished, pad_token_id, sampler(logits[:, -1], history[:, : prompt + index]))
         tokens = tokens.astype(np.int64)
-        texts = ["" if finished[row] else streams[row].push(int(tokens[row])) for row in range(batch)]
-        by_token = np.isin(tokens, stop_ids)
-        by_string = np.array(
-            [any(s in streams[row].text[-(len(s) + len(texts[row])):] for s in stop.strings) for row in range(batch)]
-        )
-        ending = ~finished & (by_token | by_string | (index + 1 == stop.max_new_tokens))
-        reasons = [None if not ending[row] else "stop_token" if by_token[row] else "stop_string" if by_string[row]
-                   else "length" for row in range(batch)]
-        for row in np.flatnonzero(ending):
-            texts[row] += streams[row].flush()
+        texts, reasons = [""] * batch, [None] * batch
+        for row in np.flatnonzero(~finished):
+            texts[row], reasons[row] = advance(streams[row], int(tokens[row]), index, stop)
+        ending = np.array([reason is not None for reason in reasons])
         finished |= ending
         yield GenerationStep(index, tokens, texts, finished.tolist(), time.perf_counter() - start, reasons)
         if finished.all():

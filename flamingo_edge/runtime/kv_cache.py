@@ -144,6 +144,39 @@ class SelfAttentionCache:
         return ([k[:, :, : self.length].copy() for k in self.keys],
                 [v[:, :, : self.length].copy() for v in self.values])
 
+    @classmethod
+    def gather(cls, rows: list[tuple[SelfAttentionCache, int, int]], capacity: int) -> SelfAttentionCache:
+        """A new cache of len(rows) rows, row i holding the last `used` tokens of row `r` of `cache` for each
+        (cache, r, used) in `rows`, right-aligned at P = the largest `used` (the slots before a shorter row's tokens
+        are masked, as left padding is). In-flight batching builds its batch this way when requests join or leave.
+
+        Right alignment keeps every row exact for both position schemes: rotary positions count a row's real tokens
+        (so where they lie does not matter), and ALiBi's slot distances are those of left padding (a gap between a
+        row's tokens would change them).
+
+        Raises:
+            PromptTooLongError: P exceeds `capacity`.
+            UsageError: no rows, or a row asks for more tokens than its cache holds.
+        """
+        if not rows:
+            raise UsageError("a cache gathered from no rows")
+        first = rows[0][0]
+        length = max(used for _, _, used in rows)
+        if length > capacity:
+            raise PromptTooLongError(f"a gathered cache needs {length} slots but holds {capacity}")
+        layers, (_, heads, _, head_dim) = len(first.keys), first.keys[0].shape
+        cache = cls(layers=layers, batch=len(rows), heads=heads, head_dim=head_dim, capacity=capacity,
+                    dtype=first.keys[0].dtype)
+        for index, (source, row, used) in enumerate(rows):
+            if used > source.length:
+                raise UsageError(f"row {row} of a cache holding {source.length} tokens cannot give {used}")
+            start = source.length - used
+            for target, stored in (*zip(cache.keys, source.keys), *zip(cache.values, source.values)):
+                target[index, :, length - used : length] = stored[row, :, start : source.length]
+            cache.mask[index, length - used : length] = 1
+        cache.length = length
+        return cache
+
     def load(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
         """Start from stored keys and values ([B, H, P, Dh] per layer of real tokens, e.g. a prompt prefix),
         replacing the cache.

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from flamingo_edge.runtime.backend import BackendKind, parse_choice
 from flamingo_edge.runtime.sessions import open_session
 from flamingo_edge.runtime.generation import GenerationStep, StopCondition, generate, run_decoder
 from flamingo_edge.runtime.kv_cache import CachedPrefix, CrossAttentionCache, PrefixCache, SelfAttentionCache
-from flamingo_edge.runtime.processor import Processor, check_text
+from flamingo_edge.runtime.processor import Processor, PromptBatch, check_text
 from flamingo_edge.runtime.sampling import Sampler, make_sampler
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class Pipeline:
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()  # a camera stream encodes frames and generates on two threads
+        self._prefix_lock = threading.Lock()  # a scheduler's prefills and a direct generate may share the cache
         blocks = range(len(config.decoder.cross_layers))
         self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
 
@@ -253,31 +254,51 @@ class Pipeline:
         same for every generation."""
         return max(prompt, self.max_context - 1 if self.static_decode else prompt + max_new_tokens - 1)
 
-    def _prepare(self, prompts: list, max_new_tokens: int, *, use_prefix: bool = True):
-        """Tokenize, check the limits (before any graph runs), gather the rows' cross K/V, size the KV cache and,
-        for a single prompt, fill it with the longest cached prefix. Returns (batch, cross, cache, on_prefill)."""
+    def encode(self, prompts: list, max_new_tokens: int) -> tuple[PromptBatch, dict[str, np.ndarray], list[list[str]]]:
+        """Tokenize, check the limits (before any graph runs) and gather the rows' cross K/V (the image side: vision,
+        resampler, xattn_kv for images the cache has not seen). Safe to call from several threads at once; the
+        decoder is not run. Returns (batch, cross, the images' cache keys).
+
+        Raises:
+            PromptTooLongError, PromptError, ImageError: as `generate`.
+        """
         batch = self.processor.tokenize(prompts)
         self._check_limits(batch.input_ids, batch.images, max_new_tokens)
         keys = [[CrossAttentionCache.key_of(image) for image in row] for row in batch.images]  # hashed once
-        cross = self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys)
+        return batch, self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys), keys
+
+    def start_cache(self, batch: PromptBatch, keys: list[list[str]], max_new_tokens: int, *,
+                    use_prefix: bool = True) -> tuple[SelfAttentionCache, Callable | None]:
+        """A self-attention cache sized for the batch's generation and, for a single prompt, filled with the longest
+        cached prefix. Returns (cache, on_prefill): on_prefill keeps the filled prompt as a reusable prefix (None
+        for a batch, or without a prefix cache)."""
         text = self.config.decoder
         cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
                                    head_dim=text.head_dim, capacity=self.cache_slots(batch.input_ids.shape[1],
                                                                                    max_new_tokens))
         self._count("prefill_runs")
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
-            return batch, cross, cache, None
+            return cache, None
         token_ids = tuple(int(t) for t in batch.input_ids[0])
         positions = np.flatnonzero(batch.input_ids[0] == self.processor.image_token_id)
         images = tuple((int(p), key) for p, key in zip(positions, keys[0]))
-        reused, prefix = self.prefix_cache.lookup(token_ids, images)
+        with self._prefix_lock:
+            reused, prefix = self.prefix_cache.lookup(token_ids, images)
         if prefix is not None:
             cache.load([k[:, :, :reused] for k in prefix.keys], [v[:, :, :reused] for v in prefix.values])
             self._count("prefix_tokens_reused", by=reused)
 
         def keep_prefix(filled: SelfAttentionCache) -> None:
-            self.prefix_cache.store(CachedPrefix(token_ids, images, *filled.snapshot()))
+            stored = CachedPrefix(token_ids, images, *filled.snapshot())
+            with self._prefix_lock:
+                self.prefix_cache.store(stored)
 
+        return cache, keep_prefix
+
+    def _prepare(self, prompts: list, max_new_tokens: int, *, use_prefix: bool = True):
+        """`encode`, then `start_cache`. Returns (batch, cross, cache, on_prefill)."""
+        batch, cross, keys = self.encode(prompts, max_new_tokens)
+        cache, keep_prefix = self.start_cache(batch, keys, max_new_tokens, use_prefix=use_prefix)
         return batch, cross, cache, keep_prefix
 
     def logits(self, prompts: list) -> np.ndarray:
