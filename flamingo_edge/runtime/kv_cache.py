@@ -150,9 +150,9 @@ class SelfAttentionCache:
         (cache, r, used) in `rows`, right-aligned at P = the largest `used` (the slots before a shorter row's tokens
         are masked, as left padding is). In-flight batching builds its batch this way when requests join or leave.
 
-        Right alignment keeps every row exact for both position schemes: rotary positions count a row's real tokens
-        (so where they lie does not matter), and ALiBi's slot distances are those of left padding (a gap between a
-        row's tokens would change them).
+        Right alignment is left padding, which every family's decoder handles exactly (rotary positions count a
+        row's real tokens; ALiBi's slot distances are those of the row alone): the row's next tokens follow its last
+        one with no gap. Gaps between a row's tokens are not part of the graph contract.
 
         Raises:
             PromptTooLongError: P exceeds `capacity`.

@@ -105,6 +105,8 @@ class Pipeline:
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()  # a camera stream encodes frames and generates on two threads
         self._prefix_lock = threading.Lock()  # a scheduler's prefills and a direct generate may share the cache
+        self._encoding: dict[str, threading.Event] = {}  # images being encoded now, by cache key
+        self._encoding_lock = threading.Lock()
         blocks = range(len(config.decoder.cross_layers))
         self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
 
@@ -198,15 +200,29 @@ class Pipeline:
         `key`: the image's `CrossAttentionCache.key_of`, when the caller has it already (it hashes every pixel)."""
         key = CrossAttentionCache.key_of(image) if key is None else key
         cached = self.image_cache.get(key)
+        if cached is None:
+            # threads asking for the same new image at once (concurrent requests): one encodes, the others wait for it
+            with self._encoding_lock:
+                underway = self._encoding.get(key)
+                if underway is None:
+                    self._encoding[key] = threading.Event()
+            if underway is not None:
+                underway.wait()
+                cached = self.image_cache.get(key)  # None if it failed or the cache keeps nothing: encode it here
         if cached is not None:
             self._count("image_cache_hits")
             return cached
-        pixels = self.processor.image_preprocessor(image)[None]  # [1, 3, H, W]
-        features = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]  # [1, T, Dv]
-        visual = self.sessions["resampler"].run({"image_features": features[:, None]})["visual_tokens"]  # [1, L, Dv]
-        kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})
-        self._count("vision_runs", "resampler_runs", "xattn_kv_runs")
-        self.image_cache.put(key, kv)
+        try:
+            pixels = self.processor.image_preprocessor(image)[None]  # [1, 3, H, W]
+            features = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]  # [1, T, Dv]
+            visual = self.sessions["resampler"].run({"image_features": features[:, None]})["visual_tokens"]
+            kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})  # [1, L, Dv] -> [1, Hx, L, Dh] each
+            self._count("vision_runs", "resampler_runs", "xattn_kv_runs")
+            self.image_cache.put(key, kv)
+        finally:
+            if underway is None:
+                with self._encoding_lock:
+                    self._encoding.pop(key).set()
         return kv
 
     def rows_kv(self, images: list[list[np.ndarray]], slots: int, keys: list[list[str]] | None = None,
