@@ -1,10 +1,12 @@
 """Live captions or few-shot answers on a camera, a video or an image folder.
 
-    python samples/camera_app.py SOURCE [--export EXPORT|demo] [--prompt TEXT ...] [--few-shot FILE]
+    python samples/camera_app.py SOURCE [SOURCE ...] [--export EXPORT|demo] [--prompt TEXT ...] [--few-shot FILE]
         [--every N | --fps F] [--max-new-tokens N] [--output OUT.mp4] [--display] [--headless]
         [--backend onnxruntime|tensorrt --engines ENGINES]
 
-SOURCE: a video or image folder (path or file://), v4l2:///dev/video0, csi://0 (Jetson, GStreamer), rtsp://...
+SOURCE: a video or image folder (path or file://), v4l2:///dev/video0, csi://0 (Jetson, GStreamer), rtsp://...,
+http://... Several sources run at once: each keeps its own frames (a live one its latest), and their generations share
+one decode batch (in-flight batching, flamingo_edge.runtime.scheduler); --output and --display take one source.
 Outputs: --output writes every frame with the latest caption drawn on it; --display shows them in a window;
 --headless prints one JSON object per processed frame on stdout (the default when no output is given).
 Ctrl-C stops cleanly; the output video is closed and stays playable. Thin on purpose: parse -> Pipeline -> stream ->
@@ -28,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from flamingo_edge.cli.arguments import count, text
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="video file or folder (path or file://), v4l2:///dev/videoN, csi://N, rtsp://...")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="video file or folder (path or file://), v4l2:///dev/videoN, csi://N, rtsp://..., "
+                             "http://...; several run at once")
     parser.add_argument("--export", default="demo",
                         help="an export folder, or demo: the bundled checkpoint's cached export (default: demo)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
@@ -46,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", metavar="OUT.mp4", help="write the frames with the caption drawn on them")
     parser.add_argument("--display", action="store_true", help="show the frames in a window")
     parser.add_argument("--headless", action="store_true", help="JSON lines on stdout (default with no output)")
+    parser.add_argument("--max-batch", type=count,
+                        help="with several sources: most frames decoded together (default: one per source)")
     add_backend_arguments(parser)
     return parser.parse_args(argv)
 
@@ -118,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from flamingo_edge.demo.bundle import resolve_export
     from flamingo_edge.runtime.pipeline import Pipeline
     from flamingo_edge.runtime.sources import open_source
-    from flamingo_edge.runtime.stream import FrameStream
+    from flamingo_edge.runtime.stream import FrameStream, MultiStream
 
-    options = pipeline_options(args)
     export = resolve_export(args.export)
     precision = read_export_record(export).precision
     if args.precision and args.precision != precision:
@@ -128,29 +133,48 @@ def run(args: argparse.Namespace) -> int:
                          f"quantize {export} --precision {args.precision} -o OUT, then --export OUT")
     few_shot = load_few_shot(args.few_shot) if args.few_shot else []
     headless = args.headless or not (args.output or args.display)
-    source = open_source(args.source)
+    if len(args.sources) > 1 and (args.output or args.display):
+        raise UsageError("--output and --display draw one source; with several sources use --headless (JSON lines "
+                         "name each result's source)")
+    sources = [open_source(uri) for uri in args.sources]
     overlay = Overlay(args.output, args.display, fps=args.fps or 10.0)
-    with Pipeline.open(export, **options) as pipeline:
-        stream = FrameStream(pipeline, source, prompts=args.prompts or ["caption:"], few_shot=few_shot,
-                             every=args.every, fps=args.fps, max_new_tokens=args.max_new_tokens,
-                             change_threshold=args.change_threshold, on_frame=overlay,
-                             on_result=lambda result: overlay.set_caption(result.text))
+    options = dict(prompts=args.prompts or ["caption:"], few_shot=few_shot, every=args.every, fps=args.fps,
+                   max_new_tokens=args.max_new_tokens, change_threshold=args.change_threshold)
+    with Pipeline.open(export, **pipeline_options(args)) as pipeline:
+        if len(sources) == 1:
+            stream = FrameStream(pipeline, sources[0], on_frame=overlay,
+                                 on_result=lambda result: overlay.set_caption(result.text), **options)
+            streams = [stream]
+        else:
+            stream = MultiStream(pipeline, sources, max_batch=args.max_batch, **options)
+            streams = stream.streams
         try:
             for result in stream:
                 if headless:
-                    print(json.dumps({"frame": result.frame, "prompt": result.prompt, "text": result.text.strip(),
-                                      "reused": result.reused, "dropped": result.dropped,
-                                      "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}), flush=True)
+                    line = {"frame": result.frame, "prompt": result.prompt, "text": result.text.strip(),
+                            "reused": result.reused, "dropped": result.dropped,
+                            "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}
+                    if len(sources) > 1:
+                        line = {"source": result.source, **line}
+                    print(json.dumps(line), flush=True)
         except KeyboardInterrupt:
             print("stopping (Ctrl-C)", file=sys.stderr)
         finally:
             stream.stop()
             overlay.close()
-    counts, rates = stream.stats.counts, stream.stats.rates()
-    print(f"{source.end_reason or 'stopped'}; frames read {counts['read']}, processed {counts['processed']}, "
-          f"dropped {counts['dropped']}, unchanged/cached {counts['reused']}; {rates['processed']:.1f} processed/s"
-          + (f"; wrote {overlay.frames} frames to {args.output}" if args.output else ""), file=sys.stderr)
-    return 0
+    for each in streams:
+        counts, rates = each.stats.counts, each.stats.rates()
+        name = f"{each.source.uri}: " if len(sources) > 1 else ""
+        error = getattr(stream, "errors", {}).get(each.source.uri)
+        print(f"{name}{error or each.source.end_reason or 'stopped'}; frames read {counts['read']}, processed "
+              f"{counts['processed']}, dropped {counts['dropped']}, unchanged/cached {counts['reused']}; "
+              f"{rates['processed']:.1f} processed/s"
+              + (f"; wrote {overlay.frames} frames to {args.output}" if args.output else ""), file=sys.stderr)
+    if len(sources) > 1 and stream.scheduler.stats["steps"]:
+        stats = stream.scheduler.stats
+        print(f"decode batch: {stats['rows_stepped'] / stats['steps']:.2f} frames per step on average over "
+              f"{stats['steps']} steps", file=sys.stderr)
+    return 2 if getattr(stream, "errors", None) and len(stream.errors) == len(sources) else 0
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,7 @@ class StreamResult:
     seconds: dict  # vision (0 when cached), first_token, generate, latency (frame read -> text done)
     reused: bool  # the visual tokens came from the cache (unchanged or repeated frame)
     dropped: int  # frames dropped so far (live sources)
+    source: str = ""  # the source's URI
 
 
 @dataclass
@@ -68,7 +69,7 @@ class FrameStream:
                  every: int = 1, fps: float | None = None, max_new_tokens: int = 32, change_threshold: float = 0.0,
                  latest_only: bool | None = None, on_frame: Callable[[Frame], None] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 on_result: Callable[[StreamResult], None] | None = None, **generation):
+                 on_result: Callable[[StreamResult], None] | None = None, scheduler=None, **generation):
         """
         Args:
             pipeline: an open Pipeline (any backend).
@@ -85,7 +86,10 @@ class FrameStream:
             on_frame: called on the source thread with every frame read (e.g. to draw and record it).
             on_text: called on the worker thread with (frame index, text) as each token's text is generated.
             on_result: called on the worker thread with every result.
-            generation: more `Pipeline.generate` settings (temperature, stop_strings...).
+            scheduler: a started `Scheduler` over `pipeline` that generates for this stream (and for others: several
+                sources share the decoder's batch, `MultiStream`); None: the worker runs `pipeline.generate` itself.
+            generation: more `Pipeline.generate` settings (temperature, stop_strings...; with a scheduler, those of
+                `Scheduler.submit`).
 
         Raises:
             UsageError: no prompts, bad every/fps/threshold, or a generation setting out of range (max_new_tokens,
@@ -98,7 +102,7 @@ class FrameStream:
         checked = inspect.signature(check_generate_settings).parameters  # the rest the sampler checks
         check_generate_settings(max_new_tokens=max_new_tokens,
                                 **{k: v for k, v in generation.items() if k in checked})
-        self.pipeline, self.source, self.prompts = pipeline, source, list(prompts)
+        self.pipeline, self.source, self.prompts, self.scheduler = pipeline, source, list(prompts), scheduler
         self.few_shot, self.every, self.fps = list(few_shot or []), every, fps
         self.max_new_tokens, self.change_threshold, self.generation = max_new_tokens, change_threshold, generation
         self.latest_only = source.live if latest_only is None else latest_only
@@ -272,14 +276,110 @@ class FrameStream:
     def _generate(self, frame: Frame, image: np.ndarray, prompt: str, reused: bool, vision_s: float) -> StreamResult:
         start = time.perf_counter()
         text, ids, first = "", [], None
-        for step in self.pipeline.generate([[*self.few_shot, image, prompt]], max_new_tokens=self.max_new_tokens,
-                                           **self.generation):
+        items = [*self.few_shot, image, prompt]
+        if self.scheduler is not None:
+            pieces = ((piece.text, piece.token) for piece in
+                      self.scheduler.submit(items, max_new_tokens=self.max_new_tokens, **self.generation))
+        else:
+            pieces = ((step.text[0], int(step.tokens[0])) for step in
+                      self.pipeline.generate([items], max_new_tokens=self.max_new_tokens, **self.generation))
+        for piece, token in pieces:
             first = first if first is not None else time.perf_counter() - start
-            text += step.text[0]
-            if self.on_text and step.text[0]:
-                self.on_text(frame.index, step.text[0])
-            ids.append(int(step.tokens[0]))
+            text += piece
+            if self.on_text and piece:
+                self.on_text(frame.index, piece)
+            ids.append(token)
         done = time.perf_counter()
         seconds = {"vision": vision_s, "first_token": first or 0.0, "generate": done - start,
                    "latency": done - frame.seconds}
-        return StreamResult(frame.index, prompt, text, ids, seconds, reused, self.stats.counts["dropped"])
+        return StreamResult(frame.index, prompt, text, ids, seconds, reused, self.stats.counts["dropped"],
+                            self.source.uri)
+
+
+class MultiStream:
+    """Several sources at once through one Pipeline: a `FrameStream` per source (each with its own reader, latest-frame
+    slot and prompt rotation) whose generations share one `Scheduler`, so the language side decodes the sources'
+    frames in one batch instead of one after another.
+
+    Iterate it for every source's results as they come (`StreamResult.source` names the source). A source that fails
+    (a camera lost for good) ends alone: its error is kept in `errors` and logged; the others go on. Use as a context
+    manager, or call `stop()`.
+    """
+
+    def __init__(self, pipeline, sources: list[FrameSource], *, max_batch: int | None = None,
+                 prefill_chunk: int | None = None, on_result: Callable[[StreamResult], None] | None = None,
+                 **options):
+        """
+        Args:
+            pipeline: an open Pipeline (any backend).
+            sources: the frame sources (`sources.open_source`), at least one.
+            max_batch: most frames decoded together (default: one per source).
+            prefill_chunk: see `Scheduler`.
+            on_result: called with every result (on the source's worker thread).
+            options: `FrameStream` options, the same for every source (prompts, few_shot, every, fps, ...).
+
+        Raises:
+            UsageError: no sources, or a FrameStream option out of range.
+        """
+        from flamingo_edge.runtime.scheduler import Scheduler
+
+        if not sources:
+            raise UsageError("a multi-source stream needs at least one source")
+        self.scheduler = Scheduler(pipeline, max_batch=max_batch or len(sources), prefill_chunk=prefill_chunk)
+        self.on_result, self.errors = on_result, {}
+        self._results: queue.Queue = queue.Queue()
+        self.streams = [FrameStream(pipeline, source, scheduler=self.scheduler, on_result=self._deliver, **options)
+                        for source in sources]
+        self._runners = [threading.Thread(target=self._run, args=(stream,), name=f"flamingo-edge-source-{i}",
+                                          daemon=True) for i, stream in enumerate(self.streams)]
+        self._started = False
+
+    def _deliver(self, result: StreamResult) -> None:
+        if self.on_result:
+            self.on_result(result)
+        self._results.put(result)
+
+    def _run(self, stream: FrameStream) -> None:
+        try:
+            stream.run()
+        except BaseException as error:  # this source ends; the others go on
+            self.errors[stream.source.uri] = error
+            logger.warning("%s: %s", stream.source.uri, error)
+        finally:
+            self._results.put(_END)
+
+    def start(self) -> MultiStream:
+        if not self._started:
+            self._started = True
+            self.scheduler.start()
+            for runner in self._runners:
+                runner.start()
+        return self
+
+    def __iter__(self) -> Iterator[StreamResult]:
+        """Every source's results until all have ended or `stop()`."""
+        self.start()
+        ended = 0
+        while ended < len(self.streams):
+            item = self._results.get()
+            if item is _END:
+                ended += 1
+                continue
+            yield item
+
+    def stop(self) -> None:
+        """Stop every source (the generations under way finish), then the scheduler."""
+        for stream in self.streams:
+            stream.stop_reading()
+        for stream in self.streams:
+            stream.stop()
+        for runner in self._runners:
+            if runner.is_alive():
+                runner.join()
+        self.scheduler.close()
+
+    def __enter__(self) -> MultiStream:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
