@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 CSI_PIPELINE = ("nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM),width={width},height={height},"
                 "framerate={fps}/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! "
                 "appsink drop=true max-buffers=1")
+# A network stream that goes silent without closing (a camera that lost power, a hung server) blocks OpenCV's FFmpeg
+# backend in open() or read() for 30 s by default before it fails and we can reconnect. These bound that wait. A read
+# must still get a keyframe within its timeout, so keep the read timeout above the camera's keyframe interval (GOP).
+STREAM_OPEN_TIMEOUT_MS = 10_000
+STREAM_READ_TIMEOUT_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class FrameSource:
             capture = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
         elif self.kind == "v4l2":
             capture = cv2.VideoCapture(self.target, cv2.CAP_V4L2)
+        elif self.kind == "stream":
+            timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_OPEN_TIMEOUT_MS,
+                        cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_READ_TIMEOUT_MS]
+            capture = cv2.VideoCapture(self.target, cv2.CAP_ANY, timeouts)
         else:
             capture = cv2.VideoCapture(self.target)
         if not capture.isOpened():
