@@ -1,6 +1,7 @@
 """Load test: requests/s, p50/p99 latency and lost requests at 1 and at C concurrent clients, in the same run.
 
-    python benchmarks/load_test.py EXPORT [--requests N] [--concurrency C] [--max-new-tokens T] [--json OUT]
+    python benchmarks/load_test.py EXPORT [--requests N] [--concurrency C] [--max-new-tokens T] [--rounds R]
+        [--json OUT]
     python benchmarks/load_test.py EXPORT --triton grpc://127.0.0.1:8001 [...]      (a running `flamingo-edge serve`)
 
 Each client sends its next request as soon as its last one is answered (closed loop), so C clients keep at most C
@@ -8,7 +9,9 @@ requests in flight. Every request is a new random 224x224 image (no image-cache 
 images) after the same short text, and asks for T tokens greedily. Without --triton the requests go to an in-process
 `Scheduler` over a Pipeline (the same in-flight batching `serve` runs); with it, to the server's `flamingo` model
 over gRPC (the client needs `tritonclient[grpc]`). The ratio of the two phases' requests/s is the gain of in-flight
-batching on this machine. Bounded: N requests per phase (default 32, at most 400), loopback only.
+batching on this machine. The N requests of each phase are sent in R rounds that alternate the phases (one at a
+time, concurrent, concurrent, one at a time, ...), so that a machine whose load drifts weighs on both alike.
+Bounded: N requests per phase (default 64, at most 400), loopback only.
 """
 
 from __future__ import annotations
@@ -29,16 +32,19 @@ MAX_REQUESTS = 400
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", help="an export folder (what the server serves, for --triton)")
-    parser.add_argument("--requests", type=int, default=32, help=f"per phase (default 32, at most {MAX_REQUESTS})")
+    parser.add_argument("--requests", type=int, default=64, help=f"per phase (default 64, at most {MAX_REQUESTS})")
     parser.add_argument("--concurrency", type=int, default=8, help="clients in the concurrent phase (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per request (default 32)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per phase (default 2)")
     parser.add_argument("--max-batch", type=int, help="in-process scheduler's batch limit (default: --concurrency)")
     parser.add_argument("--triton", metavar="grpc://HOST:PORT", help="send to a running flamingo-edge serve")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
-    if not 1 <= args.requests <= MAX_REQUESTS or args.concurrency < 1 or args.max_new_tokens < 1:
-        parser.error(f"--requests must be 1..{MAX_REQUESTS}, --concurrency and --max-new-tokens >= 1")
+    if not 1 <= args.requests <= MAX_REQUESTS or min(args.concurrency, args.max_new_tokens, args.rounds) < 1:
+        parser.error(f"--requests must be 1..{MAX_REQUESTS}, --concurrency, --max-new-tokens and --rounds >= 1")
+    if args.requests % args.rounds:
+        parser.error("--requests must be a multiple of --rounds")
     if args.triton and not args.triton.startswith("grpc://"):
         parser.error("--triton takes grpc://HOST:PORT (the server's gRPC port)")
     return args
@@ -65,7 +71,9 @@ class InProcess:
         return len(request.result(timeout).token_ids)
 
     def stats(self) -> dict:
-        return {"decode_steps": self.scheduler.stats["steps"], "rows_stepped": self.scheduler.stats["rows_stepped"]}
+        stats = self.scheduler.stats
+        return {"decode_steps": stats["steps"], "rows_stepped": stats["rows_stepped"], "decode_s": stats["decode_s"],
+                "prefill_s": stats["prefill_s"], "gather_s": stats["gather_s"]}
 
     def close(self) -> None:
         self.scheduler.close()
@@ -132,15 +140,29 @@ def phase(send, pictures: list[np.ndarray], concurrency: int, max_new_tokens: in
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, send.stats()
+    return {"requests": len(pictures), "latencies": latencies, "tokens": sum(tokens), "failures": failures,
+            "seconds": seconds, **{name: after[name] - before[name] for name in after}}
+
+
+def summary(rounds: list[dict], concurrency: int) -> dict:
+    """One phase's rounds together: requests/s and tokens/s over their summed time, latency percentiles over all."""
+    seconds = sum(r["seconds"] for r in rounds)
+    latencies = [value for r in rounds for value in r["latencies"]]
     latency = np.array(latencies) if latencies else np.array([np.nan])
-    after = send.stats()
-    steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
-    batch = {"mean_decode_batch": (after["rows_stepped"] - before["rows_stepped"]) / steps} if steps else {}
-    return {**batch, "concurrency": concurrency, "requests": len(pictures), "answered": len(latencies),
-            "lost": len(pictures) - len(latencies), "errors": failures[:5], "seconds": wall,
-            "requests_per_s": len(latencies) / wall, "tokens_per_s": sum(tokens) / wall,
-            "latency_p50_s": float(np.percentile(latency, 50)), "latency_p99_s": float(np.percentile(latency, 99))}
+    failures = [failure for r in rounds for failure in r["failures"]]
+    report = {"concurrency": concurrency, "requests": sum(r["requests"] for r in rounds), "answered": len(latencies),
+              "errors": failures[:5], "seconds": seconds, "requests_per_s": len(latencies) / seconds,
+              "tokens_per_s": sum(r["tokens"] for r in rounds) / seconds,
+              "latency_p50_s": float(np.percentile(latency, 50)), "latency_p99_s": float(np.percentile(latency, 99)),
+              "rounds_requests_per_s": [len(r["latencies"]) / r["seconds"] for r in rounds]}
+    report["lost"] = report["requests"] - report["answered"]
+    steps = sum(r.get("decode_steps", 0) for r in rounds)
+    if steps:  # in process: the scheduler thread's time, by kind of work
+        report["mean_decode_batch"] = sum(r["rows_stepped"] for r in rounds) / steps
+        for name in ("decode_s", "prefill_s", "gather_s"):
+            report[name] = sum(r[name] for r in rounds)
+    return report
 
 
 def main(argv=None) -> int:
@@ -148,12 +170,19 @@ def main(argv=None) -> int:
     send = Triton(args.triton) if args.triton else InProcess(args.export, args.max_batch or args.concurrency)
     try:
         send(images(1, 99)[0], 2, args.timeout)  # warm-up: sessions, thread pools
-        one = phase(send, images(args.requests, 1), 1, args.max_new_tokens, args.timeout)
-        many = phase(send, images(args.requests, 2), args.concurrency, args.max_new_tokens, args.timeout)
+        per_round = args.requests // args.rounds
+        pictures = {1: images(args.requests, 1), args.concurrency: images(args.requests, 2)}  # new images each
+        rounds = {1: [], args.concurrency: []}
+        for index in range(args.rounds):
+            order = (1, args.concurrency) if index % 2 == 0 else (args.concurrency, 1)
+            for concurrency in order:
+                chunk = pictures[concurrency][index * per_round:(index + 1) * per_round]
+                rounds[concurrency].append(phase(send, chunk, concurrency, args.max_new_tokens, args.timeout))
     finally:
         send.close()
+    one, many = summary(rounds[1], 1), summary(rounds[args.concurrency], args.concurrency)
     report = {"export": str(Path(args.export)), "target": args.triton or "in-process scheduler",
-              "max_new_tokens": args.max_new_tokens, "one_at_a_time": one, "concurrent": many,
+              "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "one_at_a_time": one, "concurrent": many,
               "throughput_ratio": many["requests_per_s"] / one["requests_per_s"] if one["requests_per_s"] else None}
     for name in ("one_at_a_time", "concurrent"):
         row = report[name]
