@@ -23,6 +23,7 @@ LAYERS = (
     {"calibration"},
     {"engines"},
     {"tools"},  # compare, bench
+    {"serving"},  # Triton: serve (PyTriton), triton-repo
     {"cli"},
 )
 

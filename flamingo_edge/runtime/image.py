@@ -120,7 +120,8 @@ def import_opencv():
     if not logging.getLogger("flamingo_edge").isEnabledFor(logging.INFO):
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
         if "OPENCV_LOG_LEVEL" not in os.environ:
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+            logs = getattr(cv2.utils, "logging", None)  # OpenCV 5; 4.x has only cv2.setLogLevel (2 = errors)
+            logs.setLogLevel(logs.LOG_LEVEL_ERROR) if logs is not None else cv2.setLogLevel(2)
     return cv2
 
 
