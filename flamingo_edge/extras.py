@@ -10,6 +10,8 @@ The extras add the rest (pyproject.toml):
               (JetPack 7, drivers >= 580), since cuda-python must not be newer than the driver's CUDA
     rtx       tensorrt-rtx for RTX builds (rtx-cu12 / rtx-cu13 name its CUDA build)
     test      [export], transformers and the rest of what the tests compare against and build with
+    serve     PyTriton (tritonserver) and tritonclient for `flamingo-edge serve`; PyTriton needs numpy<2, so in a
+              venv of its own (docs/serving.md)
 
 Every entry point that needs one of them calls `require` before its lazy import, so a missing package is a
 `FeatureUnavailableError` (exit 2 from the CLI) naming the command that installs it, never a bare ImportError.

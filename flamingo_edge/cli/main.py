@@ -11,12 +11,12 @@ from flamingo_edge import __version__
 from flamingo_edge.cli import eval as eval_command
 from flamingo_edge.cli import triton_repo
 from flamingo_edge.cli import (bench, build, calibrate, compare, convert, demo, export, generate, info, plan,
-                               quantize)
+                               quantize, serve)
 from flamingo_edge.errors import FlamingoEdgeError
 
 SUBCOMMANDS = {"info": info, "convert": convert, "export": export, "generate": generate, "eval": eval_command,
                "demo": demo, "compare": compare, "bench": bench, "calibrate": calibrate, "quantize": quantize,
-               "build": build, "plan": plan, "triton-repo": triton_repo}
+               "build": build, "plan": plan, "serve": serve, "triton-repo": triton_repo}
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
