@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from flamingo_edge.errors import FlamingoEdgeError, ImageError, PromptError, UsageError
+from flamingo_edge.runtime.image import import_opencv
 from flamingo_edge.runtime.processor import IMAGE_MARKER, check_text, prompt_items
 from flamingo_edge.runtime.scheduler import CANCELLED
 
@@ -53,8 +54,7 @@ def decode_image(data: bytes, index: int, count: int) -> np.ndarray:
     Raises:
         ImageError: OpenCV cannot decode the bytes.
     """
-    import cv2
-
+    cv2 = import_opencv()
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if bgr is None:
         raise ImageError(f"image {index + 1} of {count} ({len(data)} bytes) is not an image file OpenCV can decode; "

@@ -24,11 +24,11 @@ from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.errors import FlamingoEdgeError, ImageError, PromptError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
 from flamingo_edge.runtime.backend import BaseSession
-from flamingo_edge.runtime.image import import_opencv
 from flamingo_edge.runtime.pipeline import Pipeline
-from flamingo_edge.runtime.processor import Processor, check_text, prompt_items
+from flamingo_edge.runtime.processor import Processor
 from flamingo_edge.runtime.scheduler import Scheduler
 from flamingo_edge.serving.repository import read_settings
+from flamingo_edge.serving.triton import request_from_inputs
 
 CANCEL_POLL_S = 0.1  # how often a waiting request checks whether its client went away
 
@@ -76,44 +76,20 @@ def open_scheduler(folder: Path) -> Scheduler:
     return Scheduler(pipeline, max_batch=settings.max_batch, one_graph_at_a_time=settings.one_graph_at_a_time)
 
 
-def decode_image(data: bytes, index: int) -> np.ndarray:
-    """An encoded image (PNG, JPEG, ... as OpenCV decodes them) as RGB uint8 [H, W, 3].
-
-    Raises:
-        ImageError: the bytes are not an image.
-    """
-    cv2 = import_opencv()
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise ImageError(f"image {index} ({len(data)} bytes) is not an image OpenCV can decode; send PNG or JPEG "
-                         "file contents")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def read_request(request) -> tuple[list, dict]:
-    """The prompt's items (text pieces and images, in order) and the generation settings a request holds.
+    """The prompt's items (text pieces and images, in order) and the generation settings a request holds, read as
+    `flamingo-edge serve` reads them (`serving.triton.request_from_inputs`).
 
     Raises:
         PromptError: the prompt is not UTF-8, or its `<image>` markers do not match the images.
         ImageError: an image cannot be decoded.
     """
-    def tensor(name):
+    inputs = {}
+    for name in ("prompt", "image", "max_new_tokens", "temperature", "seed"):
         found = pb_utils.get_input_tensor_by_name(request, name)
-        return None if found is None else found.as_numpy()
-
-    try:
-        text = tensor("prompt").reshape(-1)[0].decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise PromptError(f"the prompt is not UTF-8 text ({error}); send it encoded as UTF-8") from None
-    check_text(text, "the prompt")
-    encoded = tensor("image")
-    images = [decode_image(data, index) for index, data in enumerate([] if encoded is None else encoded.reshape(-1))]
-    settings = {}
-    for name, kind in (("max_new_tokens", int), ("temperature", float), ("seed", int)):
-        value = tensor(name)
-        if value is not None:
-            settings[name] = kind(value.reshape(-1)[0])
-    return prompt_items(text, images), settings
+        if found is not None:
+            inputs[name] = found.as_numpy()
+    return request_from_inputs(inputs)
 
 
 def error_response(error: BaseException, code) -> pb_utils.InferenceResponse:
