@@ -198,3 +198,21 @@ def test_gather_right_aligns_rows_and_keeps_their_tokens():
         np.testing.assert_array_equal(gathered.values[layer][1, :, 1:4], caches[1].values[layer][0, :, :3])
     with pytest.raises(PromptTooLongError):
         SelfAttentionCache.gather([(caches[0], 0, 5)], capacity=4)
+
+
+@pytest.mark.slow
+def test_an_int4_decoder_writing_the_cache_in_place_batches_in_flight(idefics_export, tmp_path, seed):
+    """quantize's default ONNX Runtime int4 export: its GroupQueryAttention writes the KV cache in place and reads the
+    gathered, right-aligned rows through its attention bias; every request still gets its alone tokens."""
+    from flamingo_edge.calibration.quantize import quantize_export
+
+    export = quantize_export(idefics_export, tmp_path / "int4", "int4", accuracy_level=0)
+    rng = np.random.default_rng(seed)
+    cases = ["text_before_first_image", "two_images", "batch_of_two_with_padding"]
+    prompts = [make_prompts(cases[i % 3], rng)[0] for i in range(6)]
+    with Pipeline.open(export) as pipeline:
+        assert pipeline.sessions["decoder"].in_place
+        jobs = [(prompt, dict(max_new_tokens=int(rng.integers(2, 9)), stop_token_ids=[])) for prompt in prompts]
+        want = [alone(pipeline, prompt, **settings) for prompt, settings in jobs]
+        got = run_schedule(Scheduler(pipeline, max_batch=3), jobs, rng)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

@@ -236,7 +236,7 @@ class Server:
     def __init__(self, venv: Path, export: Path, log: Path):
         self.http, self.grpc, self.triton_metrics, self.metrics = free_ports()
         assert self.metrics == self.triton_metrics + 1
-        self.log = log
+        self.log, self.export = log, export
         command = [str(venv / "bin" / "flamingo-edge"), "serve", str(export), "--http-port", str(self.http),
                    "--grpc-port", str(self.grpc), "--metrics-port", str(self.triton_metrics), "--max-batch", "4"]
         with log.open("wb") as out:
@@ -484,6 +484,23 @@ def test_the_sample_client_captions_and_streams(server, captions, tmp_path):
                                 timeout=TIMEOUT_S)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == lines, extra
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_against_the_server(server, tmp_path):
+    """benchmarks/load_test.py --triton: both phases answered, nothing lost (a tiny run: figures are not judged)."""
+    import json
+
+    report = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_test.py"), str(server.export),
+                             "--triton", f"grpc://127.0.0.1:{server.grpc}", "--requests", "4", "--rounds", "2",
+                             "--concurrency", "2", "--max-new-tokens", "4", "--json", str(report)],
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(report.read_text())
+    for phase in ("one_at_a_time", "concurrent"):
+        assert figures[phase]["answered"] == 4 and figures[phase]["lost"] == 0
+    assert "in-flight batching: x" in result.stdout
 
 
 @pytest.mark.slow
