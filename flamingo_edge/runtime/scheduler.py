@@ -3,14 +3,14 @@
     submit() (caller's thread) ─ tokenize, check limits, image side (vision ─▶ resampler ─▶ xattn_kv, cached) ─▶ queue
     scheduler thread, each iteration:
         1. drop cancelled requests
-        2. prefill one newcomer alone (its prefix from the prefix cache), `prefill_chunk` tokens per iteration,
-           then sample its first token
+        2. prefill one newcomer alone (its prefix from the prefix cache), in chunks that each take about one decode
+           step while others are decoding, then sample its first token
         3. when rows join or enough rows have left: gather the batch's KV cache (rows right-aligned) and cross K/V
         4. one decode step for every row of the batch; each row samples, detokenizes and stops by its own rules
 
 A request's tokens are those it would get alone (`Pipeline.generate` with one prompt), whatever else runs with it:
 its own sampler (seed, temperature...), its own stop rule, and a KV cache row whose tokens keep their positions
-(`SelfAttentionCache.gather`). The running batch waits at most one prefill chunk between two decode steps.
+(`SelfAttentionCache.gather`). The running batch waits for at most one prefill chunk between two decode steps.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from flamingo_edge.runtime.sampling import make_sampler
 logger = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"  # the finish reason of a request cancelled before it ended
+AUTO = "auto"
+MIN_AUTO_CHUNK = 16  # prompt tokens: a smaller chunk costs more in repeated weight reads than the wait it saves
+FIRST_AUTO_CHUNK = 64  # before any prefill has been timed
 
 
 @dataclass(frozen=True)
@@ -168,13 +171,15 @@ class Scheduler:
     seconds spent in decode steps, prefills and gathers (`decode_s`, `prefill_s`, `gather_s`).
     """
 
-    def __init__(self, pipeline: Pipeline, *, max_batch: int = 8, prefill_chunk: int | None = None,
+    def __init__(self, pipeline: Pipeline, *, max_batch: int = 8, prefill_chunk: int | str | None = AUTO,
                  compact_below: float = 0.5, one_graph_at_a_time: bool | None = None):
         """
         Args:
             pipeline: an open Pipeline; the scheduler is then the only caller of its decoder.
             max_batch: most requests decoded together (with TensorRT engines, at most what they were built for).
-            prefill_chunk: prompt tokens prefilled per iteration (None: a newcomer's whole prompt at once); the
+            prefill_chunk: prompt tokens prefilled per iteration; "auto" (default): while other requests are
+                decoding, as many as take about one decode step (measured as it runs: prefill seconds per token,
+                decode seconds per step; at least 16), else the whole prompt; None: always the whole prompt. The
                 running batch waits for one chunk at most between two decode steps.
             compact_below: rebuild the batch without its finished rows once they are at least this fraction of it
                 (they are fed a pad token until then; a join always rebuilds it).
@@ -189,8 +194,10 @@ class Scheduler:
         """
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise UsageError(f"max_batch must be an integer >= 1; got {max_batch!r}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
-            raise UsageError(f"prefill_chunk must be an integer >= 1, or None for whole prompts; got {prefill_chunk!r}")
+        if prefill_chunk not in (None, AUTO) and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                                  or prefill_chunk < 1):
+            raise UsageError(f"prefill_chunk must be an integer >= 1, 'auto', or None for whole prompts; got "
+                             f"{prefill_chunk!r}")
         if not 0 < compact_below <= 1:
             raise UsageError(f"compact_below must be in (0, 1]; got {compact_below!r}")
         if pipeline.max_batch is not None and max_batch > pipeline.max_batch:
@@ -199,6 +206,7 @@ class Scheduler:
             max_batch = pipeline.max_batch
         self.pipeline, self.max_batch, self.prefill_chunk = pipeline, max_batch, prefill_chunk
         self.compact_below = compact_below
+        self._step_s = self._token_s = None  # running estimates: seconds per decode step, per prefilled token
         self.decoder = pipeline.sessions["decoder"]
         tokenizer = pipeline.processor.tokenizer
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -225,8 +233,8 @@ class Scheduler:
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop_token_ids: list[int] | None = None, stop_strings: tuple[str, ...] = ()) -> Request:
         """Queue one prompt (items: str text or uint8 RGB images). Its tokenization, limits and images are handled
-        here, on the caller's thread, so a bad request fails at once and the decode batch never waits for a vision
-        graph.
+        here, on the caller's thread, so a bad request fails at once and the scheduler thread runs only the decoder
+        (on the CPU the image side takes turns with its iterations: `one_graph_at_a_time`).
 
         Raises:
             UsageError: a setting of the wrong type or out of range, or the scheduler is closed.
@@ -346,14 +354,17 @@ class Scheduler:
     def _prefill_chunk(self) -> None:
         row = self._prefilling
         batch = row.batch
-        end = row.prompt if self.prefill_chunk is None else min(row.prompt, row.prefilled + self.prefill_chunk)
+        chunk = self._chunk()
+        end = row.prompt if chunk is None else min(row.prompt, row.prefilled + chunk)
         start = time.perf_counter()
         try:
             logits = run_decoder(self.decoder, batch.input_ids[:, row.prefilled:end],
                                  batch.attention_mask[:, row.prefilled:end], row.cache, row.cross,
                                  batch.image_attention_mask[:, row.prefilled:end])
+            seconds = time.perf_counter() - start
             self.stats["prefill_chunks"] += 1
-            self.stats["prefill_s"] += time.perf_counter() - start
+            self.stats["prefill_s"] += seconds
+            self._token_s = _average(self._token_s, seconds / (end - row.prefilled))
             row.prefilled = end
             if end < row.prompt:
                 return
@@ -372,6 +383,16 @@ class Scheduler:
             self._finished(row)
         else:
             self._joining.append(row)
+
+    def _chunk(self) -> int | None:
+        """Prompt tokens to prefill now (None: the rest of the prompt)."""
+        if self.prefill_chunk != AUTO:
+            return self.prefill_chunk
+        if not any(not row.finished for row in self._rows) or self._step_s is None:
+            return None  # nobody is waiting for a decode step
+        if self._token_s is None:
+            return FIRST_AUTO_CHUNK
+        return max(MIN_AUTO_CHUNK, int(self._step_s / self._token_s))
 
     def _finished(self, row: _Row) -> None:
         row.cache = row.on_prefill = None
@@ -450,7 +471,9 @@ class Scheduler:
             self._rows, self._cache, self._cross, self._image_mask = [], None, {}, None
             return
         running = [index for index, row in enumerate(rows) if not row.finished]
-        self.stats["decode_s"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats["decode_s"] += seconds
+        self._step_s = _average(self._step_s, seconds)
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(running)
         self.stats["rows_fed"] += len(rows)
@@ -471,3 +494,8 @@ class Scheduler:
                 row.finished = True
                 row.request._fail(error)
         self._rows, self._joining, self._prefilling, self._cache = [], [], None, None
+
+
+def _average(estimate: float | None, sample: float, weight: float = 0.2) -> float:
+    """An exponential moving average (the first sample starts it)."""
+    return sample if estimate is None else (1 - weight) * estimate + weight * sample

@@ -307,7 +307,7 @@ class MultiStream:
     """
 
     def __init__(self, pipeline, sources: list[FrameSource], *, max_batch: int | None = None,
-                 prefill_chunk: int | None = None, on_result: Callable[[StreamResult], None] | None = None,
+                 prefill_chunk: int | str | None = "auto", on_result: Callable[[StreamResult], None] | None = None,
                  **options):
         """
         Args:

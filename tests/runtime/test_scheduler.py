@@ -216,3 +216,34 @@ def test_an_int4_decoder_writing_the_cache_in_place_batches_in_flight(idefics_ex
         want = [alone(pipeline, prompt, **settings) for prompt, settings in jobs]
         got = run_schedule(Scheduler(pipeline, max_batch=3), jobs, rng)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_auto_prefill_chunks_a_long_prompt_that_joins_a_running_batch(demo_export, seed):
+    """prefill_chunk="auto": a long few-shot prompt arriving while others decode is prefilled in chunks sized from
+    the measured times (at least 16 tokens), alone in one go; either way its tokens are its alone tokens."""
+    from flamingo_edge.runtime.scheduler import MIN_AUTO_CHUNK
+
+    rng = np.random.default_rng(seed)
+    held = list(held_out_prompts(6, seed=int(rng.integers(1 << 30))))
+    shots = [item for kind, prompt, answer in held[:8:2] for item in (*prompt, f" {answer}\n")]
+    long_prompt = shots + held[-2][1]
+    with Pipeline.open(demo_export, prefix_cache_bytes=0) as pipeline:  # every prompt token is prefilled here
+        scheduler = Scheduler(pipeline, max_batch=4)
+        assert scheduler._chunk() is None  # nobody decoding: whole prompts
+        tokens = pipeline.processor.tokenize([long_prompt]).input_ids.shape[1]
+        jobs = [(held[1][1], dict(max_new_tokens=8, stop_token_ids=[])),
+                (long_prompt, dict(max_new_tokens=6, stop_token_ids=[]))]
+        want = [alone(pipeline, prompt, **settings) for prompt, settings in jobs]
+        first = scheduler.submit(*jobs[0][:1], **jobs[0][1])
+        for _ in range(3):
+            scheduler.step()  # the first request is decoding now
+        scheduler._step_s, scheduler._token_s = 1.0, 1.0  # a step costs one token: the smallest chunk
+        assert scheduler._chunk() == MIN_AUTO_CHUNK
+        chunks = scheduler.stats["prefill_chunks"]
+        second = scheduler.submit(*jobs[1][:1], **jobs[1][1])
+        scheduler.step()
+        assert scheduler.stats["prefill_chunks"] == chunks + 1 and scheduler._prefilling is not None
+        while not (first.done and second.done):
+            scheduler.step()
+        assert [first.result(0), second.result(0)] == want
+        assert tokens > 2 * MIN_AUTO_CHUNK and scheduler.stats["prefill_chunks"] >= 3  # the first, then 2+ chunks
