@@ -74,6 +74,14 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6  # epsilon of every norm of the LM, whatever its kind (`norm`)
     rope_theta: float = 10000.0
     max_positions: int = 2048
+    kv_heads: int = 0  # key/value heads of self-attention, grouped-query attention (Llama 3, mllama); 0: = heads
+    # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1's: low frequencies divided by rope_factor,
+    # high ones kept, a smooth ramp between; the wavelength bounds from rope_original_max_positions)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     act: str = "silu"  # the LM's MLP activation (a key of layers.ACTIVATIONS)
     # -- how the language model's blocks are built (defaults: LLaMA)
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
@@ -104,6 +112,11 @@ class DecoderConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def kv_head_count(self) -> int:
+        """Key/value heads of self-attention: the H of the self-attention K/V cache (`kv_heads`, else `heads`)."""
+        return self.kv_heads or self.heads
 
     @property
     def rotary_channels(self) -> int:

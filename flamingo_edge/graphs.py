@@ -125,7 +125,7 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
     """The four graph specs of one model (tensor counts and fixed sizes come from its config)."""
     vision, text = config.vision, config.decoder
     dv, tokens, latents = vision.width, vision.num_tokens, config.visual_tokens_per_image
-    heads, head_dim = text.heads, text.head_dim
+    heads, head_dim = text.kv_head_count, text.head_dim  # the self-attention K/V's heads (grouped-query: fewer)
     cross_heads, cross_dim = text.cross_heads, text.cross_head_dim
     blocks, layers = range(len(text.cross_layers)), range(text.layers)
     cross_kv_per_image = [

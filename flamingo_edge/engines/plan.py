@@ -277,9 +277,10 @@ class Plan:
 
 
 def self_kv_bytes(config: FlamingoConfig, context: int, batch: int) -> int:
-    """Self-attention K and V of every layer at `context` tokens: 2 x layers x H x Dh x P x B x 4."""
+    """Self-attention K and V of every layer at `context` tokens: 2 x layers x Hkv x Dh x P x B x 4 (Hkv, the
+    key/value heads, fewer than the query heads with grouped-query attention)."""
     t = config.decoder
-    return 2 * t.layers * t.heads * t.head_dim * context * batch * FLOAT_BYTES
+    return 2 * t.layers * t.kv_head_count * t.head_dim * context * batch * FLOAT_BYTES
 
 
 def cross_kv_bytes(config: FlamingoConfig, images: int) -> int:

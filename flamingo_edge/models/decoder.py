@@ -30,6 +30,7 @@ from flamingo_edge.models.layers import (
     alibi_slopes,
     apply_rotary,
     attend_after_past,
+    llama3_scaled_frequencies,
     make_mlp,
     make_norm,
     merge_heads,
@@ -77,16 +78,18 @@ def alibi_bias(slopes: Tensor, attention_mask: Tensor, new_tokens: int) -> Tenso
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention (rotary or ALiBi positions) with an explicit KV cache."""
+    """Causal multi-head self-attention (rotary or ALiBi positions) with an explicit KV cache; grouped-query when
+    the keys/values have fewer heads than the queries (`kv_heads`: each K/V head serves heads // kv_heads queries)."""
 
     def __init__(self, *, config: DecoderConfig):
         super().__init__()
-        self.heads, self.head_dim = config.heads, config.head_dim
+        self.heads, self.head_dim, self.kv_heads = config.heads, config.head_dim, config.kv_head_count
         # rotated channels per head, all of them unless partial (Python ints, so tracing sees no branch)
         self.rotary_channels = config.rotary_dim if 0 < config.rotary_dim < config.head_dim else config.head_dim
         self.q = nn.Linear(config.width, config.width, bias=config.attn_bias)
-        self.k = nn.Linear(config.width, config.width, bias=config.attn_bias)
-        self.v = nn.Linear(config.width, config.width, bias=config.attn_bias)
+        kv_width = self.kv_heads * self.head_dim
+        self.k = nn.Linear(config.width, kv_width, bias=config.attn_bias)
+        self.v = nn.Linear(config.width, kv_width, bias=config.attn_bias)
         self.o = nn.Linear(config.width, config.width, bias=config.attn_bias)
         norm = dict(dim=config.width, eps=config.rms_norm_eps, bias=config.norm_bias)
         self.q_norm = make_norm(config.norm, **norm) if config.qk_norm else None
@@ -96,20 +99,26 @@ class SelfAttention(nn.Module):
         self, x: Tensor, rotary: tuple[Tensor, ...], score_bias: Tensor, past_key: Tensor, past_value: Tensor,
         past_length: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, S, D], past [B, H, P, Dh] -> output [B, S, D], the new tokens' key/value [B, H, S, Dh].
+        """x [B, S, D], past [B, Hkv, P, Dh] -> output [B, S, D], the new tokens' key/value [B, Hkv, S, Dh].
 
         `rotary` is (cos, sin) for rotary embeddings, or () (ALiBi: its bias is in `score_bias`). `score_bias`
-        [B, 1 or H, S, P+S] is added to the scores: the causal/padding mask (0 or MASKED_SCORE) and ALiBi, summed
-        once per forward. The past is only read, never copied. `past_length` is P, read once by the caller for every
-        layer (None: from `past_key`).
+        [B, 1 or Hkv, G*S, P+S] is added to the scores: the causal/padding mask (0 or MASKED_SCORE) and ALiBi, summed
+        once per forward (`grouped_bias`; G = H / Hkv, 1 without grouped-query attention). The past is only read,
+        never copied, nor repeated per query head: the G query heads of a K/V head attend as G*S rows of one head.
+        `past_length` is P, read once by the caller for every layer (None: from `past_key`).
         """
         q, k = self.q(x), self.k(x)  # [B, S, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (split_heads(t, self.heads, self.head_dim) for t in (q, k, self.v(x)))  # [B, H, S, Dh]
+        q = split_heads(q, self.heads, self.head_dim)  # [B, H, S, Dh]
+        k, v = (split_heads(t, self.kv_heads, self.head_dim) for t in (k, self.v(x)))  # [B, Hkv, S, Dh]
         if rotary:
             q, k = (apply_rotary(t, *rotary, self.rotary_channels, self.head_dim) for t in (q, k))
+        if self.kv_heads != self.heads:  # [B, H, S, Dh] -> [B, Hkv, G*S, Dh]: head h = kv head h // G
+            q = q.reshape(q.shape[0], self.kv_heads, -1, self.head_dim)
         attended = attend_after_past(q, past_key, past_value, k, v, self.head_dim, None, score_bias, past_length)
+        if self.kv_heads != self.heads:
+            attended = attended.reshape(attended.shape[0], self.heads, -1, self.head_dim)  # [B, H, S, Dh]
         return self.o(merge_heads(attended, self.heads * self.head_dim)), k, v
 
 
@@ -148,6 +157,11 @@ class Decoder(nn.Module):
         self.norm = make_norm(config.norm, dim=config.width, eps=config.rms_norm_eps, bias=config.norm_bias)
         self.lm_head = nn.Linear(config.width, config.total_vocab_size, bias=False)
         inverse_frequencies = rotary_inverse_frequencies(head_dim=config.rotary_channels, theta=config.rope_theta)
+        if config.rope_type == "llama3":
+            inverse_frequencies = llama3_scaled_frequencies(
+                inverse_frequencies, factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
+                high_freq_factor=config.rope_high_freq_factor,
+                original_max_positions=config.rope_original_max_positions)
         self.register_buffer("inverse_frequencies", inverse_frequencies, persistent=False)
         slopes = alibi_slopes(heads=config.heads, bias_max=config.alibi_bias_max)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
@@ -167,13 +181,13 @@ class Decoder(nn.Module):
         Args:
             input_ids: i64 [B, S].
             attention_mask: i64 [B, P+S], 1 for real tokens, 0 for padding and for unused past slots.
-            past_keys, past_values: one f32 [B, H, P, Dh] per decoder layer (P may be 0). Slots after the cached
+            past_keys, past_values: one f32 [B, Hkv, P, Dh] per decoder layer (P may be 0). Slots after the cached
                 tokens may be unused room (a static cache fed whole), masked by `attention_mask`.
             cross_keys, cross_values: one f32 [B, H, M*L, Dh] per gated block (from `project_visual`).
             image_attention_mask: i64 [B, S, M], 1 where token s may attend to image m.
 
         Returns:
-            logits [B, S, V] and the new tokens' keys/values, one [B, H, S, Dh] per decoder layer: the caller
+            logits [B, S, V] and the new tokens' keys/values, one [B, Hkv, S, Dh] per decoder layer: the caller
             writes them into its cache (`append_kv` for a growing torch cache).
         """
         new_tokens = input_ids.shape[1]
@@ -188,6 +202,8 @@ class Decoder(nn.Module):
             position_terms = ()
         else:
             position_terms = rotary_cos_sin(positions, self.inverse_frequencies)
+        score_bias = grouped_bias(score_bias, self.config.heads, self.config.kv_head_count,
+                                  per_head=self.config.positions == "alibi")
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
         x = self.embed(input_ids)  # [B, S, D]
         # every gated block attends over the same M*L visual tokens: their masks are computed once
@@ -204,10 +220,21 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x)), new_keys, new_values
 
     def empty_cache(self, batch: int, dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
-        """P = 0 past keys/values for a prefill: one [B, H, 0, Dh] per layer."""
-        shape = (batch, self.config.heads, 0, self.config.head_dim)
+        """P = 0 past keys/values for a prefill: one [B, Hkv, 0, Dh] per layer."""
+        shape = (batch, self.config.kv_head_count, 0, self.config.head_dim)
         empty = [torch.zeros(shape, dtype=dtype, device=self.embed.weight.device) for _ in self.layers]
         return empty, list(empty)
+
+
+def grouped_bias(bias: Tensor, heads: int, kv_heads: int, *, per_head: bool) -> Tensor:
+    """A score bias [B, 1, S, T] (or [B, H, S, T] when `per_head`: ALiBi) as grouped-query attention adds it,
+    [B, 1 or Hkv, G*S, T] (G = H / Hkv): the S rows repeated for each of the G query heads that share a K/V head.
+    Unchanged without grouping."""
+    if kv_heads == heads:
+        return bias
+    if per_head:
+        return bias.reshape(bias.shape[0], kv_heads, -1, bias.shape[-1])  # [B, Hkv, G*S, T]
+    return bias.repeat(1, 1, heads // kv_heads, 1)  # [B, 1, G*S, T], the rows of query head g at g*S..g*S+S-1
 
 
 def append_kv(past: list[Tensor], new: list[Tensor]) -> list[Tensor]:

@@ -6,6 +6,8 @@ exports to plain ONNX ops that TensorRT 8.5 through 11 parse; masks are applied 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -118,6 +120,21 @@ def attend_after_past(q: Tensor, past_key: Tensor, past_value: Tensor, key: Tens
 def rotary_inverse_frequencies(*, head_dim: int, theta: float) -> Tensor:
     """The RoPE frequencies 1 / theta^(2i / Dh), i < Dh/2 (LLaMA's default rope)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def llama3_scaled_frequencies(frequencies: Tensor, *, factor: float, low_freq_factor: float, high_freq_factor: float,
+                              original_max_positions: int) -> Tensor:
+    """Llama 3.1's RoPE scaling of `frequencies` (transformers' `rope_type="llama3"`): wavelengths longer than
+    original_max_positions / low_freq_factor are stretched by `factor`, those shorter than original_max_positions /
+    high_freq_factor kept, and those between interpolated smoothly."""
+    wavelengths = 2 * math.pi / frequencies
+    long_wavelength = original_max_positions / low_freq_factor
+    short_wavelength = original_max_positions / high_freq_factor
+    scaled = torch.where(wavelengths > long_wavelength, frequencies / factor, frequencies)
+    smooth = (original_max_positions / wavelengths - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelengths >= short_wavelength) & (wavelengths <= long_wavelength)
+    return torch.where(between, smoothed, scaled)
 
 
 def rotary_cos_sin(positions: Tensor, inverse_frequencies: Tensor) -> tuple[Tensor, Tensor]:

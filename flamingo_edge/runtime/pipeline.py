@@ -289,7 +289,7 @@ class Pipeline:
         cached prefix. Returns (cache, on_prefill): on_prefill keeps the filled prompt as a reusable prefix (None
         for a batch, or without a prefix cache)."""
         text = self.config.decoder
-        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.heads,
+        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.kv_head_count,
                                    head_dim=text.head_dim, capacity=self.cache_slots(batch.input_ids.shape[1],
                                                                                    max_new_tokens))
         self._count("prefill_runs")

@@ -37,6 +37,14 @@ def _hf_model(kind: str):
         config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                           num_attention_heads=4, tie_word_embeddings=False)
         return transformers.LlamaForCausalLM(config)
+    if kind == "llama3":  # Llama 3's text model (mllama's too): grouped-query attention, Llama 3.1's RoPE scaling
+        # head_dim 16 with theta 500000: some wavelengths fall in each of the scaling's three bands at 64 positions
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return transformers.LlamaForCausalLM(config)
     if kind == "mpt":  # 6 heads: ALiBi's interleaved slopes for a head count that is not a power of two
         config = transformers.MptConfig(vocab_size=VOCAB, d_model=96, n_heads=6, n_layers=3, expansion_ratio=4,
                                         no_bias=True)
@@ -78,7 +86,8 @@ def _run(decoder: Decoder, ids: torch.Tensor, split: int | None = None, *, room:
     config = decoder.config
     if room is not None:
         slots = length + room
-        buffers = [torch.randn(batch, config.heads, slots, config.head_dim) * 50 for _ in range(2 * config.layers)]
+        buffers = [torch.randn(batch, config.kv_head_count, slots, config.head_dim) * 50
+                   for _ in range(2 * config.layers)]
         in_use = torch.zeros(batch, slots, dtype=torch.int64)
     logits = []
     for start, end in steps:
@@ -100,7 +109,7 @@ def _run(decoder: Decoder, ids: torch.Tensor, split: int | None = None, *, room:
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mpt", "gpt_neox", "mosaic_gpt_names"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "mpt", "gpt_neox", "mosaic_gpt_names"])
 def test_language_model_matches_transformers(kind, tmp_path):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = torch.Generator().manual_seed(seed)
@@ -128,6 +137,9 @@ def test_language_model_matches_transformers(kind, tmp_path):
                      "attn_clip_qkv": None, "softmax_scale": None, "no_bias": True}
     ours = _ours(hf_config, tensors)
     ids = torch.randint(0, VOCAB, (2, 11), generator=rng)
+    if kind == "llama3":
+        assert (ours.config.kv_head_count, ours.config.rope_type) == (2, "llama3")
+        ids = torch.randint(0, VOCAB, (2, 40), generator=rng)  # positions past some of the scaled wavelengths
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         whole, stepped, static = _run(ours, ids), _run(ours, ids, split=6), _run(ours, ids, split=6, room=5)

@@ -73,21 +73,37 @@ def _no_rope_scaling(hf: Mapping[str, Any], source: str) -> None:
 # ------------------------------------------------------------------------------------------------------- LLaMA
 
 
+def llama_rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """theta and the frequency scaling of a LLaMA config: plain RoPE, or Llama 3.1's ("llama3"), from
+    `rope_parameters` (transformers 5) or `rope_scaling` (earlier releases)."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if kind == "llama3":
+        try:
+            return dict(fields, rope_type="llama3", rope_factor=float(rope["factor"]),
+                        rope_low_freq_factor=float(rope["low_freq_factor"]),
+                        rope_high_freq_factor=float(rope["high_freq_factor"]),
+                        rope_original_max_positions=int(rope["original_max_position_embeddings"]))
+        except KeyError as missing:
+            raise _fail(source, f"rope_type 'llama3' without {missing}", "the config.json is incomplete") from None
+    if kind != "default":
+        raise _fail(source, f"rope_type={kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
+    return fields
+
+
 def _llama_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     heads = _require(hf, "num_attention_heads", source)
-    if hf.get("num_key_value_heads", heads) != heads:
-        raise _fail(source, f"num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads} "
-                    "(grouped-query attention)", "only multi-head attention LLaMA models are supported")
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise _fail(source, f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}",
+                    "the config.json is inconsistent")
     if hf.get("mlp_bias"):
         raise _fail(source, "mlp_bias=true is not supported", "LLaMA MLPs without biases only")
-    _no_rope_scaling(hf, source)
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise _fail(source, f"rope_type={rope['rope_type']!r} is not supported", "only the plain rotary embedding is")
     return dict(width=_require(hf, "hidden_size", source), layers=_require(hf, "num_hidden_layers", source),
-                heads=heads, mlp_width=_require(hf, "intermediate_size", source),
+                heads=heads, kv_heads=0 if kv_heads == heads else kv_heads, **llama_rope_fields(hf, source),
+                mlp_width=_require(hf, "intermediate_size", source),
                 act=_act(hf.get("hidden_act", "silu"), source), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 max_positions=int(hf.get("max_position_embeddings", 2048)), norm="rms", positions="rope",
                 mlp="swiglu", attn_bias=bool(hf.get("attention_bias", False)))
 
