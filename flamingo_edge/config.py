@@ -100,6 +100,13 @@ class DecoderConfig:
     cross_mlp: str = "swiglu"  # "swiglu" with the LM's width and act (IDEFICS) or "mlp" (OpenFlamingo: GELU, 4 D)
     cross_mlp_width: int = 0  # 0: the LM's mlp_width
     cross_act: str = ""  # "": the LM's act (IDEFICS); OpenFlamingo: "gelu"
+    cross_kv_heads: int = 0  # key/value heads of cross-attention (mllama: grouped-query); 0: = cross_heads
+    # "before": a gated block before decoder layer i (IDEFICS, OpenFlamingo); "replace": the gated block is layer i,
+    # which has no self-attention (mllama's cross-attention decoder layers)
+    cross_placement: str = "before"
+    # a text row that may see no image: "zero" adds exactly 0 (IDEFICS, OpenFlamingo); "attend_all" (mllama) attends
+    # to every visual token and adds the gated attention, and only the MLP's output is zeroed for it
+    cross_empty_rows: str = "zero"
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
@@ -112,6 +119,17 @@ class DecoderConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def self_attention_layers(self) -> int:
+        """Layers with self-attention, each with its K/V cache (`past_key.{l}`): all of them, or with
+        cross_placement "replace" those that are not cross-attention layers."""
+        return self.layers - len(self.cross_layers) if self.cross_placement == "replace" else self.layers
+
+    @property
+    def cross_kv_head_count(self) -> int:
+        """Key/value heads of cross-attention: the H of `cross_key.{i}` (`cross_kv_heads`, else `cross_heads`)."""
+        return self.cross_kv_heads or self.cross_heads
 
     @property
     def kv_head_count(self) -> int:

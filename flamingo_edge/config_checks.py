@@ -16,9 +16,11 @@ from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig,
 
 # The choices of the decoder's structural switches (docs/models.md).
 DECODER_CHOICES = {"norm": ("rms", "layer"), "positions": ("rope", "alibi"), "mlp": ("swiglu", "mlp"),
-                   "cross_norm": ("rms", "layer"), "cross_mlp": ("swiglu", "mlp"), "rope_type": ("default", "llama3")}
+                   "cross_norm": ("rms", "layer"), "cross_mlp": ("swiglu", "mlp"), "rope_type": ("default", "llama3"),
+                   "cross_placement": ("before", "replace"), "cross_empty_rows": ("zero", "attend_all")}
 # Fields that may be 0 (0 means "the default" or "none"); every other int or float field must be > 0.
-_ZERO_ALLOWED = {"additional_vocab_size", "rotary_dim", "cross_mlp_width", "cross_norm_eps", "max_frames", "kv_heads"}
+_ZERO_ALLOWED = {"additional_vocab_size", "rotary_dim", "cross_mlp_width", "cross_norm_eps", "max_frames", "kv_heads",
+                 "cross_kv_heads"}
 _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 
@@ -85,6 +87,9 @@ def _decoder_problems(decoder: DecoderConfig) -> list[str]:
     if layers != sorted(set(layers)) or any(not 0 <= i < decoder.layers for i in layers):
         problems.append(f"decoder.cross_layers {layers} must be increasing indices of decoder layers "
                         f"(0 to {decoder.layers - 1})")
+    if decoder.cross_heads % decoder.cross_kv_head_count:
+        problems.append(f"decoder.cross_kv_heads {decoder.cross_kv_heads} does not divide decoder.cross_heads "
+                        f"{decoder.cross_heads}")
     if decoder.heads % decoder.kv_head_count:
         problems.append(f"decoder.kv_heads {decoder.kv_heads} does not divide decoder.heads {decoder.heads}")
     if decoder.rope_type == "llama3" and decoder.rope_high_freq_factor <= decoder.rope_low_freq_factor:

@@ -126,8 +126,8 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
     vision, text = config.vision, config.decoder
     dv, tokens, latents = vision.width, vision.num_tokens, config.visual_tokens_per_image
     heads, head_dim = text.kv_head_count, text.head_dim  # the self-attention K/V's heads (grouped-query: fewer)
-    cross_heads, cross_dim = text.cross_heads, text.cross_head_dim
-    blocks, layers = range(len(text.cross_layers)), range(text.layers)
+    cross_heads, cross_dim = text.cross_kv_head_count, text.cross_head_dim  # the cross K/V's heads
+    blocks, layers = range(len(text.cross_layers)), range(text.self_attention_layers)
     cross_kv_per_image = [
         _f32(name(i), "N", cross_heads, latents, cross_dim) for i in blocks for name in (cross_key, cross_value)
     ]

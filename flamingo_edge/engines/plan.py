@@ -135,17 +135,19 @@ def _resampler(config: FlamingoConfig) -> GraphParameters:
 
 def _cross_kv(config: FlamingoConfig) -> GraphParameters:
     text, blocks = config.decoder, len(config.decoder.cross_layers)
-    inner = text.cross_heads * text.cross_head_dim
+    inner = text.cross_kv_head_count * text.cross_head_dim  # the K/V heads (grouped-query: fewer)
     return GraphParameters(matmul=blocks * 2 * config.vision.width * inner,
                            other=blocks * (text.cross_head_dim if text.cross_qk_norms else 0))
 
 
 def _decoder(config: FlamingoConfig) -> GraphParameters:
     t = config.decoder
-    attn_matmul, attn_bias = _linear(t.width, t.width, t.attn_bias)
+    attn_matmul, attn_bias = _linear(t.width, t.width, t.attn_bias)  # q and o
+    kv_matmul, kv_bias = _linear(t.kv_head_count * t.head_dim, t.width, t.attn_bias)  # k, v (grouped-query: fewer)
     mlp_matmul, mlp_bias = _mlp(t.mlp, t.width, t.mlp_width, t.mlp_bias)
     norms = 2 * _norm(t.norm, t.width, t.norm_bias) + (2 * _norm(t.norm, t.width, t.norm_bias) if t.qk_norm else 0)
-    layer_matmul, layer_other = 4 * attn_matmul + mlp_matmul, 4 * attn_bias + mlp_bias + norms
+    layer_matmul = 2 * attn_matmul + 2 * kv_matmul + mlp_matmul
+    layer_other = 2 * attn_bias + 2 * kv_bias + mlp_bias + norms
     inner = t.cross_heads * t.cross_head_dim
     cross_mlp, cross_mlp_bias = _mlp(t.cross_mlp, t.width, t.cross_mlp_width or t.mlp_width, False)
     gates = 2 * (t.width if t.vector_gates else 1)
@@ -153,9 +155,9 @@ def _decoder(config: FlamingoConfig) -> GraphParameters:
                    + (t.cross_head_dim if t.cross_qk_norms else 0))  # q_norm here; k_norm is xattn_kv's
     blocks = len(t.cross_layers)
     return GraphParameters(
-        matmul=t.layers * layer_matmul + blocks * (2 * t.width * inner + cross_mlp),
+        matmul=t.self_attention_layers * layer_matmul + blocks * (2 * t.width * inner + cross_mlp),
         lm_head=t.width * t.total_vocab_size, embedding=t.width * t.total_vocab_size,
-        other=t.layers * layer_other + blocks * cross_other + _norm(t.norm, t.width, t.norm_bias))
+        other=t.self_attention_layers * layer_other + blocks * cross_other + _norm(t.norm, t.width, t.norm_bias))
 
 
 def parameter_counts(config: FlamingoConfig) -> dict[str, GraphParameters]:
@@ -280,13 +282,13 @@ def self_kv_bytes(config: FlamingoConfig, context: int, batch: int) -> int:
     """Self-attention K and V of every layer at `context` tokens: 2 x layers x Hkv x Dh x P x B x 4 (Hkv, the
     key/value heads, fewer than the query heads with grouped-query attention)."""
     t = config.decoder
-    return 2 * t.layers * t.kv_head_count * t.head_dim * context * batch * FLOAT_BYTES
+    return 2 * t.self_attention_layers * t.kv_head_count * t.head_dim * context * batch * FLOAT_BYTES
 
 
 def cross_kv_bytes(config: FlamingoConfig, images: int) -> int:
     """Cross-attention K and V of `images` images: 2 x gated blocks x Hx x Dh x L x images x 4."""
     t = config.decoder
-    return (2 * len(t.cross_layers) * t.cross_heads * t.cross_head_dim * config.visual_tokens_per_image * images
+    return (2 * len(t.cross_layers) * t.cross_kv_head_count * t.cross_head_dim * config.visual_tokens_per_image * images
             * FLOAT_BYTES)
 
 

@@ -150,7 +150,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.total_vocab_size, config.width)
-        self.layers = nn.ModuleList(DecoderLayer(config=config) for _ in range(config.layers))
+        # the self-attention layers; with cross_placement "replace", the gated blocks stand in the others' places
+        self.layers = nn.ModuleList(DecoderLayer(config=config) for _ in range(config.self_attention_layers))
         self.cross_blocks = nn.ModuleList(
             GatedCrossAttention(config=config, visual_width=visual_width) for _ in config.cross_layers
         )
@@ -207,14 +208,19 @@ class Decoder(nn.Module):
         cross_index = {layer: i for i, layer in enumerate(self.config.cross_layers)}
         x = self.embed(input_ids)  # [B, S, D]
         # every gated block attends over the same M*L visual tokens: their masks are computed once
-        masks = cross_attention_masks(image_attention_mask, cross_keys[0].shape[2], x.dtype) if cross_index else None
+        masks = cross_attention_masks(image_attention_mask, cross_keys[0].shape[2], x.dtype,
+                                      empty_rows=self.config.cross_empty_rows) if cross_index else None
         new_keys, new_values = [], []
         past_length = past_keys[0].shape[2]  # P, one Shape in the graph for every layer's split of its weights
-        for index, layer in enumerate(self.layers):
+        replace, self_layers = self.config.cross_placement == "replace", iter(enumerate(self.layers))
+        for index in range(self.config.layers):
             if index in cross_index:
                 block = cross_index[index]
                 x = self.cross_blocks[block](x, cross_keys[block], cross_values[block], image_attention_mask, masks)
-            x, key, value = layer(x, position_terms, score_bias, past_keys[index], past_values[index], past_length)
+                if replace:
+                    continue
+            cached, layer = next(self_layers)  # its K/V: past_key.{cached}
+            x, key, value = layer(x, position_terms, score_bias, past_keys[cached], past_values[cached], past_length)
             new_keys.append(key)
             new_values.append(value)
         return self.lm_head(self.norm(x)), new_keys, new_values

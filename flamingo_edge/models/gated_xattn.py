@@ -29,27 +29,33 @@ def expand_image_mask(image_mask: Tensor, tokens_per_image: int) -> Tensor:
     return allowed.reshape(batch, 1, length, images * tokens_per_image) != 0  # [B, 1, S, M*L]
 
 
-def cross_attention_masks(image_mask: Tensor, visual_tokens: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def cross_attention_masks(image_mask: Tensor, visual_tokens: int, dtype: torch.dtype, *,
+                          empty_rows: str = "zero") -> tuple[Tensor, Tensor]:
     """image_mask [B, S, M] and the M*L visual tokens -> which tokens each row may attend to (bool [B, 1, S, M*L]) and
-    the row gate ([B, S, 1], 0 for a row with no image: it must contribute exactly 0, so it is gated, never left to a
-    softmax over a fully masked row)."""
+    the row gate ([B, S, 1], 0 for a row with no image). With `empty_rows` "zero" such a row must contribute exactly
+    0: it is gated, never left to a softmax over a fully masked row. With "attend_all" (mllama) it may attend to every
+    visual token."""
     allowed = expand_image_mask(image_mask, visual_tokens // image_mask.shape[-1])  # [B, 1, S, M*L]
-    return allowed, (image_mask != 0).any(dim=-1, keepdim=True).to(dtype)  # [B, S, 1]
+    row_gate = (image_mask != 0).any(dim=-1, keepdim=True)  # [B, S, 1]
+    if empty_rows == "attend_all":
+        allowed = allowed | ~row_gate[:, None]  # [B, 1, S, M*L]
+    return allowed, row_gate.to(dtype)
 
 
 class GatedCrossAttention(nn.Module):
     """Gated cross-attention dense block: norm, cross-attention, tanh gate; norm, MLP, tanh gate (optional q/k
-    RMSNorm)."""
+    RMSNorm; grouped-query when the keys/values have fewer heads, `cross_kv_heads`)."""
 
     def __init__(self, *, config: DecoderConfig, visual_width: int):
         super().__init__()
         inner = config.cross_heads * config.cross_head_dim
-        self.heads, self.head_dim = config.cross_heads, config.cross_head_dim
+        self.heads, self.head_dim, self.kv_heads = config.cross_heads, config.cross_head_dim, config.cross_kv_head_count
+        self.empty_rows = config.cross_empty_rows
         norm_eps = config.cross_norm_eps or config.rms_norm_eps
         self.attn_norm = make_norm(config.cross_norm, dim=config.width, eps=norm_eps)
         self.q = nn.Linear(config.width, inner, bias=False)
-        self.k = nn.Linear(visual_width, inner, bias=False)
-        self.v = nn.Linear(visual_width, inner, bias=False)
+        self.k = nn.Linear(visual_width, self.kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(visual_width, self.kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(inner, config.width, bias=False)
         norm_dim, eps = config.cross_head_dim, config.rms_norm_eps
         self.q_norm = RMSNorm(dim=norm_dim, eps=eps) if config.cross_qk_norms else None
@@ -62,23 +68,32 @@ class GatedCrossAttention(nn.Module):
         self.mlp_gate = nn.Parameter(torch.zeros(gate_shape))
 
     def project_visual(self, visual_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """visual_tokens [N, L, Dv] -> cross_key, cross_value [N, H, L, Dh] (k already q/k-normed)."""
-        key = split_heads(self.k(visual_tokens), self.heads, self.head_dim)  # [N, H, L, Dh]
-        value = split_heads(self.v(visual_tokens), self.heads, self.head_dim)  # [N, H, L, Dh]
+        """visual_tokens [N, L, Dv] -> cross_key, cross_value [N, Hkv, L, Dh] (k already q/k-normed)."""
+        key = split_heads(self.k(visual_tokens), self.kv_heads, self.head_dim)  # [N, Hkv, L, Dh]
+        value = split_heads(self.v(visual_tokens), self.kv_heads, self.head_dim)  # [N, Hkv, L, Dh]
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value
 
     def forward(self, hidden: Tensor, cross_key: Tensor, cross_value: Tensor, image_mask: Tensor,
                 masks: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """hidden [B, S, D], cross_key/value [B, H, M*L, Dh], image_mask [B, S, M] -> hidden [B, S, D]. `masks`:
+        """hidden [B, S, D], cross_key/value [B, Hkv, M*L, Dh], image_mask [B, S, M] -> hidden [B, S, D]. `masks`:
         `cross_attention_masks` of these inputs, when the caller computed them once for every block."""
-        allowed, row_gate = masks if masks is not None else cross_attention_masks(image_mask, cross_key.shape[2],
-                                                                                  hidden.dtype)
+        allowed, row_gate = masks if masks is not None else cross_attention_masks(
+            image_mask, cross_key.shape[2], hidden.dtype, empty_rows=self.empty_rows)
         q = split_heads(self.q(self.attn_norm(hidden)), self.heads, self.head_dim)  # [B, H, S, Dh]
         if self.q_norm is not None:
             q = self.q_norm(q)
+        grouped = self.kv_heads != self.heads
+        if grouped:  # [B, H, S, Dh] -> [B, Hkv, G*S, Dh], the mask's rows repeated for each of the G query heads
+            q = q.reshape(q.shape[0], self.kv_heads, -1, self.head_dim)
+            allowed = allowed.repeat(1, 1, self.heads // self.kv_heads, 1)
         attended = attend(q, cross_key, cross_value, self.head_dim, allowed)
+        if grouped:
+            attended = attended.reshape(attended.shape[0], self.heads, -1, self.head_dim)  # [B, H, S, Dh]
         attended = self.o(merge_heads(attended, self.heads * self.head_dim))  # [B, S, D]
+        if self.empty_rows == "attend_all":  # mllama: the attention of an image-less row counts, its MLP does not
+            hidden = hidden + torch.tanh(self.attn_gate) * attended
+            return hidden + torch.tanh(self.mlp_gate) * (self.mlp(self.mlp_norm(hidden)) * row_gate)
         hidden = hidden + torch.tanh(self.attn_gate) * (attended * row_gate)
         return hidden + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(hidden))

@@ -229,7 +229,7 @@ class Pipeline:
                 ) -> dict[str, np.ndarray]:
         """Cross K/V per row, [B, Hx, slots*L, Dh]: each row's images in order, zeros in unused slots (masked).
         `keys`: the images' cache keys, in the same layout, when the caller has them already."""
-        heads, head_dim = self.config.decoder.cross_heads, self.config.decoder.cross_head_dim
+        heads, head_dim = self.config.decoder.cross_kv_head_count, self.config.decoder.cross_head_dim
         tokens = self.config.visual_tokens_per_image
         rows = {name: np.zeros((len(images), slots, heads, tokens, head_dim), np.float32) for name in self._cross_names}
         for row, row_images in enumerate(images):
@@ -289,9 +289,9 @@ class Pipeline:
         cached prefix. Returns (cache, on_prefill): on_prefill keeps the filled prompt as a reusable prefix (None
         for a batch, or without a prefix cache)."""
         text = self.config.decoder
-        cache = SelfAttentionCache(layers=text.layers, batch=len(batch.images), heads=text.kv_head_count,
-                                   head_dim=text.head_dim, capacity=self.cache_slots(batch.input_ids.shape[1],
-                                                                                   max_new_tokens))
+        cache = SelfAttentionCache(layers=text.self_attention_layers, batch=len(batch.images),
+                                   heads=text.kv_head_count, head_dim=text.head_dim,
+                                   capacity=self.cache_slots(batch.input_ids.shape[1], max_new_tokens))
         self._count("prefill_runs")
         if len(batch.images) != 1 or not self.prefix_cache.max_bytes or not use_prefix:
             return cache, None

@@ -119,8 +119,8 @@ def decode_bytes_per_token(export_dir: Path, config, workload: Workload, past_sl
     record = read_export_record(export_dir, verify_hashes=False)
     weights = weight_bytes_per_token(export_dir / record.graphs["decoder"].file)
     text = config.decoder
-    self_kv = 2 * text.layers * text.kv_head_count * text.head_dim * past_slots * 4
-    cross_kv = (2 * len(text.cross_layers) * text.cross_heads * text.cross_head_dim
+    self_kv = 2 * text.self_attention_layers * text.kv_head_count * text.head_dim * past_slots * 4
+    cross_kv = (2 * len(text.cross_layers) * text.cross_kv_head_count * text.cross_head_dim
                 * workload.images * config.visual_tokens_per_image * 4)
     return int(weights + self_kv + cross_kv)
 

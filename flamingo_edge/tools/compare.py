@@ -277,7 +277,7 @@ def _forced_argmax(pipeline: Pipeline, prompt: list, ids: np.ndarray) -> np.ndar
     image_mask = np.concatenate([batch.image_attention_mask,
                                  np.repeat(batch.image_attention_mask[:, -1:], extra, axis=1)], axis=1)
     text = pipeline.config.decoder
-    cache = SelfAttentionCache(layers=text.layers, batch=1, heads=text.kv_head_count, head_dim=text.head_dim,
+    cache = SelfAttentionCache(layers=text.self_attention_layers, batch=1, heads=text.kv_head_count, head_dim=text.head_dim,
                                capacity=len(ids))
     logits = run_decoder(pipeline.sessions["decoder"], ids[None].astype(np.int64),
                          np.ones((1, len(ids)), np.int64), cache, cross, image_mask)
