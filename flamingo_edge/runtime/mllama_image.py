@@ -28,7 +28,7 @@ import numpy as np
 
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
 from flamingo_edge.runtime.image import to_rgb
-from flamingo_edge.runtime.resize import _convolve_rows, _vertical_first, resize_bicubic
+from flamingo_edge.runtime.resize import resample_passes, resize_bicubic
 
 __all__ = ["MllamaImageSettings", "MllamaImages", "preprocess", "cross_attention_mask", "supported_aspect_ratios",
            "optimal_tiled_canvas", "size_fit_to_canvas", "tile_image", "resize_pil"]
@@ -134,25 +134,8 @@ def resize_pil(image: np.ndarray, height: int, width: int, resample: int = BILIN
     if resample not in _FILTERS:
         raise CheckpointError(f"resample {resample!r} is not supported; use one of Pillow's convolution filters "
                               f"{ {v: k for k, v in _FILTER_NAMES.items()} }")
-    in_height, in_width = image.shape[:2]
-    if (in_height, in_width) == (height, width):
-        return image.copy()  # Pillow's resize returns a copy without resampling
-    first_y, count_y, weights_y = _coefficients(in_height, height, resample)
-    first_x, _, weights_x = _coefficients(in_width, width, resample)
-    if not legacy_pass_order and _vertical_first(in_height, in_width, height, width):
-        if in_height != height:
-            image = _convolve_rows(image, first_y, weights_y)
-        if in_width != width:
-            image = _convolve_rows(image.transpose(1, 0, 2), first_x, weights_x).transpose(1, 0, 2)
-        return np.ascontiguousarray(image)
-    if in_width != width:  # only over the rows that the vertical pass will read, as Pillow does
-        row_start, row_stop = first_y[0], first_y[-1] + count_y[-1]
-        rows = image[row_start:row_stop].transpose(1, 0, 2)  # [W, rows, C]
-        image = _convolve_rows(rows, first_x, weights_x).transpose(1, 0, 2)
-        first_y = first_y - row_start
-    if in_height != height:
-        image = _convolve_rows(image, first_y, weights_y)
-    return np.ascontiguousarray(image)
+    return resample_passes(image, height, width, lambda in_size, out_size: _coefficients(in_size, out_size, resample),
+                           legacy_pass_order=legacy_pass_order)
 
 
 # ------------------------------------------------------------------------------------------------- settings

@@ -9,6 +9,7 @@ point, and whose intermediate and final values are rounded and clipped to uint8.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -92,11 +93,30 @@ def resize_bicubic(image: np.ndarray, height: int, width: int, *, legacy_pass_or
     Returns:
         uint8 [height, width, C].
     """
+    return resample_passes(image, height, width, _coefficients, legacy_pass_order=legacy_pass_order)
+
+
+def resample_passes(image: np.ndarray, height: int, width: int,
+                    coefficients: Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                    legacy_pass_order: bool = False) -> np.ndarray:
+    """Pillow's two 8-bit convolution passes, in its pass order, with the fixed-point weights `coefficients(in_size,
+    out_size)` gives per axis ((first, count, weights) as `_coefficients` returns them): the resize of every Pillow
+    convolution filter once its kernel is chosen (bicubic here, the others in `runtime/mllama_image.py`).
+
+    Args:
+        image: uint8 [H, W, C].
+        height, width: the output size.
+        coefficients: the filter's `precompute_coeffs` + `normalize_coeffs_8bpc`.
+        legacy_pass_order: see `resize_bicubic`.
+
+    Returns:
+        uint8 [height, width, C] (a copy when the size is unchanged, as Pillow's resize returns).
+    """
     in_height, in_width = image.shape[:2]
     if (in_height, in_width) == (height, width):
         return image.copy()
-    first_y, count_y, weights_y = _coefficients(in_height, height)
-    first_x, _, weights_x = _coefficients(in_width, width)
+    first_y, count_y, weights_y = coefficients(in_height, height)
+    first_x, _, weights_x = coefficients(in_width, width)
     horizontal = in_width != width
     vertical = in_height != height
     if not legacy_pass_order and _vertical_first(in_height, in_width, height, width):
