@@ -323,6 +323,19 @@ class Pipeline:
         return run_decoder(self.sessions["decoder"], batch.input_ids, batch.attention_mask, cache, cross,
                            batch.image_attention_mask)
 
+    @property
+    def pad_token_id(self) -> int:
+        """Fed to the rows of a batch that have finished (the tokenizer's pad id, else 0)."""
+        pad = self.processor.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def stop_condition(self, max_new_tokens: int, stop_token_ids: list[int] | None,
+                       stop_strings: tuple[str, ...]) -> StopCondition:
+        """When a generation ends: `stop_token_ids` (None: the prompt format's stop tokens), `stop_strings`, or
+        after `max_new_tokens`."""
+        stop_ids = self.processor.stop_token_ids if stop_token_ids is None else stop_token_ids
+        return StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
+
     def generate(self, prompts: list, *, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop_token_ids: list[int] | None = None, stop_strings: tuple[str, ...] = (),
@@ -359,13 +372,10 @@ class Pipeline:
             raise UsageError("pass either a sampler or sampling settings (temperature, top_k, top_p, "
                              "repetition_penalty, seed), not both: the sampler decides alone")
         batch, cross, cache, keep_prefix = self._prepare(prompts, max_new_tokens)
-        tokenizer = self.processor.tokenizer
-        stop_ids = self.processor.stop_token_ids if stop_token_ids is None else stop_token_ids
-        stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for step in generate(self.sessions["decoder"], tokenizer, batch.input_ids, batch.attention_mask,
-                             batch.image_attention_mask, cross, cache, sampler, stop, pad_token_id=pad, start=start,
-                             on_prefill=keep_prefix):
+        stop = self.stop_condition(max_new_tokens, stop_token_ids, stop_strings)
+        for step in generate(self.sessions["decoder"], self.processor.tokenizer, batch.input_ids,
+                             batch.attention_mask, batch.image_attention_mask, cross, cache, sampler, stop,
+                             pad_token_id=self.pad_token_id, start=start, on_prefill=keep_prefix):
             self._count("decode_tokens")
             yield step
 

@@ -132,9 +132,8 @@ class Request:
 class _Row:
     """A request the scheduler has taken: its prompt's encoding, then its place in the decode batch."""
 
-    def __init__(self, request: Request, batch, cross, keys, pad_token_id: int, tokenizer):
-        self.request, self.batch, self.cross, self.keys = request, batch, cross, keys
-        self.sampler = make_sampler(**request.settings)
+    def __init__(self, request: Request, sampler, batch, cross, keys, pad_token_id: int, tokenizer):
+        self.request, self.sampler, self.batch, self.cross, self.keys = request, sampler, batch, cross, keys
         prompt = batch.input_ids.shape[1]
         self.history = np.empty((1, prompt + request.stop.max_new_tokens), np.int64)  # the sampler sees a view
         self.history[:, :prompt] = batch.input_ids
@@ -208,8 +207,6 @@ class Scheduler:
         self.compact_below = compact_below
         self._step_s = self._token_s = None  # running estimates: seconds per decode step, per prefilled token
         self.decoder = pipeline.sessions["decoder"]
-        tokenizer = pipeline.processor.tokenizer
-        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stats: Counter = Counter()
         self._waiting: deque[_Row] = deque()
         self._wake = threading.Condition()
@@ -247,14 +244,12 @@ class Scheduler:
                                 stop_strings=stop_strings)
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         seed=seed)
-        make_sampler(**settings)  # refuses bad sampling settings here, not on the scheduler thread
-        processor = self.pipeline.processor
-        stop_ids = processor.stop_token_ids if stop_token_ids is None else stop_token_ids
-        stop = StopCondition(max_new_tokens, frozenset(i for i in stop_ids if i is not None), tuple(stop_strings))
+        sampler = make_sampler(**settings)  # refuses bad sampling settings here, not on the scheduler thread
+        stop = self.pipeline.stop_condition(max_new_tokens, stop_token_ids, stop_strings)
         request = Request(next(self._numbers), prompt, settings, stop)
         with self._graphs:  # the image side
             batch, cross, keys = self.pipeline.encode([prompt], max_new_tokens)
-        row = _Row(request, batch, cross, keys, self._pad, processor.tokenizer)
+        row = _Row(request, sampler, batch, cross, keys, self.pipeline.pad_token_id, self.pipeline.processor.tokenizer)
         with self._wake:
             if self._closed:
                 raise UsageError("this scheduler is closed; open a new one")
