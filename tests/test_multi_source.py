@@ -46,7 +46,7 @@ def test_a_video_and_a_live_stream_at_once_survive_the_live_server_restarting(tm
     clip = tmp_path / "clip.mp4"
     make_clip(clip, frames=25, size=96, fps=25, seed=int(rng.integers(1 << 30)))
     frames, results, lock = defaultdict(dict), defaultdict(list), threading.Lock()
-    restarted_at = None
+    restarted_at = restart_frame = None  # when the live server came back, and the last frame read before
     with LoopbackStream(clip) as server, Pipeline.open(demo_export) as pipeline:
         sources = [open_source(str(video), loop=True), open_source(server.url, retries=8, backoff_s=0.25)]
         assert sources[1].live and not sources[0].live

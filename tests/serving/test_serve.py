@@ -10,7 +10,6 @@ the metrics text are tested here without a server.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import re
 import signal
@@ -29,6 +28,7 @@ from flamingo_edge.demo import scenes
 from flamingo_edge.errors import ImageError, PromptError
 from flamingo_edge.runtime.processor import IMAGE_MARKER
 from flamingo_edge.serving.triton import ServingMetrics, request_from_inputs
+from serving_venv import require_serving_venv
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = f"{IMAGE_MARKER}{scenes.CAPTION_PROMPT}"
@@ -149,29 +149,9 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 # -- a server -------------------------------------------------------------------------------------------------
-# The server runs in the serving venv (numpy<2 for PyTriton: tests/serving/build.sh makes ROOT/.venv-serve;
-# FLAMINGO_EDGE_SERVE_VENV names another); these tests and their Triton clients run in the main venv.
-
-def find_serving_venv() -> Path | None:
-    """FLAMINGO_EDGE_SERVE_VENV, else ROOT/.venv-serve, if it has flamingo-edge and PyTriton's tritonserver."""
-    for venv in (os.environ.get("FLAMINGO_EDGE_SERVE_VENV"), ROOT / ".venv-serve"):
-        if venv and (Path(venv) / "bin" / "flamingo-edge").is_file() and any(
-                Path(venv).glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver")):
-            return Path(venv)
-    return None
-
-
 @pytest.fixture(scope="module")
 def serving_venv() -> Path:
-    """The serving venv; skipped without one, except in CI (which builds it: a skip there would hide the tests)."""
-    venv = find_serving_venv()
-    if venv is None:
-        message = ("no serving venv (flamingo-edge[serve]: PyTriton, numpy<2): run bash tests/serving/build.sh, or "
-                   "set FLAMINGO_EDGE_SERVE_VENV")
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return venv
+    return require_serving_venv()
 
 
 def _is_free(port: int) -> bool:

@@ -36,6 +36,7 @@ from flamingo_edge.graphs import GRAPH_NAMES, build_graphs
 from flamingo_edge.manifest import MANIFEST_VERSION, EngineEntry, Manifest
 from flamingo_edge.serving.repository import (SETTINGS_FILE, Symbol, format_pbtxt, read_settings,
                                               write_repository)
+from serving_venv import require_serving_venv
 
 ROOT = Path(__file__).resolve().parents[2]
 ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32"}
@@ -309,16 +310,10 @@ def test_the_flamingo_models_settings_are_checked(demo_export, tmp_path):
 # ------------------------------------------------------------------------------------- the serving venv (Triton)
 
 
-def serving_venv() -> Path | None:
-    """A venv with PyTriton's tritonserver and tritonclient: FLAMINGO_EDGE_SERVE_VENV, else ROOT/.venv-serve."""
-    for venv in (os.environ.get("FLAMINGO_EDGE_SERVE_VENV"), ROOT / ".venv-serve"):
-        if venv and list(Path(venv).glob("lib/python3.*/site-packages/pytriton/tritonserver/bin/tritonserver")):
-            return Path(venv)
-    return None
-
-
-needs_server = pytest.mark.skipif(serving_venv() is None, reason="no serving venv with PyTriton's tritonserver: "
-                                  "run tests/serving/build.sh (.venv-serve) or set FLAMINGO_EDGE_SERVE_VENV")
+@pytest.fixture(scope="module")
+def venv() -> Path:
+    """The serving venv (PyTriton's tritonserver, tritonclient); skipped without one, except in CI."""
+    return require_serving_venv()
 
 
 def _venv_python(venv: Path, code: str, *args: str, timeout: float = 120) -> str:
@@ -328,8 +323,7 @@ def _venv_python(venv: Path, code: str, *args: str, timeout: float = 120) -> str
     return result.stdout
 
 
-@needs_server
-def test_every_config_parses_with_tritons_own_schema(demo_export, tmp_path):
+def test_every_config_parses_with_tritons_own_schema(demo_export, tmp_path, venv):
     repos = [tmp_path / "ort", tmp_path / "python", tmp_path / "trt10", tmp_path / "trt8"]
     write_repository(demo_export, repos[0])
     write_repository(demo_export, repos[1], python_only=True)
@@ -340,7 +334,7 @@ def test_every_config_parses_with_tritons_own_schema(demo_export, tmp_path):
             "from tritonclient.grpc import model_config_pb2 as pb; print(json.dumps({p: json_format.MessageToDict("
             "text_format.Parse(open(p).read(), pb.ModelConfig())) for p in sys.argv[1:]}))")
     paths = [str(path) for repo in repos for path in sorted(repo.glob("*/config.pbtxt"))]
-    parsed = json.loads(_venv_python(serving_venv(), code, *paths))
+    parsed = json.loads(_venv_python(venv, code, *paths))
     assert len(parsed) == 20
     decoder = parsed[str(repos[3] / "decoder" / "config.pbtxt")]
     assert decoder["platform"] == "tensorrt_plan" and decoder["input"][0]["dataType"] == "TYPE_INT32"
@@ -497,8 +491,7 @@ def _requests(folder: Path) -> tuple[list[dict], list[list]]:
     return requests, items
 
 
-@needs_server
-def test_python_only_repository_runs_on_the_bundled_tritonserver(external_data_export, tmp_path):
+def test_python_only_repository_runs_on_the_bundled_tritonserver(external_data_export, tmp_path, venv):
     """Seven requests at once (gRPC and HTTP; one and two images, text only, seeded sampling) get what
     Pipeline.complete gives each alone on the same export; a request with more markers than images is refused."""
     from flamingo_edge.runtime.pipeline import Pipeline
@@ -514,7 +507,6 @@ def test_python_only_repository_runs_on_the_bundled_tritonserver(external_data_e
                      "protocol": "grpc"})
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     (tmp_path / "client.py").write_text(CLIENT)
-    venv = serving_venv()
     with Pipeline.open(external_data_export) as pipeline:
         expected = []
         for request, prompt in zip(requests, items):
