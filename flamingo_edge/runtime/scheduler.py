@@ -219,7 +219,6 @@ class Scheduler:
         self._prefilling: _Row | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="flamingo-edge-scheduler", daemon=True)
-        self._error: BaseException | None = None
         if one_graph_at_a_time is None:
             one_graph_at_a_time = getattr(self.decoder, "on_cuda", True) is False  # ONNX Runtime on the CPU
         self._graphs = threading.Lock() if one_graph_at_a_time else contextlib.nullcontext()
@@ -281,8 +280,11 @@ class Scheduler:
     @property
     def active(self) -> int:
         """Requests taken and not finished (being prefilled or in the decode batch)."""
-        rows = [*self._rows, *self._joining, *([self._prefilling] if self._prefilling else [])]
-        return sum(not row.finished for row in rows)
+        return sum(not row.finished for row in self._taken())
+
+    def _taken(self) -> list[_Row]:
+        """The rows taken from the queue: in the decode batch, prefilled and waiting to join, being prefilled."""
+        return [*self._rows, *self._joining, *([self._prefilling] if self._prefilling else [])]
 
     # scheduler thread
 
@@ -319,7 +321,7 @@ class Scheduler:
             for row in [r for r in self._waiting if r.request.cancelled]:
                 self._waiting.remove(row)
                 self._cancelled(row)
-        for row in [*self._rows, *self._joining, *([self._prefilling] if self._prefilling else [])]:
+        for row in self._taken():
             if not row.finished and row.request.cancelled:
                 row.finished = True
                 self._cancelled(row)
@@ -435,7 +437,7 @@ class Scheduler:
     def _capacity(self, rows: list[_Row]) -> int:
         if self.pipeline.static_decode:
             return self.pipeline.max_context - 1  # fixed decode shapes (CUDA graphs)
-        return max(self._slots(rows), max(row.used for row in rows))
+        return self._slots(rows)
 
     def _gather_cross(self, rows: list[_Row], slots: int) -> dict[str, np.ndarray]:
         """The rows' cross K/V [B, Hx, slots*L, Dh], each row's images first, zeros (masked) after."""
@@ -483,8 +485,7 @@ class Scheduler:
     def _fail_all(self, error: BaseException) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
-        rows = [*waiting, *self._rows, *self._joining, *([self._prefilling] if self._prefilling else [])]
-        for row in rows:
+        for row in [*waiting, *self._taken()]:
             if not row.finished and not row.request.done:
                 row.finished = True
                 row.request._fail(error)
