@@ -35,6 +35,50 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class TiledVisionConfig:
+    """mllama's tiled ViT (Llama 3.2 Vision, transformers' MllamaVisionConfig): an image is `max_num_tiles` tiles of
+    image_size² pixels (padding tiles marked 0 in aspect_ratio_mask); a local transformer over every tile's patches
+    and class token, then a global transformer of tanh-gated layers; the output is the global transformer's tokens
+    with the kept local layers' outputs appended on the feature axis (`vision_output_dim`)."""
+
+    hidden_size: int  # D, the token width of both transformers
+    num_hidden_layers: int  # layers of the local transformer
+    num_global_layers: int  # gated layers of the global transformer
+    attention_heads: int  # D must be a multiple of it
+    intermediate_size: int  # hidden width of every MLP
+    image_size: int  # side of one square tile in pixels
+    patch_size: int  # side of one patch; image_size must be a multiple of it
+    max_num_tiles: int  # T, tiles per image (the processor pads every image to T)
+    supported_aspect_ratios: tuple[tuple[int, int], ...]  # (rows, cols) of tiles; aspect_ratio_id k = entry k-1
+    intermediate_layers_indices: tuple[int, ...]  # local layers whose outputs are appended (negative: from the end)
+    vision_output_dim: int  # D * (1 + len(intermediate_layers_indices))
+    text_hidden_size: int  # the projector's output width: the text model's hidden size
+    hidden_act: str = "gelu"  # a key of layers.ACTIVATIONS
+    norm_eps: float = 1e-5  # the blocks' LayerNorms (layernorm_pre/post always use 1e-5, as upstream)
+    num_channels: int = 3
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        """The largest aspect_ratio_id; id 0 is padding (no image)."""
+        return len(self.supported_aspect_ratios)
+
+    @property
+    def patches_per_tile(self) -> int:
+        """P, the tokens of one tile: its patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def padded_patches_per_tile(self) -> int:
+        """P8, P rounded up to a multiple of 8 (P = g² + 1 is never one, so there is always padding)."""
+        return -(-self.patches_per_tile // 8) * 8
+
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        """intermediate_layers_indices made non-negative, in their order (upstream indexes a tuple with them)."""
+        return tuple(i % self.num_hidden_layers for i in self.intermediate_layers_indices)
+
+
+@dataclass(frozen=True)
 class ResamplerConfig:
     """The Perceiver Resampler: learned latents cross-attend to [image features; latents]."""
 
@@ -48,6 +92,9 @@ class ResamplerConfig:
     qk_layer_norms: bool = False  # LayerNorm(head_dim) on q and k after the head split
     max_frames: int = 0  # > 0 adds learned per-frame (time) embeddings, OpenFlamingo's frame_embs
     layer_norm_eps: float = 1e-5
+    # "perceiver": the Perceiver Resampler above; "projector" (mllama): one Linear from the tiled vision tower's
+    # vision_output_dim to the decoder's width, every token kept (the other fields are unused and 0)
+    kind: str = "perceiver"
 
 
 @dataclass(frozen=True)
@@ -107,6 +154,9 @@ class DecoderConfig:
     # a text row that may see no image: "zero" adds exactly 0 (IDEFICS, OpenFlamingo); "attend_all" (mllama) attends
     # to every visual token and adds the gated attention, and only the MLP's output is zeroed for it
     cross_empty_rows: str = "zero"
+    # embedding rows past the logits' vocabulary: tokens that are read but never predicted (mllama's 8 extra rows,
+    # `<|image|>` the first of them; its LM head has vocab_size rows)
+    input_only_vocab: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
@@ -146,15 +196,39 @@ class DecoderConfig:
 class FlamingoConfig:
     """The whole model: vision encoder -> resampler -> decoder with gated cross-attention."""
 
-    family: str  # the importer that produced it ("idefics", "openflamingo")
-    vision: VisionConfig
+    family: str  # the importer that produced it ("idefics", "openflamingo", "mllama")
+    vision: VisionConfig | TiledVisionConfig
     resampler: ResamplerConfig
     decoder: DecoderConfig
 
     @property
-    def visual_tokens_per_image(self) -> int:
-        """L as seen by the cross-attention."""
+    def tiled(self) -> bool:
+        """The vision tower takes tiled images (mllama): each tile is one image slot of the cross-attention."""
+        return isinstance(self.vision, TiledVisionConfig)
+
+    @property
+    def slots_per_image(self) -> int:
+        """Image slots of `image_attention_mask` per image: T tiles for a tiled tower, else 1."""
+        return self.vision.max_num_tiles if self.tiled else 1
+
+    @property
+    def visual_tokens_per_slot(self) -> int:
+        """L of the decoder's contract: the visual tokens behind one slot of `image_attention_mask` (a tile's P
+        tokens for a tiled tower)."""
+        if self.tiled:
+            return self.vision.patches_per_tile
         return self.resampler.latents if self.resampler.enabled else self.vision.num_tokens
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """The visual tokens of one image, as `xattn_kv` gives them: its slots times L."""
+        return self.slots_per_image * self.visual_tokens_per_slot
+
+    @property
+    def visual_width(self) -> int:
+        """The width of the visual tokens the gated blocks read: the projector's (the text width) for a tiled tower,
+        else the vision tower's."""
+        return self.vision.text_hidden_size if self.tiled else self.vision.width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,9 +238,13 @@ class FlamingoConfig:
         """Inverse of `to_dict`; unknown keys raise TypeError (our own records are strict)."""
         decoder = dict(data["decoder"])
         decoder["cross_layers"] = tuple(decoder["cross_layers"])
+        vision = dict(data["vision"])
+        if "max_num_tiles" in vision:  # a tiled tower: its lists are tuples
+            vision["supported_aspect_ratios"] = tuple(tuple(r) for r in vision["supported_aspect_ratios"])
+            vision["intermediate_layers_indices"] = tuple(vision["intermediate_layers_indices"])
         return cls(
             family=data["family"],
-            vision=VisionConfig(**data["vision"]),
+            vision=(TiledVisionConfig if "max_num_tiles" in vision else VisionConfig)(**vision),
             resampler=ResamplerConfig(**data["resampler"]),
             decoder=DecoderConfig(**decoder),
         )

@@ -12,7 +12,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from flamingo_edge.config import DecoderConfig, FlamingoConfig, TiledVisionConfig, VisionConfig
 
 # The choices of the decoder's structural switches (docs/models.md).
 DECODER_CHOICES = {"norm": ("rms", "layer"), "positions": ("rope", "alibi"), "mlp": ("swiglu", "mlp"),
@@ -20,7 +20,10 @@ DECODER_CHOICES = {"norm": ("rms", "layer"), "positions": ("rope", "alibi"), "ml
                    "cross_placement": ("before", "replace"), "cross_empty_rows": ("zero", "attend_all")}
 # Fields that may be 0 (0 means "the default" or "none"); every other int or float field must be > 0.
 _ZERO_ALLOWED = {"additional_vocab_size", "rotary_dim", "cross_mlp_width", "cross_norm_eps", "max_frames", "kv_heads",
-                 "cross_kv_heads"}
+                 "cross_kv_heads", "input_only_vocab"}
+# A projector in the resampler's place (mllama) has no perceiver: these are 0.
+_PERCEIVER_SIZES = {"latents", "depth", "heads", "head_dim", "mlp_width"}
+RESAMPLER_KINDS = ("perceiver", "projector")
 _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 
@@ -55,13 +58,18 @@ def _type_problem(name: str, value: Any, annotation: str) -> str | None:
         ok, expected = value is None or is_int(value), "an integer or null"
     elif annotation == "tuple[int, ...]":
         ok, expected = isinstance(value, tuple) and all(is_int(v) for v in value), "a list of integers"
+    elif annotation == "tuple[tuple[int, int], ...]":
+        ok = isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 and all(is_int(x) and x > 0
+                                                                                         for x in v) for v in value)
+        expected = "a list of [rows, columns] pairs"
     else:  # a field type this checker does not know: keep the check honest rather than silently pass
         raise TypeError(f"config_checks: no type check for {annotation!r} ({name})")
     return None if ok else f"{name} is {describe(value)}, expected {expected}"
 
 
-def _field_problems(section: str, part: Any) -> list[str]:
+def _field_problems(section: str, part: Any, zero_allowed: frozenset[str] = frozenset()) -> list[str]:
     problems = []
+    zero_allowed = _ZERO_ALLOWED | zero_allowed
     for field in fields(part):
         name, value = f"{section}.{field.name}", getattr(part, field.name)
         problem = _type_problem(name, value, field.type)
@@ -71,9 +79,9 @@ def _field_problems(section: str, part: Any) -> list[str]:
             if value is not None and value < 0:
                 problems.append(f"{name} is {value}, expected a token id >= 0 or null")
         elif field.type in ("int", "float"):
-            minimum_ok = value >= 0 if field.name in _ZERO_ALLOWED else value > 0
+            minimum_ok = value >= 0 if field.name in zero_allowed else value > 0
             if not minimum_ok:
-                bound = ">= 0" if field.name in _ZERO_ALLOWED else "> 0"
+                bound = ">= 0" if field.name in zero_allowed else "> 0"
                 problems.append(f"{name} is {describe(value)}, expected {bound}")
     return problems
 
@@ -107,18 +115,53 @@ def config_problems(config: FlamingoConfig) -> list[str]:
     """
     if not isinstance(config.family, str):
         return [f"family is {describe(config.family)}, expected a string"]
-    parts = (("vision", config.vision, VisionConfig), ("resampler", config.resampler, ResamplerConfig),
-             ("decoder", config.decoder, DecoderConfig))
-    problems = [p for section, part, _ in parts for p in _field_problems(section, part)]
+    projector = getattr(config.resampler, "kind", None) == "projector"
+    problems = _field_problems("vision", config.vision)
+    problems += _field_problems("resampler", config.resampler, frozenset(_PERCEIVER_SIZES if projector else ()))
+    problems += _field_problems("decoder", config.decoder)
     if problems:
         return problems
+    if config.resampler.kind not in RESAMPLER_KINDS:
+        return [f"resampler.kind is {describe(config.resampler.kind)}, expected one of {list(RESAMPLER_KINDS)}"]
+    if projector != config.tiled:
+        return ["resampler.kind 'projector' goes with a tiled vision tower (mllama) and only with it"]
     vision = config.vision
+    problems = _tiled_problems(vision, config.decoder) if config.tiled else _vision_problems(vision)
+    return problems + _decoder_problems(config.decoder)
+
+
+def _vision_problems(vision: VisionConfig) -> list[str]:
+    problems = []
     if vision.width % vision.heads:
         problems.append(f"vision.width {vision.width} is not a multiple of vision.heads {vision.heads}")
     if vision.patch_size > vision.image_size:
         problems.append(f"vision.patch_size {vision.patch_size} is larger than vision.image_size "
                         f"{vision.image_size}")
-    return problems + _decoder_problems(config.decoder)
+    return problems
+
+
+def _tiled_problems(vision: TiledVisionConfig, decoder: DecoderConfig) -> list[str]:
+    problems = []
+    if vision.image_size % vision.patch_size:
+        problems.append(f"vision.image_size {vision.image_size} is not a multiple of vision.patch_size "
+                        f"{vision.patch_size}")
+    if vision.hidden_size % vision.attention_heads:
+        problems.append(f"vision.hidden_size {vision.hidden_size} is not a multiple of vision.attention_heads "
+                        f"{vision.attention_heads}")
+    layers = vision.num_hidden_layers
+    if not all(-layers <= i < layers for i in vision.intermediate_layers_indices):
+        problems.append(f"vision.intermediate_layers_indices {list(vision.intermediate_layers_indices)} must lie "
+                        f"in [-{layers}, {layers}) for {layers} local layers")
+    expected = vision.hidden_size * (1 + len(vision.intermediate_layers_indices))
+    if vision.vision_output_dim != expected:
+        problems.append(f"vision.vision_output_dim is {vision.vision_output_dim}; hidden_size * (1 + "
+                        f"len(intermediate_layers_indices)) = {expected}")
+    if any(rows * cols > vision.max_num_tiles for rows, cols in vision.supported_aspect_ratios):
+        problems.append(f"vision.supported_aspect_ratios {[list(r) for r in vision.supported_aspect_ratios]} has "
+                        f"a ratio of more than max_num_tiles {vision.max_num_tiles} tiles")
+    if vision.text_hidden_size != decoder.width:
+        problems.append(f"vision.text_hidden_size {vision.text_hidden_size} is not decoder.width {decoder.width}")
+    return problems
 
 
 def config_from_record(data: Any) -> tuple[FlamingoConfig | None, list[str]]:

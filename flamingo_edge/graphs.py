@@ -14,6 +14,17 @@ Dims are ints (fixed by the model) or names (dynamic axes, the same name = the s
                image_attention_mask i64 [B, S, M]                  -> logits f32 [B, S, V],
                                                                       new_key.{l}, new_value.{l} f32 [B, H, S, Dh]
 
+A tiled vision tower (mllama) extends `vision` and `resampler` (a projector in its place) and keeps the rest:
+
+    vision     pixel_values f32 [N, T, 3, S, S], aspect_ratio_ids i64 [N],
+               aspect_ratio_mask i64 [N, T]                        -> image_features f32 [N, T, P, Dvo]
+    resampler  image_features f32 [N, T, P, Dvo]                   -> visual_tokens f32 [N, T*P, D]
+    xattn_kv   visual_tokens f32 [N, T*P, D]                       -> cross_key.{i}, cross_value.{i} [N, Hx, T*P, Dh]
+
+and every tile is one image slot of the decoder: M counts tiles (T per image, padding tiles included) and L = P, so
+`image_attention_mask` [B, S, M*T] says which tiles a token sees (mllama's cross_attention_mask) and an image's
+cross K/V are T consecutive slots.
+
 The decoder reads the past and returns only the new tokens' K/V (contract v2; v1 returned the whole past + new as
 present_key.{l}, copied every step). The past's P slots may end in unused slots masked by attention_mask: a static KV
 cache feeds its whole preallocated buffer, zero-copy, and writes each step's new K/V into it at the next slot.
@@ -124,24 +135,16 @@ def _i64(name: str, *dims) -> TensorSpec:
 def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
     """The four graph specs of one model (tensor counts and fixed sizes come from its config)."""
     vision, text = config.vision, config.decoder
-    dv, tokens, latents = vision.width, vision.num_tokens, config.visual_tokens_per_image
+    latents = config.visual_tokens_per_image
     heads, head_dim = text.kv_head_count, text.head_dim  # the self-attention K/V's heads (grouped-query: fewer)
     cross_heads, cross_dim = text.cross_kv_head_count, text.cross_head_dim  # the cross K/V's heads
     blocks, layers = range(len(text.cross_layers)), range(text.self_attention_layers)
     cross_kv_per_image = [
         _f32(name(i), "N", cross_heads, latents, cross_dim) for i in blocks for name in (cross_key, cross_value)
     ]
+    dv = config.visual_width
     return {
-        "vision": GraphSpec(
-            "vision",
-            inputs=(_f32("pixel_values", "N", vision.num_channels, vision.image_size, vision.image_size),),
-            outputs=(_f32("image_features", "N", tokens, dv),),
-        ),
-        "resampler": GraphSpec(
-            "resampler",
-            inputs=(_f32("image_features", "N", "F", tokens, dv),),
-            outputs=(_f32("visual_tokens", "N", latents, dv),),
-        ),
+        **(_tiled_image_graphs(vision) if config.tiled else _image_graphs(vision, latents)),
         "xattn_kv": GraphSpec(
             "xattn_kv",
             inputs=(_f32("visual_tokens", "N", latents, dv),),
@@ -160,6 +163,41 @@ def build_graphs(config: FlamingoConfig) -> dict[str, GraphSpec]:
                 _f32("logits", "B", "S", text.total_vocab_size),
                 *(_f32(name(l), "B", heads, "S", head_dim) for l in layers for name in (new_key, new_value)),
             ),
+        ),
+    }
+
+
+def _image_graphs(vision, latents: int) -> dict[str, GraphSpec]:
+    """`vision` and `resampler` of a CLIP tower and a Perceiver Resampler (or none)."""
+    dv, tokens = vision.width, vision.num_tokens
+    return {
+        "vision": GraphSpec(
+            "vision",
+            inputs=(_f32("pixel_values", "N", vision.num_channels, vision.image_size, vision.image_size),),
+            outputs=(_f32("image_features", "N", tokens, dv),),
+        ),
+        "resampler": GraphSpec(
+            "resampler",
+            inputs=(_f32("image_features", "N", "F", tokens, dv),),
+            outputs=(_f32("visual_tokens", "N", latents, dv),),
+        ),
+    }
+
+
+def _tiled_image_graphs(vision) -> dict[str, GraphSpec]:
+    """`vision` and `resampler` of mllama's tiled tower and its projector."""
+    tiles, patches, side = vision.max_num_tiles, vision.patches_per_tile, vision.image_size
+    return {
+        "vision": GraphSpec(
+            "vision",
+            inputs=(_f32("pixel_values", "N", tiles, vision.num_channels, side, side),
+                    _i64("aspect_ratio_ids", "N"), _i64("aspect_ratio_mask", "N", tiles)),
+            outputs=(_f32("image_features", "N", tiles, patches, vision.vision_output_dim),),
+        ),
+        "resampler": GraphSpec(
+            "resampler",
+            inputs=(_f32("image_features", "N", tiles, patches, vision.vision_output_dim),),
+            outputs=(_f32("visual_tokens", "N", tiles * patches, vision.text_hidden_size),),
         ),
     }
 
@@ -191,8 +229,10 @@ def resolve_dims(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(dim if isinstance(dim, int) else derived[dim] for dim in spec.dims)
 
 
-def example_feed(spec: GraphSpec, sizes: dict[str, int], *, rng: np.random.Generator, vocab_size: int) -> dict:
-    """Random valid inputs for a graph: normal floats, token ids < vocab_size, 0/1 masks with real tokens last.
+def example_feed(spec: GraphSpec, sizes: dict[str, int], *, rng: np.random.Generator, vocab_size: int,
+                 max_aspect_ratio_id: int = 1) -> dict:
+    """Random valid inputs for a graph: normal floats, token ids < vocab_size, 0/1 masks with real tokens last;
+    (a tiled tower) aspect-ratio ids in 1..max_aspect_ratio_id and tile masks with the first tile real.
 
     Used to trace the export and to check graphs against PyTorch on fresh inputs.
     """
@@ -207,6 +247,11 @@ def example_feed(spec: GraphSpec, sizes: dict[str, int], *, rng: np.random.Gener
             feed[tensor.name] = mask
         elif tensor.name == "image_attention_mask":
             feed[tensor.name] = rng.integers(0, 2, size=shape, dtype=np.int64)
+        elif tensor.name == "aspect_ratio_ids":
+            feed[tensor.name] = rng.integers(1, max_aspect_ratio_id + 1, size=shape, dtype=np.int64)
+        elif tensor.name == "aspect_ratio_mask":  # [N, T]: the first k tiles real, k >= 1
+            real = rng.integers(1, shape[1] + 1, size=(shape[0], 1))
+            feed[tensor.name] = (np.arange(shape[1]) < real).astype(np.int64)
         else:
             feed[tensor.name] = rng.standard_normal(shape).astype(tensor.np_dtype)
     return feed

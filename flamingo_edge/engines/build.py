@@ -346,7 +346,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         for name in GRAPH_NAMES:
             if on_graph:
                 on_graph(name)
-            profiles = graph_profiles(specs[name], limits, config.visual_tokens_per_image)
+            profiles = graph_profiles(specs[name], limits, config.visual_tokens_per_slot, config.slots_per_image)
             if dla_core is not None and name in DLA_GRAPHS:  # the DLA takes static shapes only: one image a run
                 profiles = [{tensor: (low, low, low) for tensor, (low, _, _) in p.items()} for p in profiles]
             onnx_path = export_dir / record.graphs[name].file

@@ -37,8 +37,9 @@ def _profile(spec: GraphSpec, low: dict, opt: dict, high: dict) -> Profile:
     return {t.name: (resolve_dims(t, low), resolve_dims(t, opt), resolve_dims(t, high)) for t in spec.inputs}
 
 
-def graph_profiles(spec: GraphSpec, limits: ShapeLimits, latents: int) -> list[Profile]:
-    """The optimization profiles of one graph of the contract."""
+def graph_profiles(spec: GraphSpec, limits: ShapeLimits, latents: int, slots_per_image: int = 1) -> list[Profile]:
+    """The optimization profiles of one graph of the contract. `latents`: L, the visual tokens of one image slot;
+    `slots_per_image`: the decoder's image slots per image (a tiled tower's T tiles, else 1)."""
     images = limits.max_batch * limits.max_images
     if spec.name in ("vision", "resampler", "xattn_kv"):
         return [_profile(spec, {"N": 1, "F": 1}, {"N": 1, "F": 1}, {"N": images, "F": 1})]
@@ -49,7 +50,7 @@ def graph_profiles(spec: GraphSpec, limits: ShapeLimits, latents: int) -> list[P
     high_p = limits.max_context - 1
     prefill = _profile(spec, low, {**base, "B": 1, "S": min(32, limits.max_prompt), "P": 0, "M": 1},
                        {**base, "B": limits.max_batch, "S": limits.max_prompt, "P": high_p,
-                        "M": limits.max_images})
+                        "M": limits.max_images * slots_per_image})
     decode = _profile(spec, low, {**base, "B": 1, "S": 1, "P": limits.max_context // 2, "M": 1},
-                      {**base, "B": limits.max_batch, "S": 1, "P": high_p, "M": limits.max_images})
+                      {**base, "B": limits.max_batch, "S": 1, "P": high_p, "M": limits.max_images * slots_per_image})
     return [prefill, decode]

@@ -44,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _sizes(model: FlamingoModel, sizes: dict[str, int]) -> dict[str, int]:
-    return {**sizes, "L": model.config.visual_tokens_per_image}
+    return {**sizes, "L": model.config.visual_tokens_per_slot}
 
 
 def _torch_inputs(spec: GraphSpec, feed: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
@@ -247,16 +247,19 @@ def _export_graphs(model: FlamingoModel, out_dir: Path, *, opset: int, seed: int
     specs = build_graphs(model.config)
     rng = np.random.default_rng(seed)
     vocab = model.config.decoder.total_vocab_size
+    ratios = model.config.vision.max_aspect_ratio_id if model.config.tiled else 1
     graphs = {}
     for name in GRAPH_NAMES:
         if on_graph:
             on_graph(name)
         module = WRAPPERS[name](model).eval()
-        trace = example_feed(specs[name], _sizes(model, TRACE_SIZES), rng=rng, vocab_size=vocab)
+        trace = example_feed(specs[name], _sizes(model, TRACE_SIZES), rng=rng, vocab_size=vocab,
+                             max_aspect_ratio_id=ratios)
         graphs[name] = export_graph(specs[name], module, trace, out_dir, opset=opset,
                                     external_data_threshold=external_data_threshold,
                                     decompose_layernorm=decompose_layernorm)
-        checks = [example_feed(specs[name], _sizes(model, sizes), rng=rng, vocab_size=vocab) for sizes in CHECK_SIZES]
+        checks = [example_feed(specs[name], _sizes(model, sizes), rng=rng, vocab_size=vocab, max_aspect_ratio_id=ratios)
+                  for sizes in CHECK_SIZES]
         error = verify_graph(out_dir / graphs[name].file, specs[name], module, checks)
         logger.info("%s: exported, ONNX Runtime vs PyTorch relative error %.2e", name, error)
     return graphs

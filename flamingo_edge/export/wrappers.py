@@ -13,15 +13,16 @@ from flamingo_edge.models.flamingo import FlamingoModel
 
 class PartGraph(nn.Module):
     """A graph that is one part of the model called as it is: `vision` (pixel_values [N, 3, H, W] -> image_features
-    [N, T, Dv]) and `resampler` (image_features [N, F, T, Dv] -> visual_tokens [N, L, Dv])."""
+    [N, T, Dv]; a tiled tower also takes the aspect-ratio ids and tile mask) and `resampler` (image_features
+    [N, F, T, Dv] -> visual_tokens [N, L, Dv])."""
 
     def __init__(self, name: str, part: nn.Module):
         super().__init__()
         self.name = name
         self.add_module(name, part)  # under the part's own name: compare reports layers as "vision.blocks.3"
 
-    def forward(self, tensor: Tensor) -> Tensor:
-        return getattr(self, self.name)(tensor)
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return getattr(self, self.name)(*tensors)
 
 
 class CrossKVGraph(nn.Module):

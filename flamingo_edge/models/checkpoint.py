@@ -1,8 +1,9 @@
 """Loading a checkpoint folder into our modules: config, tensors, weight mapping, checks.
 
 A checkpoint is a `save_pretrained` folder: `config.json`, weights as `*.safetensors` (one file, or shards listed in
-`model.safetensors.index.json`), tokenizer and processor files. Two kinds are read: an IDEFICS folder
-(transformers' names, mapped by `importers/idefics.py`) and a folder written by a converter (`flamingo-edge convert`,
+`model.safetensors.index.json`), tokenizer and processor files. Three kinds are read: an IDEFICS folder
+(transformers' names, mapped by `importers/idefics.py`), a Llama 3.2 Vision folder (`MllamaForConditionalGeneration`,
+`importers/mllama.py`) and a folder written by a converter (`flamingo-edge convert`,
 `models/convert.py`): config.json with "model_type": "flamingo_edge" holding our FlamingoConfig, weights in our own
 names. Pickled weights (`pytorch_model*.bin`) are read only
 when no safetensors exist, and only with `torch.load(weights_only=True)`, which refuses to run code.
@@ -26,7 +27,7 @@ from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.config_checks import config_from_record, describe
 from flamingo_edge.models.flamingo import FlamingoModel
-from flamingo_edge.models.importers import idefics
+from flamingo_edge.models.importers import idefics, mllama
 from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def own_config(data: dict, source: str) -> FlamingoConfig:
     """
     config, problems = config_from_record(data.get("config"))
     if config is not None:
-        activations = (("vision.act", config.vision.act), ("resampler.act", config.resampler.act),
+        vision_act = config.vision.hidden_act if config.tiled else config.vision.act
+        activations = (("vision.act", vision_act), ("resampler.act", config.resampler.act),
                        ("decoder.act", config.decoder.act), ("decoder.cross_act", config.decoder.cross_act or "gelu"))
         problems += [f"{name} is {describe(value)}, expected one of {sorted(ACTIVATIONS)}"
                      for name, value in activations if isinstance(value, str) and value not in ACTIVATIONS]
@@ -91,14 +93,16 @@ def load_config(path: str | Path) -> FlamingoConfig:
     """Read a checkpoint folder's config.json into our FlamingoConfig (no weights are read).
 
     Raises:
-        CheckpointError: the folder or its config.json is missing, invalid, or neither an IDEFICS config nor one
-            written by `flamingo-edge convert`.
+        CheckpointError: the folder or its config.json is missing, invalid, or neither an IDEFICS nor an mllama
+            config nor one written by `flamingo-edge convert`.
     """
     folder = _check_folder(path)
     config_path = folder / "config.json"
     data = read_json(config_path)
     if data.get("model_type") == OWN_MODEL_TYPE:
         return own_config(data, str(config_path))
+    if data.get("model_type") == mllama.MODEL_TYPE:
+        return mllama.config_from_hf(data, source=str(config_path))
     return idefics.config_from_hf(data, source=str(config_path))
 
 
@@ -206,8 +210,8 @@ def _own_state(tensors: dict[str, torch.Tensor], files: dict[str, str], expected
 
 
 def load_checkpoint(path: str | Path) -> FlamingoModel:
-    """Load an IDEFICS `save_pretrained` folder, or a folder written by `flamingo-edge convert`, into our
-    FlamingoModel (fp32, eval mode).
+    """Load an IDEFICS or Llama 3.2 Vision (mllama) `save_pretrained` folder, or a folder written by
+    `flamingo-edge convert`, into our FlamingoModel (fp32, eval mode).
 
     Args:
         path: the checkpoint folder.
@@ -226,6 +230,8 @@ def load_checkpoint(path: str | Path) -> FlamingoModel:
         expected = {name: p.shape for name, p in FlamingoModel(config=config).state_dict().items()}
     if is_own_format(folder):
         state = _own_state(tensors, files, expected, folder)
+    elif config.family == mllama.MODEL_TYPE:
+        state = mllama.convert(tensors, files, config, expected)
     else:
         state = idefics.convert(tensors, files, config, expected)
     model = FlamingoModel(config=config)

@@ -149,7 +149,8 @@ class Decoder(nn.Module):
     def __init__(self, *, config: DecoderConfig, visual_width: int):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.total_vocab_size, config.width)
+        # input-only rows (mllama's <|image|> and its 7 spares) are read, never predicted: the head has none
+        self.embed = nn.Embedding(config.total_vocab_size + config.input_only_vocab, config.width)
         # the self-attention layers; with cross_placement "replace", the gated blocks stand in the others' places
         self.layers = nn.ModuleList(DecoderLayer(config=config) for _ in range(config.self_attention_layers))
         self.cross_blocks = nn.ModuleList(

@@ -9,6 +9,10 @@ Each graph of the contract (DESIGN.md) is one sub-module call with explicit inpu
 
 `forward` chains them for a whole prompt the way transformers' `IdeficsForVisionText2Text.forward` does (same
 inputs, same logits), which is what the parity tests compare.
+
+A tiled vision tower (mllama, `config.tiled`) takes each image as T tiles with its aspect-ratio id and tile mask, and
+a projector takes the resampler's place: visual_tokens [N, T*P, D] whose T tiles are T slots of P tokens for the
+decoder's `image_attention_mask` [B, S, M*T] (graphs.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 
 from flamingo_edge.config import FlamingoConfig
 from flamingo_edge.models.decoder import Decoder
+from flamingo_edge.models.mllama_vision import MllamaProjector, MllamaVision
 from flamingo_edge.models.resampler import PerceiverResampler
 from flamingo_edge.models.vision import VisionEncoder
 
@@ -35,12 +40,20 @@ class FlamingoModel(nn.Module):
     def __init__(self, *, config: FlamingoConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config=config.vision)
-        self.resampler = PerceiverResampler(width=config.vision.width, config=config.resampler)
-        self.decoder = Decoder(config=config.decoder, visual_width=config.vision.width)
+        if config.tiled:
+            self.vision = MllamaVision(settings=config.vision)
+            self.resampler = MllamaProjector(settings=config.vision)
+        else:
+            self.vision = VisionEncoder(config=config.vision)
+            self.resampler = PerceiverResampler(width=config.vision.width, config=config.resampler)
+        self.decoder = Decoder(config=config.decoder, visual_width=config.visual_width)
 
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """pixel_values [N, 3, H, W] -> visual_tokens [N, L, Dv] (single-frame images)."""
+    def encode_images(self, pixel_values: Tensor, aspect_ratio_ids: Tensor | None = None,
+                      aspect_ratio_mask: Tensor | None = None) -> Tensor:
+        """pixel_values [N, 3, H, W] -> visual_tokens [N, L, Dv] (single-frame images); a tiled tower: pixel_values
+        [N, T, 3, S, S], aspect_ratio_ids [N], aspect_ratio_mask [N, T] -> visual_tokens [N, T*P, D]."""
+        if self.config.tiled:
+            return self.resampler(self.vision(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
         return self.resampler(self.vision(pixel_values)[:, None])  # [N, 1, T, Dv] -> [N, L, Dv]
 
     def cross_attention_kv(self, visual_tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -49,21 +62,25 @@ class FlamingoModel(nn.Module):
         return [key for key, _ in pairs], [value for _, value in pairs]
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_attention_mask: Tensor
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_attention_mask: Tensor,
+        aspect_ratio_ids: Tensor | None = None, aspect_ratio_mask: Tensor | None = None,
     ) -> Tensor:
         """A whole prompt, no cache.
 
         Args:
             input_ids: i64 [B, S].
             attention_mask: i64 [B, S].
-            pixel_values: f32 [B, M, 3, H, W] (rows with fewer images carry zero images, masked out).
-            image_attention_mask: i64 [B, S, M].
+            pixel_values: f32 [B, M, 3, H, W] (rows with fewer images carry zero images, masked out); a tiled tower:
+                [B, M, T, 3, S, S].
+            image_attention_mask: i64 [B, S, M]; a tiled tower: [B, S, M*T], one slot per tile.
+            aspect_ratio_ids, aspect_ratio_mask: (a tiled tower) i64 [B, M] and [B, M, T].
 
         Returns:
             logits f32 [B, S, V].
         """
         batch = pixel_values.shape[0]
-        visual_tokens = self.encode_images(pixel_values.flatten(0, 1))  # [B*M, L, Dv]
+        tiles = (aspect_ratio_ids.flatten(0, 1), aspect_ratio_mask.flatten(0, 1)) if self.config.tiled else ()
+        visual_tokens = self.encode_images(pixel_values.flatten(0, 1), *tiles)  # [B*M, L, Dv]
         keys, values = self.cross_attention_kv(visual_tokens)
         keys = [images_to_rows(key, batch) for key in keys]  # [B, H, M*L, Dh]
         values = [images_to_rows(value, batch) for value in values]

@@ -22,7 +22,8 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
 
     Args:
         model: the reference model.
-        inputs: `Processor(...)` outputs (numpy): input_ids, attention_mask, pixel_values, image_attention_mask.
+        inputs: `Processor(...)` outputs (numpy): input_ids, attention_mask, pixel_values, image_attention_mask (and
+            for a tiled tower aspect_ratio_ids, aspect_ratio_mask).
         max_new_tokens: tokens to generate per row.
         stop_token_ids: tokens that end a row (the processor's `stop_token_ids`: EOS for IDEFICS,
             `<|endofchunk|>` for OpenFlamingo; empty: never).
@@ -35,7 +36,9 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
                                                                    "image_attention_mask"))
     pixels = torch.from_numpy(inputs["pixel_values"])
     batch = ids.shape[0]
-    keys, values = model.cross_attention_kv(model.encode_images(pixels.flatten(0, 1)))
+    tiles = tuple(torch.from_numpy(inputs[k]).flatten(0, 1) for k in ("aspect_ratio_ids", "aspect_ratio_mask")
+                  ) if model.config.tiled else ()
+    keys, values = model.cross_attention_kv(model.encode_images(pixels.flatten(0, 1), *tiles))
     keys = [images_to_rows(k, batch) for k in keys]
     values = [images_to_rows(v, batch) for v in values]
     past_keys, past_values = model.decoder.empty_cache(batch)

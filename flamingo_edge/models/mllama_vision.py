@@ -15,109 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from flamingo_edge.config import TiledVisionConfig
 from flamingo_edge.errors import CheckpointError
-from flamingo_edge.models.layers import ACTIVATIONS, attend, merge_heads, split_heads
+from flamingo_edge.models.layers import attend, merge_heads, split_heads
 from flamingo_edge.models.vision import VisionMLP
-
-# transformers' ACT2FN names that our ACTIVATIONS spell differently.
-_ACTIVATION_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-
-
-@dataclass(frozen=True)
-class MllamaVisionSettings:
-    """The sizes of mllama's vision tower and projector (transformers' MllamaVisionConfig + the text width)."""
-
-    hidden_size: int  # D, the token width of both transformers
-    num_hidden_layers: int  # layers of the local transformer
-    num_global_layers: int  # gated layers of the global transformer
-    attention_heads: int  # D must be a multiple of it
-    intermediate_size: int  # hidden width of every MLP
-    image_size: int  # side of one square tile in pixels
-    patch_size: int  # side of one patch; image_size must be a multiple of it
-    max_num_tiles: int  # T, tiles per image (the processor pads every image to T)
-    supported_aspect_ratios: tuple[tuple[int, int], ...]  # (rows, cols) of tiles; aspect_ratio_id k = entry k-1
-    intermediate_layers_indices: tuple[int, ...]  # local layers whose outputs are appended (negative: from the end)
-    vision_output_dim: int  # D * (1 + len(intermediate_layers_indices))
-    text_hidden_size: int  # the projector's output width, the text model's hidden size
-    hidden_act: str = "gelu"  # a key of layers.ACTIVATIONS
-    norm_eps: float = 1e-5  # the blocks' LayerNorms (layernorm_pre/post always use 1e-5, as upstream)
-    num_channels: int = 3
-
-    def __post_init__(self):
-        problems = []
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_size % self.attention_heads:
-            problems.append(f"hidden_size {self.hidden_size} is not a multiple of attention_heads "
-                            f"{self.attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            problems.append(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
-        layers = self.num_hidden_layers
-        if not all(-layers <= i < layers for i in self.intermediate_layers_indices):
-            problems.append(f"intermediate_layers_indices {list(self.intermediate_layers_indices)} must lie in "
-                            f"[-{layers}, {layers}) for {layers} local layers")
-        expected = self.hidden_size * (1 + len(self.intermediate_layers_indices))
-        if self.vision_output_dim != expected:
-            problems.append(f"vision_output_dim is {self.vision_output_dim}; hidden_size * (1 + "
-                            f"len(intermediate_layers_indices)) = {expected}")
-        if problems:
-            raise CheckpointError("mllama vision config cannot be used: " + "; ".join(problems))
-
-    @classmethod
-    def from_transformers(cls, config, *, text_hidden_size: int | None = None) -> MllamaVisionSettings:
-        """From a transformers MllamaConfig, or a MllamaVisionConfig plus `text_hidden_size`."""
-        vision = getattr(config, "vision_config", config)
-        if text_hidden_size is None:
-            if not hasattr(config, "text_config"):
-                raise CheckpointError("a MllamaVisionConfig alone does not give the projector's width: pass "
-                                      "text_hidden_size=, or the whole MllamaConfig")
-            text_hidden_size = config.text_config.hidden_size
-        return cls(
-            hidden_size=vision.hidden_size, num_hidden_layers=vision.num_hidden_layers,
-            num_global_layers=vision.num_global_layers, attention_heads=vision.attention_heads,
-            intermediate_size=vision.intermediate_size, image_size=_side(vision.image_size, "image_size"),
-            patch_size=_side(vision.patch_size, "patch_size"), max_num_tiles=vision.max_num_tiles,
-            supported_aspect_ratios=tuple(tuple(r) for r in vision.supported_aspect_ratios),
-            intermediate_layers_indices=tuple(vision.intermediate_layers_indices),
-            vision_output_dim=vision.vision_output_dim, text_hidden_size=text_hidden_size,
-            hidden_act=_ACTIVATION_NAMES.get(vision.hidden_act, vision.hidden_act), norm_eps=vision.norm_eps,
-            num_channels=vision.num_channels,
-        )
-
-    @property
-    def max_aspect_ratio_id(self) -> int:
-        """The largest aspect_ratio_id; id 0 is padding (no image)."""
-        return len(self.supported_aspect_ratios)
-
-    @property
-    def patches_per_tile(self) -> int:
-        """P, the tokens of one tile: its patches plus the class token."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @property
-    def padded_patches_per_tile(self) -> int:
-        """P8, P rounded up to a multiple of 8 (P = g² + 1 is never one, so there is always padding)."""
-        return -(-self.patches_per_tile // 8) * 8
-
-    @property
-    def kept_layers(self) -> tuple[int, ...]:
-        """intermediate_layers_indices made non-negative, in their order (upstream indexes a tuple with them)."""
-        return tuple(i % self.num_hidden_layers for i in self.intermediate_layers_indices)
-
-
-def _side(size, name: str) -> int:
-    """An int, or a square [s, s] (the config allows a list)."""
-    if isinstance(size, int):
-        return size
-    if len(size) == 2 and size[0] == size[1]:
-        return int(size[0])
-    raise CheckpointError(f"mllama {name} {size!r} is not square; only square tiles are supported")
-
 
 def zero_rows(x: Tensor, rows: int) -> Tensor:
     """Zeros [N, T, rows, D] for x [N, T, R, D], rows <= R.
@@ -163,7 +68,7 @@ class MllamaVisionAttention(nn.Module):
 class MllamaVisionBlock(nn.Module):
     """Pre-LN transformer block; in the global transformer both residual branches are scaled by tanh(gate)."""
 
-    def __init__(self, *, settings: MllamaVisionSettings, gated: bool):
+    def __init__(self, *, settings: TiledVisionConfig, gated: bool):
         super().__init__()
         width = settings.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=settings.norm_eps)
@@ -184,7 +89,7 @@ class MllamaVision(nn.Module):
     """Tiled ViT: pixel_values [N, T, C, S, S], aspect_ratio_ids [N], aspect_ratio_mask [N, T]
     -> image_features [N, T, P, vision_output_dim]."""
 
-    def __init__(self, *, settings: MllamaVisionSettings):
+    def __init__(self, *, settings: TiledVisionConfig):
         super().__init__()
         self.settings = settings
         s, width = settings, settings.hidden_size
@@ -250,7 +155,7 @@ class MllamaVision(nn.Module):
 class MllamaProjector(nn.Module):
     """multi_modal_projector: image_features [N, T, P, vision_output_dim] -> visual tokens [N, T*P, text width]."""
 
-    def __init__(self, *, settings: MllamaVisionSettings):
+    def __init__(self, *, settings: TiledVisionConfig):
         super().__init__()
         self.settings = settings
         self.proj = nn.Linear(settings.vision_output_dim, settings.text_hidden_size)

@@ -3,6 +3,7 @@ and the vision module through torch.onnx.export + ONNX Runtime with a dynamic im
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -14,8 +15,9 @@ import torch
 
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.graphs import DEFAULT_OPSET
-from flamingo_edge.models.mllama_vision import (UPSTREAM_PREFIXES, MllamaProjector, MllamaVision,
-                                                MllamaVisionSettings, load_from_transformers)
+from flamingo_edge.config import TiledVisionConfig
+from flamingo_edge.mllama_config import config_from_hf
+from flamingo_edge.models.mllama_vision import UPSTREAM_PREFIXES, MllamaProjector, MllamaVision, load_from_transformers
 from flamingo_edge.tolerances import LOGITS_REL_TOL, relative_error
 
 transformers = pytest.importorskip("transformers", reason="the upstream reference: pip install -e '.[test]'")
@@ -61,7 +63,7 @@ def tiny_mllama(name: str, seed: int):
     return model
 
 
-def random_images(settings: MllamaVisionSettings, ids: list[int], rng) -> tuple[torch.Tensor, ...]:
+def random_images(settings: TiledVisionConfig, ids: list[int], rng) -> tuple[torch.Tensor, ...]:
     """pixel_values [N, T, C, S, S] (padding tiles random too: real tokens attend to them upstream), ids [N],
     aspect_ratio_mask [N, T] with the first TILES_BY_ID[id] tiles set."""
     shape = (len(ids), settings.max_num_tiles, settings.num_channels, settings.image_size, settings.image_size)
@@ -71,7 +73,7 @@ def random_images(settings: MllamaVisionSettings, ids: list[int], rng) -> tuple[
 
 
 def ours_from(model) -> tuple[MllamaVision, MllamaProjector]:
-    settings = MllamaVisionSettings.from_transformers(model.config)
+    settings = config_from_hf(model.config.to_dict()).vision
     vision, projector = MllamaVision(settings=settings).eval(), MllamaProjector(settings=settings).eval()
     state = model.state_dict()
     load_from_transformers(vision, state, prefix=UPSTREAM_PREFIXES["vision"])
@@ -130,14 +132,15 @@ def test_vision_exports_with_dynamic_image_count(upstream, seed, tmp_path):
 
 
 def test_load_rejects_a_checkpoint_of_another_size(upstream):
-    settings = MllamaVisionSettings.from_transformers(upstream.config)
-    other = MllamaVision(settings=MllamaVisionSettings(**{**vars(settings), "intermediate_size": 40}))
+    settings = config_from_hf(upstream.config.to_dict()).vision
+    other = MllamaVision(settings=dataclasses.replace(settings, intermediate_size=40))
     with pytest.raises(CheckpointError, match=r"transformer\.layers\.0\.mlp\.fc1\.weight has shape \[64, 32\], "
                                               r"expected \[40, 32\]"):
         load_from_transformers(other, upstream.state_dict(), prefix=UPSTREAM_PREFIXES["vision"])
 
 
-def test_settings_reject_an_inconsistent_output_width(upstream):
-    settings = MllamaVisionSettings.from_transformers(upstream.config)
+def test_config_rejects_an_inconsistent_output_width(upstream):
+    data = upstream.config.to_dict()
+    data["vision_config"]["vision_output_dim"] = 7680
     with pytest.raises(CheckpointError, match=r"vision_output_dim is 7680; hidden_size \* \(1 \+ "):
-        MllamaVisionSettings(**{**vars(settings), "vision_output_dim": 7680})
+        config_from_hf(data)
