@@ -258,6 +258,11 @@ def config_differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
         a, b = ours.get(key), theirs.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += config_differences(a, b, f"{prefix}{key}.")
-        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+        elif _as_lists(a) != _as_lists(b):
             found.append(f"{prefix}{key} {a!r} vs {b!r}")
     return found
+
+
+def _as_lists(value):
+    """Tuples (ours) and lists (JSON's), nested, compared alike."""
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value

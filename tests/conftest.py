@@ -100,6 +100,19 @@ def demo_calibration(demo_export, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def mllama_export(tmp_path_factory):
+    """A tiny random Llama 3.2 Vision checkpoint (`random_mllama`, saved by transformers) and its export:
+    (checkpoint, export)."""
+    from flamingo_edge.export.export import export_all
+    from flamingo_edge.models.random_mllama import save_random_mllama
+
+    root = tmp_path_factory.mktemp("mllama")
+    checkpoint = save_random_mllama(root / "checkpoint", preset="tiny", seed=SEED)
+    export_all(checkpoint, root / "export", seed=SEED)
+    return checkpoint, root / "export"
+
+
 OPENFLAMINGO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openflamingo"  # tests/reference/openflamingo
 
 

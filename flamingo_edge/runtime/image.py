@@ -11,6 +11,10 @@ casts, torchvision's ToTensor divides a float32 tensor by 255: both give the sam
 (checked exhaustively in the tests), and both normalise as float32 (x - mean) / std, so `pixel_values` agree to
 the last float32 bit on x86-64.
 
+Llama 3.2 Vision's tiling preprocessor (`MllamaImagePreprocessor`) lives in `runtime/mllama_image.py`; both follow
+`ImagePreprocessing`, the interface the processor and the pipeline use, and `uses_mllama_processor(folder)` tells which
+one a checkpoint needs.
+
 Nothing here imports torch, transformers or Pillow.
 """
 
@@ -21,7 +25,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -190,7 +194,7 @@ def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image[top : top + height, left : left + width]
 
 
-# -------------------------------------------------------------------------------------------------- preprocessor
+# ------------------------------------------------------------------------------------------------------ settings
 
 
 class AlphaHandling(str, Enum):
@@ -319,6 +323,92 @@ def _crop_size_from_config(config: dict[str, Any], source: str) -> tuple[int, in
                           "{\"height\": S, \"width\": S}")
 
 
+# ------------------------------------------------------------------------------------------- checkpoint files
+
+PROCESSOR_CONFIG = "processor_config.json"  # transformers >= 4.47: {"image_processor": {...}, "processor_class": ...}
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # older checkpoints: the image processor's settings alone
+# transformers' names for Llama 3.2 Vision's processor and its image processors (slow, Pil and fast classes)
+MLLAMA_PROCESSOR_CLASS = "MllamaProcessor"
+MLLAMA_IMAGE_PROCESSOR_TYPES = ("MllamaImageProcessor", "MllamaImageProcessorPil", "MllamaImageProcessorFast")
+
+
+def read_image_processor_config(folder: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The image processor's settings of a checkpoint or export folder, and the file they came from.
+
+    `processor_config.json`'s "image_processor" entry wins; older checkpoints keep them in `preprocessor_config.json`.
+
+    Raises:
+        CheckpointError: neither file holds image settings, or one is not valid JSON.
+    """
+    folder = Path(folder)
+    for name, key in ((PROCESSOR_CONFIG, "image_processor"), (PREPROCESSOR_CONFIG, None)):
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = read_json(path)
+        if key is not None:
+            if not isinstance(config.get(key), dict):  # a processor config without image settings
+                continue
+            config = config[key]
+        return path, config
+    raise CheckpointError(f"{folder} has no image settings (processor_config.json with an \"image_processor\" "
+                          "entry, or preprocessor_config.json); save the processor with its save_pretrained(folder)")
+
+
+def uses_mllama_processor(folder: str | Path) -> bool:
+    """Whether the folder's processor is transformers' `MllamaProcessor` (Llama 3.2 Vision).
+
+    What `save_pretrained` records decides: "processor_class" or the image processor's "image_processor_type" in
+    `processor_config.json` or `preprocessor_config.json` (an export copies both unchanged). The folder's name never
+    does.
+
+    Raises:
+        CheckpointError: one of the files is not valid JSON.
+    """
+    folder = Path(folder)
+    for name in (PROCESSOR_CONFIG, PREPROCESSOR_CONFIG):
+        path = folder / name
+        if not path.is_file():
+            continue
+        config = read_json(path)
+        image_processor = config.get("image_processor")
+        image_processor = image_processor if isinstance(image_processor, dict) else config
+        if (config.get("processor_class") == MLLAMA_PROCESSOR_CLASS
+                or image_processor.get("image_processor_type") in MLLAMA_IMAGE_PROCESSOR_TYPES):
+            return True
+    return False
+
+
+# -------------------------------------------------------------------------------------------------- preprocessor
+
+
+class ImagePreprocessing(Protocol):
+    """What the processor and the pipeline ask of an image preprocessor (`ImagePreprocessor`,
+    `mllama_image.MllamaImagePreprocessor`).
+
+    An image fills `slots_per_image` cross-attention slots of the decoder: 1 for a CLIP-style image, one per tile
+    for mllama (`image_attention_mask` has M * slots_per_image columns, image-major).
+    """
+
+    slots_per_image: int
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one preprocessed image, `__call__`'s output."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """One image → its float32 pixel values, `image_shape`."""
+
+    def vision_feed(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The `vision` graph's inputs for one image, batch dim 1."""
+
+    def padding_feed(self) -> dict[str, np.ndarray] | None:
+        """The `vision` feed of an image slot that a row does not use, as upstream fills it; None: all zeros."""
+
+    def tiles_of(self, image: np.ndarray) -> int:
+        """How many of the image's `slots_per_image` slots hold real content (the rest are masked)."""
+
+
 class ImagePreprocessor:
     """uint8 images → normalised channel-first float32 `pixel_values`, as the checkpoint's upstream processor.
 
@@ -339,28 +429,39 @@ class ImagePreprocessor:
         """Read `processor_config.json` ("image_processor" key) or, for older checkpoints, `preprocessor_config.json`.
 
         Raises:
-            CheckpointError: neither file exists, or one is not valid JSON, or it asks for something unsupported.
+            CheckpointError: neither file exists, or one is not valid JSON, or it asks for something unsupported
+                (among them an mllama image processor: see `uses_mllama_processor`).
         """
-        folder = Path(folder)
-        for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
-            path = folder / name
-            if not path.is_file():
-                continue
-            config = read_json(path)
-            if key is not None:
-                if not isinstance(config.get(key), dict):  # a processor config without image settings
-                    continue
-                config = config[key]
-            logger.debug("image settings from %s", path)
-            return cls(ImageSettings.from_dict(config, source=str(path)), legacy_pass_order=legacy_pass_order)
-        raise CheckpointError(f"{folder} has no image settings (processor_config.json with an \"image_processor\" "
-                              "entry, or preprocessor_config.json); save the processor with its "
-                              "save_pretrained(folder)")
+        path, config = read_image_processor_config(folder)
+        if uses_mllama_processor(folder):
+            raise CheckpointError(f"{path} holds Llama 3.2 Vision's tiling image processor, not a CLIP-style one; "
+                                  "load it with mllama_image.MllamaImagePreprocessor.from_pretrained(folder), or "
+                                  "load the whole processor with Processor.from_pretrained(folder)")
+        logger.debug("image settings from %s", path)
+        return cls(ImageSettings.from_dict(config, source=str(path)), legacy_pass_order=legacy_pass_order)
+
+    slots_per_image = 1  # one image is one cross-attention slot of the decoder
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(3, height, width) of one preprocessed image."""
         return 3, *self.settings.output_size
+
+    def vision_feed(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The `vision` graph's feed for one image: {"pixel_values": float32 [1, 3, height, width]}.
+
+        Raises:
+            ImageError: as `__call__`.
+        """
+        return {"pixel_values": self(image)[None]}
+
+    def padding_feed(self) -> None:
+        """None: an unused image slot is all zeros (IDEFICS fills missing images with zero pixels)."""
+        return None
+
+    def tiles_of(self, image: np.ndarray) -> int:
+        """1: every image fills its one slot."""
+        return 1
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Preprocess one image.

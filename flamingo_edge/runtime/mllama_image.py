@@ -13,7 +13,11 @@ cut into row-major tiles:
 
 The padding is normalised too (it becomes -mean/std), as upstream does. Pillow's resampling filters are reproduced
 bit for bit (`resize_pil`, on top of `runtime/resize.py`), so `pixel_values` equal transformers' to the
-last float32 bit. Nothing here imports torch, transformers or Pillow.
+last float32 bit.
+
+`MllamaImagePreprocessor` is the processor's and the pipeline's view of it (`image.ImagePreprocessing`): one image at
+a time, as the `vision` graph's feed (pixel_values [1, T, 3, S, S], aspect_ratio_ids [1], aspect_ratio_mask [1, T]),
+each tile one cross-attention slot of the decoder. Nothing here imports torch, transformers or Pillow.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
-from flamingo_edge.runtime.image import to_rgb
+from flamingo_edge.runtime.image import (_check_image, read_image_processor_config, to_rgb,
+                                        uses_mllama_processor)
 from flamingo_edge.runtime.resize import resample_passes, resize_bicubic
 
-__all__ = ["MllamaImageSettings", "MllamaImages", "preprocess", "cross_attention_mask", "supported_aspect_ratios",
-           "optimal_tiled_canvas", "size_fit_to_canvas", "tile_image", "resize_pil"]
+__all__ = ["MllamaImageSettings", "MllamaImages", "MllamaImagePreprocessor", "preprocess", "cross_attention_mask",
+           "supported_aspect_ratios", "optimal_tiled_canvas", "size_fit_to_canvas", "tile_image", "resize_pil"]
 
 # PIL.Image.Resampling values, as checkpoints store them in "resample"
 NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5
@@ -297,6 +303,35 @@ def tile_image(image: np.ndarray, settings: MllamaImageSettings, *, legacy_pass_
     return np.ascontiguousarray(tiles.reshape(rows * cols, 3, tile, tile)), (rows, cols)
 
 
+class _ImageSlot(NamedTuple):
+    """One image slot of `MllamaImages` (the M axis): what upstream writes for an image, or for a missing one."""
+
+    pixel_values: np.ndarray  # float32 [T, 3, tile, tile]; tiles past the image's own are 0
+    aspect_ratio_id: int  # 1 + index in supported_aspect_ratios; 0 for a missing image
+    aspect_ratio_mask: np.ndarray  # int64 [T]; the image's tiles, and tile 0 always (a missing image too)
+    num_tiles: int  # 0 for a missing image
+
+
+def _image_slot(image: np.ndarray, settings: MllamaImageSettings, *, legacy_pass_order: bool) -> _ImageSlot:
+    """One image's slot, as `MllamaImageProcessorPil` fills it."""
+    tiles, (rows, cols) = tile_image(image, settings, legacy_pass_order=legacy_pass_order)
+    slot = _padding_slot(settings)
+    slot.pixel_values[: rows * cols] = tiles
+    slot.aspect_ratio_mask[: rows * cols] = 1
+    return slot._replace(aspect_ratio_id=settings.supported_aspect_ratios.index((rows, cols)) + 1,
+                         num_tiles=rows * cols)
+
+
+def _padding_slot(settings: MllamaImageSettings) -> _ImageSlot:
+    """The slot of a missing image (a sample with fewer images than the batch's most): zero pixels, aspect ratio id
+    0, and tile 0 unmasked, as upstream's `pack_images` / `convert_aspect_ratios_to_ids` / `build_aspect_ratio_mask`
+    leave it."""
+    tiles, side = settings.max_image_tiles, settings.tile_size
+    mask = np.zeros(tiles, dtype=np.int64)
+    mask[0] = 1  # upstream sets tile 0 for every slot, padding images included
+    return _ImageSlot(np.zeros((tiles, 3, side, side), dtype=np.float32), 0, mask, 0)
+
+
 def preprocess(images: Sequence[Sequence[np.ndarray]], settings: MllamaImageSettings | None = None, *,
                legacy_pass_order: bool = False) -> MllamaImages:
     """A batch of image lists → the model's image inputs, equal to `MllamaImageProcessorPil(images)`.
@@ -314,23 +349,115 @@ def preprocess(images: Sequence[Sequence[np.ndarray]], settings: MllamaImageSett
         ImageError: an image that is not a usable uint8 array.
     """
     s = settings or MllamaImageSettings()
-    ratios = s.supported_aspect_ratios
     batch, most = len(images), max((len(sample) for sample in images), default=0)
-    tiles = s.max_image_tiles
-    pixel_values = np.zeros((batch, most, tiles, 3, s.tile_size, s.tile_size), dtype=np.float32)
-    aspect_ratio_ids = np.zeros((batch, most), dtype=np.int64)
-    aspect_ratio_mask = np.zeros((batch, most, tiles), dtype=np.int64)
-    aspect_ratio_mask[:, :, 0] = 1  # upstream sets tile 0 for every slot, padding images included
+    padding = _padding_slot(s)
+    pixel_values = np.zeros((batch, most, *padding.pixel_values.shape), dtype=np.float32)  # [B, M, T, 3, S, S]
+    aspect_ratio_ids = np.zeros((batch, most), dtype=np.int64)  # [B, M]
+    aspect_ratio_mask = np.tile(padding.aspect_ratio_mask, (batch, most, 1))  # [B, M, T]
     num_tiles = []
     for b, sample in enumerate(images):
         num_tiles.append([])
         for m, image in enumerate(sample):
-            image_tiles, (rows, cols) = tile_image(image, s, legacy_pass_order=legacy_pass_order)
-            pixel_values[b, m, : rows * cols] = image_tiles
-            aspect_ratio_ids[b, m] = ratios.index((rows, cols)) + 1
-            aspect_ratio_mask[b, m, : rows * cols] = 1
-            num_tiles[b].append(rows * cols)
+            slot = _image_slot(image, s, legacy_pass_order=legacy_pass_order)
+            pixel_values[b, m] = slot.pixel_values
+            aspect_ratio_ids[b, m] = slot.aspect_ratio_id
+            aspect_ratio_mask[b, m] = slot.aspect_ratio_mask
+            num_tiles[b].append(slot.num_tiles)
     return MllamaImages(pixel_values, aspect_ratio_ids, aspect_ratio_mask, num_tiles)
+
+
+class MllamaImagePreprocessor:
+    """Llama 3.2 Vision's image preprocessing one image at a time, for the processor and the pipeline
+    (`image.ImagePreprocessing`): `preprocess` of a batch equals these slots stacked.
+
+    Every image fills T = `max_image_tiles` cross-attention slots of the decoder, one per tile; the tiles past the
+    image's own (`tiles_of`) are zero pixels that the cross-attention mask hides.
+
+    Args:
+        settings: what to do; `MllamaImagePreprocessor.from_pretrained(folder)` reads them from a checkpoint.
+        legacy_pass_order: resize like Pillow <= 12 rather than Pillow 13 (see `resize.resize_bicubic`); match the
+            Pillow that the reference side uses when comparing bit for bit.
+    """
+
+    def __init__(self, settings: MllamaImageSettings | None = None, *, legacy_pass_order: bool = False):
+        self.settings = settings or MllamaImageSettings()
+        self.legacy_pass_order = legacy_pass_order
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, legacy_pass_order: bool = False) -> MllamaImagePreprocessor:
+        """Read `processor_config.json` ("image_processor") or `preprocessor_config.json` of a checkpoint or export.
+
+        Raises:
+            CheckpointError: neither file holds image settings, or they are not MllamaImageProcessor's (another
+                family's settings would be read as transformers' defaults without a word).
+        """
+        path, config = read_image_processor_config(folder)
+        if not uses_mllama_processor(folder):
+            raise CheckpointError(f"{path} is not Llama 3.2 Vision's image processor (no \"processor_class\": "
+                                  "\"MllamaProcessor\" nor an MllamaImageProcessor \"image_processor_type\"); load "
+                                  "it with image.ImagePreprocessor.from_pretrained(folder), or the whole processor "
+                                  "with Processor.from_pretrained(folder)")
+        return cls(MllamaImageSettings.from_processor_config(config, source=str(path)),
+                   legacy_pass_order=legacy_pass_order)
+
+    @property
+    def slots_per_image(self) -> int:
+        """T: one cross-attention slot per tile, padding tiles included."""
+        return self.settings.max_image_tiles
+
+    @property
+    def image_shape(self) -> tuple[int, int, int, int]:
+        """(T, 3, tile, tile) of one preprocessed image."""
+        return self.settings.max_image_tiles, 3, self.settings.tile_size, self.settings.tile_size
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """One image's tiles: float32 [T, 3, tile, tile], zeros past its own tiles (see `vision_feed` for the rest).
+
+        Raises:
+            ImageError: an image that is not a usable uint8 array.
+        """
+        return self.vision_feed(image)["pixel_values"][0]
+
+    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """Several images' tiles: float32 [N, T, 3, tile, tile]."""
+        out = np.zeros((len(images), *self.image_shape), dtype=np.float32)
+        for i, image in enumerate(images):
+            out[i] = self(image)
+        return out
+
+    def vision_feed(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The `vision` graph's feed for one image, as `MllamaImageProcessorPil` fills the image's slot.
+
+        Returns:
+            pixel_values float32 [1, T, 3, tile, tile], aspect_ratio_ids int64 [1], aspect_ratio_mask int64 [1, T].
+
+        Raises:
+            ImageError: an image that is not a usable uint8 array.
+        """
+        return _feed(_image_slot(image, self.settings, legacy_pass_order=self.legacy_pass_order))
+
+    def padding_feed(self) -> dict[str, np.ndarray]:
+        """The feed of an image slot a row does not use, as upstream fills it in a batch whose rows hold different
+        image counts: zero pixels, aspect_ratio_ids [0], aspect_ratio_mask [[1, 0, ..., 0]]."""
+        return _feed(_padding_slot(self.settings))
+
+    def tiles_of(self, image: np.ndarray) -> int:
+        """How many tiles the image fills (1..T), from its height and width alone (no resize).
+
+        Raises:
+            ImageError: not a usable image array.
+        """
+        _check_image(image)
+        rows, cols = optimal_tiled_canvas(image.shape[0], image.shape[1], self.settings.max_image_tiles,
+                                          self.settings.tile_size)
+        return rows * cols
+
+
+def _feed(slot: _ImageSlot) -> dict[str, np.ndarray]:
+    """A slot as the `vision` graph's inputs, batch dim 1."""
+    return {"pixel_values": slot.pixel_values[None],  # [1, T, 3, S, S]
+            "aspect_ratio_ids": np.array([slot.aspect_ratio_id], dtype=np.int64),  # [1]
+            "aspect_ratio_mask": slot.aspect_ratio_mask[None]}  # [1, T]
 
 
 # ----------------------------------------------------------------------------------------- cross-attention

@@ -107,6 +107,7 @@ class Pipeline:
         self._prefix_lock = threading.Lock()  # a scheduler's prefills and a direct generate may share the cache
         self._encoding: dict[str, threading.Event] = {}  # images being encoded now, by cache key
         self._encoding_lock = threading.Lock()
+        self._padding_kv: dict[str, np.ndarray] | None = None  # a padding image slot's cross K/V (mllama), once
         blocks = range(len(config.decoder.cross_layers))
         self._cross_names = [name(i) for i in blocks for name in (cross_key, cross_value)]
 
@@ -195,6 +196,30 @@ class Pipeline:
             for name in names:
                 self.stats[name] += by
 
+    def _encode(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """vision -> resampler -> xattn_kv for one image's vision feed: cross K/V [1, Hx, L, Dh] per name (a tiled
+        tower's L is its T*P tokens)."""
+        features = self.sessions["vision"].run(feed)["image_features"]  # [1, T, Dv]; tiled: [1, T, P, Dvo]
+        if features.ndim == 3:
+            features = features[:, None]  # one frame: [1, 1, T, Dv]
+        visual = self.sessions["resampler"].run({"image_features": features})["visual_tokens"]
+        kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})
+        self._count("vision_runs", "resampler_runs", "xattn_kv_runs")
+        return kv
+
+    def padding_kv(self) -> dict[str, np.ndarray] | None:
+        """Cross K/V of a padding image slot as the family's reference fills it, or None where such slots are zeros.
+
+        mllama computes a batch row's missing images from zero pixels (aspect ratio id 0) and lets the rows that see
+        no image attend to every visual token of their row, those slots included; zeros there would change them.
+        """
+        feed = getattr(self.processor.image_preprocessor, "padding_feed", lambda: None)()
+        if feed is None or self.config.decoder.cross_empty_rows != "attend_all":
+            return None
+        if self._padding_kv is None:
+            self._padding_kv = self._encode(feed)
+        return self._padding_kv
+
     def image_kv(self, image: np.ndarray, key: str | None = None) -> dict[str, np.ndarray]:
         """Cross K/V of one image, [1, Hx, L, Dh] per name: from the cache, or vision -> resampler -> xattn_kv.
         `key`: the image's `CrossAttentionCache.key_of`, when the caller has it already (it hashes every pixel)."""
@@ -213,11 +238,7 @@ class Pipeline:
             self._count("image_cache_hits")
             return cached
         try:
-            pixels = self.processor.image_preprocessor(image)[None]  # [1, 3, H, W]
-            features = self.sessions["vision"].run({"pixel_values": pixels})["image_features"]  # [1, T, Dv]
-            visual = self.sessions["resampler"].run({"image_features": features[:, None]})["visual_tokens"]
-            kv = self.sessions["xattn_kv"].run({"visual_tokens": visual})  # [1, L, Dv] -> [1, Hx, L, Dh] each
-            self._count("vision_runs", "resampler_runs", "xattn_kv_runs")
+            kv = self._encode(self.processor.image_preprocessor.vision_feed(image))
             self.image_cache.put(key, kv)
         finally:
             if underway is None:
@@ -227,15 +248,21 @@ class Pipeline:
 
     def rows_kv(self, images: list[list[np.ndarray]], slots: int, keys: list[list[str]] | None = None,
                 ) -> dict[str, np.ndarray]:
-        """Cross K/V per row, [B, Hx, slots*L, Dh]: each row's images in order, zeros in unused slots (masked).
-        `keys`: the images' cache keys, in the same layout, when the caller has them already."""
+        """Cross K/V per row, [B, Hx, slots*L, Dh] (`slots` images; a tiled tower's image is T mask slots): each
+        row's images in order, then in unused slots zeros (masked), or when some row has an image and the family
+        fills them (mllama), the padding image's K/V (`padding_kv`). `keys`: the images' cache keys, in the same
+        layout, when the caller has them already."""
         heads, head_dim = self.config.decoder.cross_kv_head_count, self.config.decoder.cross_head_dim
         tokens = self.config.visual_tokens_per_image
         rows = {name: np.zeros((len(images), slots, heads, tokens, head_dim), np.float32) for name in self._cross_names}
+        padding = self.padding_kv() if any(images) and any(len(r) < slots for r in images) else None
         for row, row_images in enumerate(images):
             for slot, image in enumerate(row_images):
                 key = keys[row][slot] if keys is not None else None
                 for name, value in self.image_kv(image, key).items():
+                    rows[name][row, slot] = value[0]
+            for slot in range(len(row_images), slots if padding is not None else 0):
+                for name, value in padding.items():
                     rows[name][row, slot] = value[0]
         # [B, M, Hx, L, Dh] -> [B, Hx, M*L, Dh], image-major as the decoder's image_attention_mask expects. Read-only:
         # fed unchanged at every step of a generation, so a device backend may keep them where it copied them once.
@@ -281,7 +308,8 @@ class Pipeline:
         batch = self.processor.tokenize(prompts)
         self._check_limits(batch.input_ids, batch.images, max_new_tokens)
         keys = [[CrossAttentionCache.key_of(image) for image in row] for row in batch.images]  # hashed once
-        return batch, self.rows_kv(batch.images, batch.image_attention_mask.shape[2], keys), keys
+        slots = batch.image_attention_mask.shape[2] // self.config.slots_per_image  # images
+        return batch, self.rows_kv(batch.images, slots, keys), keys
 
     def start_cache(self, batch: PromptBatch, keys: list[list[str]], max_new_tokens: int, *,
                     use_prefix: bool = True) -> tuple[SelfAttentionCache, Callable | None]:
@@ -298,6 +326,10 @@ class Pipeline:
         token_ids = tuple(int(t) for t in batch.input_ids[0])
         positions = np.flatnonzero(batch.input_ids[0] == self.processor.image_token_id)
         images = tuple((int(p), key) for p, key in zip(positions, keys[0]))
+        if self.config.decoder.cross_empty_rows == "attend_all":
+            # mllama: the tokens before the row's first image attend to all of its images, so from the first token on
+            # the K/V depend on every image: a prefix is reused only by a prompt with the same images
+            images = ((0, "|".join(keys[0])), *images)
         with self._prefix_lock:
             reused, prefix = self.prefix_cache.lookup(token_ids, images)
         if prefix is not None:

@@ -10,8 +10,17 @@ between families is data, read from the checkpoint's `processor_config.json` ("p
 - OpenFlamingo (equal to open_flamingo 2.0.1's use of its tokenizer and `MaskedCrossAttention`): every image is
   `<image>`, text is concatenated as given, the tokenizer's post-processor adds BOS (LLaMA) or nothing (GPT-NeoX,
   MPT), and a token attends the most recent `<image>` at or before it, with no reset.
+- Llama 3.2 Vision (mllama; equal to transformers' `MllamaProcessor.__call__` with `padding=True`, transformers 5.23;
+  chosen for a folder whose processor_config.json / preprocessor_config.json names `MllamaProcessor` or its image
+  processor, when it has no "prompt_format"): every image is `<|image|>`, text is used as given, `<|begin_of_text|>`
+  is written after any leading `<|image|>`s unless the text holds it already (`build_string_from_input`) and the
+  tokenizer's post-processor adds its own in front, and a token attends every image of the latest run of adjacent
+  `<|image|>`s at or before it, tile by tile: `image_attention_mask` is [B, S, M * T], one column per tile
+  (transformers' `cross_attention_mask` [B, S, M, T] reshaped), T = the preprocessor's `slots_per_image`.
+  transformers' chat template (jinja) is not applied: write the prompt's text yourself.
 
-A `<image>` typed in a text item is an image marker like one written for an image item. Unlike transformers, a
+A `<image>` typed in a text item is an image marker like one written for an image item (`<|image|>` for mllama,
+where the image count must then still equal the marker count, as transformers requires). Unlike transformers, a
 string is always text: URLs are never fetched (an edge runtime does not go to the network; load files with
 `load_image` and pass the arrays). Only the `prompts` calling convention is supported, not `images=..., text=...`.
 
@@ -30,15 +39,16 @@ import numpy as np
 
 from flamingo_edge.artifacts import read_json
 from flamingo_edge.errors import CheckpointError, PromptError
-from flamingo_edge.runtime.image import ImagePreprocessor, load_image
+from flamingo_edge.runtime.image import (PROCESSOR_CONFIG, ImagePreprocessing, ImagePreprocessor, load_image,
+                                         uses_mllama_processor)
+from flamingo_edge.runtime.mllama_image import MllamaImagePreprocessor, cross_attention_mask
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
-__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor", "load_image",
+__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor",
+           "MllamaImagePreprocessor", "MLLAMA_PROMPT_FORMAT", "image_preprocessor_from_pretrained", "load_image",
            "IMAGE_MARKER", "prompt_items", "read_prompt_file"]
 
 logger = logging.getLogger(__name__)
-
-PROCESSOR_CONFIG = "processor_config.json"
 
 
 class BosSource(str, Enum):
@@ -55,7 +65,8 @@ class BosSource(str, Enum):
 class PromptFormat:
     """How a prompt becomes text and an image mask: `processor_config.json` → "prompt_format".
 
-    The defaults are IDEFICS'; a checkpoint without the entry gets them. Unknown keys are refused.
+    The defaults are IDEFICS'; a checkpoint without the entry gets them, unless transformers' `MllamaProcessor` wrote
+    it (then `MLLAMA_PROMPT_FORMAT`). Unknown keys are refused.
     """
 
     image_token: str = "<image>"  # marks an image in the text; cross-attention follows the latest one
@@ -70,11 +81,28 @@ class PromptFormat:
     # Put between two consecutive text items when asked (`add_end_of_utterance_token=True`, IDEFICS); None: no such
     # token in this format.
     end_of_utterance_token: str | None = "<end_of_utterance>"
+    # Write the tokenizer's BOS token after the image tokens that start the text, unless the text holds it already
+    # (mllama's `build_string_from_input`; with bos_added_by="tokenizer" a prompt then starts with two BOS, as in
+    # transformers). False: nothing is written besides what bos_added_by says.
+    bos_after_leading_images: bool = False
+    # A token attends every image of the latest run of adjacent image tokens at or before it (mllama's
+    # `get_cross_attention_token_mask`), and every image token must have its image (mllama's processor refuses other
+    # counts). False: only the latest image, and a row keeps as many images as it has image tokens (IDEFICS,
+    # OpenFlamingo). Needs image_mask_resets_at_eos false.
+    image_runs_attended_together: bool = False
+    # Stop tokens the vocabulary lacks are left out rather than refused, and the tokenizer's EOS always stops too
+    # (Llama 3: generation_config stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>, which not every tokenizer
+    # has). False: every stop token must be in the vocabulary.
+    stop_tokens_if_in_vocabulary: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "bos_added_by", _bos_source(self.bos_added_by))
         if self.stop_tokens is not None:
             object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+        if self.image_runs_attended_together and self.image_mask_resets_at_eos:
+            raise CheckpointError("prompt_format: image_runs_attended_together (mllama's mask) and "
+                                  "image_mask_resets_at_eos (IDEFICS') cannot both be true; set "
+                                  "\"image_mask_resets_at_eos\": false")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "prompt_format") -> PromptFormat:
@@ -99,16 +127,17 @@ class PromptFormat:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> PromptFormat:
-        """The "prompt_format" entry of `folder/processor_config.json`; IDEFICS' format when there is none.
+        """The "prompt_format" entry of `folder/processor_config.json`; without one, `MLLAMA_PROMPT_FORMAT` for a
+        folder written by transformers' `MllamaProcessor` (`image.uses_mllama_processor`), else IDEFICS' format.
 
         Raises:
             CheckpointError: the file is not valid JSON, or the entry is malformed.
         """
         path = Path(folder) / PROCESSOR_CONFIG
         config = read_json(path) if path.is_file() else {}
-        if "prompt_format" not in config:
-            return cls()
-        return cls.from_dict(config["prompt_format"], source=str(path))
+        if "prompt_format" in config:
+            return cls.from_dict(config["prompt_format"], source=str(path))
+        return MLLAMA_PROMPT_FORMAT if uses_mllama_processor(folder) else cls()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of this format, as `from_dict` reads it."""
@@ -127,6 +156,9 @@ _FIELD_TYPES = {  # name: (JSON types allowed, how to say it)
     "image_mask_resets_at_eos": ((bool,), "true or false"),
     "stop_tokens": ((list, _NONE), "a list of strings or null"),
     "end_of_utterance_token": ((str, _NONE), "a string or null"),
+    "bos_after_leading_images": ((bool,), "true or false"),
+    "image_runs_attended_together": ((bool,), "true or false"),
+    "stop_tokens_if_in_vocabulary": ((bool,), "true or false"),
 }
 
 
@@ -144,10 +176,36 @@ def _bos_source(value: Any) -> BosSource:
         raise CheckpointError(f"prompt_format.bos_added_by {value!r} is not one of {choices}") from None
 
 
+# Llama 3.2 Vision, as transformers' MllamaProcessor builds its inputs (module docstring). The stop tokens are
+# generation_config.json's eos_token_id of the released models (128001, 128008, 128009).
+MLLAMA_PROMPT_FORMAT = PromptFormat(
+    image_token="<|image|>", image_wrap_token=None, bos_added_by=BosSource.TOKENIZER, strip_text=False,
+    image_mask_resets_at_eos=False, stop_tokens=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    end_of_utterance_token=None, bos_after_leading_images=True, image_runs_attended_together=True,
+    stop_tokens_if_in_vocabulary=True)
+
+
+def image_preprocessor_from_pretrained(folder: str | Path, *, legacy_pass_order: bool = False
+                                       ) -> ImagePreprocessor | MllamaImagePreprocessor:
+    """The image preprocessor a checkpoint or export folder asks for: `MllamaImagePreprocessor` when
+    `image.uses_mllama_processor(folder)`, else the CLIP-style `ImagePreprocessor`.
+
+    Args:
+        folder: a `save_pretrained` folder, a converted checkpoint or an export.
+        legacy_pass_order: resize like Pillow <= 12 (see `resize.resize_bicubic`).
+
+    Raises:
+        CheckpointError: no image settings, or settings this runtime does not implement.
+    """
+    kind = MllamaImagePreprocessor if uses_mllama_processor(folder) else ImagePreprocessor
+    return kind.from_pretrained(folder, legacy_pass_order=legacy_pass_order)
+
+
 @dataclass(frozen=True)
 class PromptBatch:
-    """A tokenized batch: int64 input_ids / attention_mask [B, S], image_attention_mask [B, S, M], and each row's
-    images (uint8 arrays, in prompt order; a row may have fewer than M)."""
+    """A tokenized batch: int64 input_ids / attention_mask [B, S], image_attention_mask [B, S, M * slots] (slots =
+    the preprocessor's `slots_per_image`: 1, or mllama's T tiles, image-major), and each row's images (uint8 arrays,
+    in prompt order; a row may have fewer than M)."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -168,14 +226,14 @@ class Processor:
 
     Args:
         tokenizer: the checkpoint's tokenizer.
-        image_preprocessor: the checkpoint's image preprocessing.
+        image_preprocessor: the checkpoint's image preprocessing (`ImagePreprocessor`, `MllamaImagePreprocessor`).
         prompt_format: the checkpoint's prompt format (default: IDEFICS').
 
     Raises:
         CheckpointError: a token the prompt format names (image, wrap, stop tokens) is not in the vocabulary.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_preprocessor: ImagePreprocessor,
+    def __init__(self, tokenizer: Tokenizer, image_preprocessor: ImagePreprocessing,
                  prompt_format: PromptFormat | None = None):
         self.tokenizer = tokenizer
         self.image_preprocessor = image_preprocessor
@@ -192,7 +250,7 @@ class Processor:
         Raises:
             CheckpointError: a file is missing, corrupt or asks for something unsupported.
         """
-        return cls(Tokenizer.from_pretrained(folder), ImagePreprocessor.from_pretrained(folder),
+        return cls(Tokenizer.from_pretrained(folder), image_preprocessor_from_pretrained(folder),
                    PromptFormat.from_pretrained(folder))
 
     def _token_id(self, token: str, field: str) -> int:
@@ -204,11 +262,15 @@ class Processor:
         return token_id
 
     def _stop_token_ids(self) -> list[int]:
-        """Ids of the prompt format's stop tokens, or [EOS] (or [] without an EOS) when it names none."""
-        if self.prompt_format.stop_tokens is None:
-            eos = self.tokenizer.eos_token_id
+        """Ids of the prompt format's stop tokens, or [EOS] (or [] without an EOS) when it names none; with
+        `stop_tokens_if_in_vocabulary`, those in the vocabulary plus EOS."""
+        fmt, eos = self.prompt_format, self.tokenizer.eos_token_id
+        if fmt.stop_tokens is None:
             return [] if eos is None else [eos]
-        return [self._token_id(token, "stop token") for token in self.prompt_format.stop_tokens]
+        if not fmt.stop_tokens_if_in_vocabulary:
+            return [self._token_id(token, "stop token") for token in fmt.stop_tokens]
+        ids = [i for i in map(self.tokenizer.token_to_id, fmt.stop_tokens) if i is not None]
+        return ids + [eos] if eos is not None and eos not in ids else ids
 
     def __call__(self, prompts: list, add_eos_token: bool = False,
                  add_end_of_utterance_token: bool | None = None) -> dict[str, np.ndarray]:
@@ -224,22 +286,33 @@ class Processor:
                 (special_tokens_map holds named tokens only).
 
         Returns:
-            input_ids int64 [B, S], attention_mask int64 [B, S], pixel_values float32 [B, M, 3, H, W] (zeros
-            where a prompt has fewer than M images; M = max(1, most images in one prompt)) and
-            image_attention_mask int64 [B, S, M] (int64 [B, S, 1] of zeros when no prompt has an image).
+            input_ids int64 [B, S], attention_mask int64 [B, S], the `vision` feed of every image slot stacked
+            [B, M, ...] and image_attention_mask int64 [B, S, M * slots_per_image]; M = max(1, most images in one
+            prompt), and a slot a prompt does not use holds the preprocessor's `padding_feed` (zeros if None).
+            CLIP-style: pixel_values float32 [B, M, 3, H, W], mask [B, S, M] (int64 [B, S, 1] of zeros when no
+            prompt has an image). mllama: pixel_values float32 [B, M, T, 3, S, S], aspect_ratio_ids int64 [B, M],
+            aspect_ratio_mask int64 [B, M, T], mask [B, S, M * T] (a text-only batch gets one padding slot, where
+            transformers returns no image inputs).
 
         Raises:
-            PromptError: a malformed batch or item, prompts that need padding without a pad token, or an
-                end-of-utterance token asked of a format that has none.
+            PromptError: a malformed batch or item, prompts that need padding without a pad token, an
+                end-of-utterance token asked of a format that has none, or (mllama) an image count that differs
+                from the prompt's image tokens.
             ImageError: an image the preprocessor cannot take.
         """
         batch = self.tokenize(prompts, add_eos_token, add_end_of_utterance_token)
-        max_images = batch.image_attention_mask.shape[2]
-        pixel_values = np.zeros((len(batch.images), max_images, *self.image_preprocessor.image_shape), np.float32)
-        for row, images in enumerate(batch.images):
-            for slot, image in enumerate(images):
-                pixel_values[row, slot] = self.image_preprocessor(image)
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": pixel_values,
+        preprocessor = self.image_preprocessor
+        max_images = batch.image_attention_mask.shape[2] // preprocessor.slots_per_image
+        padding = preprocessor.padding_feed() or {
+            "pixel_values": np.zeros((1, *preprocessor.image_shape), np.float32)}
+        # every slot starts as padding: [1, ...] -> [B, M, ...]
+        images = {name: np.repeat(np.repeat(value[None], len(batch.images), axis=0), max_images, axis=1)
+                  for name, value in padding.items()}
+        for row, row_images in enumerate(batch.images):
+            for slot, image in enumerate(row_images):
+                for name, value in preprocessor.vision_feed(image).items():
+                    images[name][row, slot] = value[0]
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **images,
                 "image_attention_mask": batch.image_attention_mask}
 
     def tokenize(self, prompts: list, add_eos_token: bool = False,
@@ -258,14 +331,32 @@ class Processor:
         input_ids, attention_mask = self.tokenizer.pad(
             [self.tokenizer.encode(s.text, add_special_tokens=by_tokenizer) for s in samples])
         max_images = max(1, max(len(s.images) for s in samples))
+        if self.prompt_format.image_runs_attended_together:
+            self._check_image_counts(input_ids, samples)
+            images = [sample.images for sample in samples]
+        else:  # like transformers' IDEFICS, a row keeps only as many images as it has image tokens (typed ones count)
+            counts = [min(int(np.sum(row == self.image_token_id)), max_images) for row in input_ids]
+            images = [sample.images[:count] for sample, count in zip(samples, counts)]
+        slots = self.image_preprocessor.slots_per_image
         if any(s.images for s in samples):
-            image_attention_mask = self._image_attention_mask(input_ids, max_images)
+            image_attention_mask = self._image_attention_mask(input_ids, images, max_images)
         else:  # text only: one dummy image that nothing attends to
-            image_attention_mask = np.zeros((*input_ids.shape, 1), dtype=np.int64)
-        # Like transformers, a row keeps only as many images as it has <image> tokens (a typed "<image>" counts).
-        counts = [min(int(np.sum(row == self.image_token_id)), max_images) for row in input_ids]
-        images = [sample.images[:count] for sample, count in zip(samples, counts)]
+            image_attention_mask = np.zeros((*input_ids.shape, slots), dtype=np.int64)
         return PromptBatch(input_ids, attention_mask, image_attention_mask, images)
+
+    def _check_image_counts(self, input_ids: np.ndarray, samples: list[_Sample]) -> None:
+        """Every image token has its image and every image its token, as transformers' MllamaProcessor requires.
+
+        Raises:
+            PromptError: naming the first prompt whose counts differ.
+        """
+        token = self.prompt_format.image_token
+        for index, (row, sample) in enumerate(zip(input_ids, samples)):
+            markers = int(np.sum(row == self.image_token_id))
+            if markers != len(sample.images):
+                raise PromptError(f"prompt {index} has {markers} {token} tokens but {len(sample.images)} images; "
+                                  f"each image item writes one {token}, so a {token} typed in a text item needs "
+                                  "an image of its own: remove it from the text or pass the image as an item")
 
     def _image_text(self, after_image: bool) -> str:
         """The text of one image item: IDEFICS wraps each run of images, `<fake><image><fake><image><fake>`."""
@@ -297,11 +388,36 @@ class Processor:
             else:
                 raise PromptError(f"prompt {index}, item {position} is a {type(item).__name__}; items must be str "
                                   "(text) or numpy arrays (images: use load_image(path) or np.asarray(pil_image))")
+        if fmt.bos_after_leading_images and self.tokenizer.bos_token:
+            text = _bos_after_leading_images(text, self.tokenizer.bos_token, fmt.image_token)
         if add_eos_token:
             text += self.tokenizer.eos_token or ""
         return _Sample(text, images)
 
-    def _image_attention_mask(self, input_ids: np.ndarray, max_images: int) -> np.ndarray:
+    def _image_attention_mask(self, input_ids: np.ndarray, images: list[list[np.ndarray]],
+                              max_images: int) -> np.ndarray:
+        """int64 [B, S, M * slots]: which slots of which image each token attends, by the prompt format's rule;
+        an image fills `image_preprocessor.tiles_of(image)` of its slots (one for CLIP-style images) and the others
+        stay 0. An image token without its image (IDEFICS allows it) keeps every slot, as transformers does.
+
+        With `image_runs_attended_together`, this is `mllama_image.cross_attention_mask` (transformers'
+        MllamaProcessor) reshaped [B, S, M, T] -> [B, S, M * T]; otherwise `_latest_image_mask` per tile.
+        """
+        batch, length = input_ids.shape
+        slots, tiles_of = self.image_preprocessor.slots_per_image, self.image_preprocessor.tiles_of
+        tiles = [[tiles_of(image) for image in row] for row in images]
+        if self.prompt_format.image_runs_attended_together:
+            mask = cross_attention_mask(input_ids, tiles, self.image_token_id, slots)  # [B, S, M', T], M' <= M
+            mask = np.pad(mask, ((0, 0), (0, 0), (0, max_images - mask.shape[2]), (0, 0)))  # [B, S, M, T]
+        else:
+            filled = np.full((batch, max_images), slots)  # an image token without its image: every slot (IDEFICS)
+            for row, counts in enumerate(tiles):
+                filled[row, : len(counts)] = counts
+            tile_is_real = np.arange(slots) < filled[:, None, :, None]  # [B, 1, M, T]
+            mask = self._latest_image_mask(input_ids, max_images)[..., None] * tile_is_real  # [B, S, M, T]
+        return mask.reshape(batch, length, max_images * slots).astype(np.int64)
+
+    def _latest_image_mask(self, input_ids: np.ndarray, max_images: int) -> np.ndarray:
         """int64 [B, S, M]: one-hot of the latest image token at or before each token (an image token attends its
         own image).
 
@@ -375,6 +491,17 @@ def check_text(text: str, what: str) -> None:
                else f"a lone surrogate U+{code:04X}")
         raise PromptError(f"{what} is not valid text: character {error.start} is {got}; pass UTF-8 text (set the "
                           "terminal or the file to UTF-8)") from None
+
+
+def _bos_after_leading_images(text: str, bos_token: str, image_token: str) -> str:
+    """`bos_token` after the image tokens that start `text`, unless `text` holds it anywhere: transformers'
+    `build_string_from_input` (models/mllama/processing_mllama.py), which MllamaProcessor applies to every prompt."""
+    if bos_token in text:
+        return text
+    rest = text
+    while rest.startswith(image_token):
+        rest = rest[len(image_token):]
+    return text[: len(text) - len(rest)] + bos_token + rest
 
 
 def _as_batch(prompts: Any) -> list:

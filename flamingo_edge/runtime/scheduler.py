@@ -443,7 +443,7 @@ class Scheduler:
         """The rows' cross K/V [B, Hx, slots*L, Dh], each row's images first, zeros (masked) after."""
         gathered = {}
         for name, first in rows[0].cross.items():
-            heads, tokens, head_dim = first.shape[1], self.pipeline.config.visual_tokens_per_image, first.shape[3]
+            heads, tokens, head_dim = first.shape[1], self.pipeline.config.visual_tokens_per_slot, first.shape[3]
             value = np.zeros((len(rows), heads, slots * tokens, head_dim), first.dtype)
             for index, row in enumerate(rows):
                 own = row.cross[name]

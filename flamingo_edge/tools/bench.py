@@ -160,7 +160,8 @@ class PipelineRuns:
                                      "--new-tokens")
         log = self._log
         pipeline.sessions = {name: _Timed(session, name, log) for name, session in pipeline.sessions.items()}
-        processor.image_preprocessor = _Timed(processor.image_preprocessor, "preprocess", log)
+        preprocessor = processor.image_preprocessor  # the pipeline preprocesses one image at a time, here
+        preprocessor.vision_feed = _Timed(preprocessor.vision_feed, "preprocess", log)
         processor.tokenize = _Timed(processor.tokenize, "preprocess", log)
 
     def run(self, *, timed: bool = True) -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
-from flamingo_edge.runtime.mllama_image import (BICUBIC, BILINEAR, BOX, HAMMING, LANCZOS, MllamaImageSettings,
-                                                cross_attention_mask, optimal_tiled_canvas, preprocess, resize_pil,
-                                                size_fit_to_canvas, supported_aspect_ratios)
+from flamingo_edge.runtime.mllama_image import (BICUBIC, BILINEAR, BOX, HAMMING, LANCZOS, MllamaImagePreprocessor,
+                                                MllamaImageSettings, cross_attention_mask, optimal_tiled_canvas,
+                                                preprocess, resize_pil, size_fit_to_canvas, supported_aspect_ratios)
 
 from conftest import assert_imports_without
 
@@ -148,6 +148,41 @@ def test_bad_image_is_refused():
         preprocess([[np.zeros((8, 8, 3), np.float32)]])
     with pytest.raises(ImageError, match="do_convert_rgb is off"):
         preprocess([[np.zeros((8, 8), np.uint8)]], MllamaImageSettings(do_convert_rgb=False))
+
+
+@pytest.mark.parametrize("name", ["2_tiles_56_clip", "4_tiles_32_clip", "4_tiles_56_bicubic"])
+def test_preprocessor_slots_equal_upstream(rng, name):
+    """MllamaImagePreprocessor, one image at a time: its feeds are upstream's slots of a batch, padding slots too."""
+    settings = SETTINGS[name]
+    ours = MllamaImagePreprocessor(settings, legacy_pass_order=LEGACY_PASS_ORDER)
+    images = [[_image(rng, 20, 90), _image(rng, 300, 500), _image(rng, 3, 5)], [_image(rng, 90, 20)], []]
+    expected = _upstream(settings, images)
+    tiles, side = settings.max_image_tiles, settings.tile_size
+    assert ours.slots_per_image == tiles and ours.image_shape == (tiles, 3, side, side)
+    for b, sample in enumerate(images):
+        for m in range(3):
+            feed = ours.vision_feed(sample[m]) if m < len(sample) else ours.padding_feed()
+            assert feed["pixel_values"].shape == (1, tiles, 3, side, side) and feed["pixel_values"].dtype == np.float32
+            assert feed["aspect_ratio_ids"].shape == (1,) and feed["aspect_ratio_mask"].shape == (1, tiles)
+            for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+                assert np.array_equal(feed[key][0], expected[key][b, m]), (b, m, key)
+        assert [ours.tiles_of(image) for image in sample] == expected["num_tiles"][b]
+    assert np.array_equal(ours.batch(images[0]), expected["pixel_values"][0])
+    assert np.array_equal(ours(images[1][0]), expected["pixel_values"][1, 0])
+
+
+def test_preprocessor_from_saved_processor(tmp_path):
+    processor = mllama_pil.MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=2)
+    processor.save_pretrained(tmp_path)  # preprocessor_config.json alone: the older layout
+    assert MllamaImagePreprocessor.from_pretrained(tmp_path).settings == MllamaImageSettings(tile_size=56,
+                                                                                              max_image_tiles=2)
+    with pytest.raises(CheckpointError, match="has no image settings"):
+        MllamaImagePreprocessor.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "idefics").mkdir()
+    (tmp_path / "idefics" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "IdeficsImageProcessor", "image_size": 56}))
+    with pytest.raises(CheckpointError, match=r"is not Llama 3\.2 Vision's image processor.*ImagePreprocessor"):
+        MllamaImagePreprocessor.from_pretrained(tmp_path / "idefics")
 
 
 # ------------------------------------------------------------------------------------------------------ settings

@@ -11,7 +11,7 @@ import pytest
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
 from flamingo_edge.runtime.image import ImagePreprocessor, ImageSettings, load_image
 from flamingo_edge.runtime.resize import resize_bicubic
-from flamingo_edge.runtime.processor import Processor, PromptFormat
+from flamingo_edge.runtime.processor import Processor, PromptFormat, image_preprocessor_from_pretrained
 from flamingo_edge.runtime.tokenizer import Tokenizer
 from flamingo_edge.tolerances import PIXEL_ABS_TOL
 
@@ -204,6 +204,18 @@ def test_explicit_idefics_prompt_format_changes_nothing(processors, idefics_chec
     for name, prompts in _prompt_cases(rng).items():
         want, got = ours(prompts, add_eos_token=True), explicit(prompts, add_eos_token=True)
         assert all(np.array_equal(want[key], got[key]) for key in want), name
+
+
+def test_vision_feed_is_one_image_slot(processors, idefics_checkpoint, rng):
+    """The CLIP-style preprocessor's side of the interface the pipeline uses (mllama's: test_mllama_processor)."""
+    _, ours = processors
+    preprocessor = ours.image_preprocessor
+    image = _random_image(rng, 37, 61)
+    feed = preprocessor.vision_feed(image)
+    assert list(feed) == ["pixel_values"] and np.array_equal(feed["pixel_values"], preprocessor(image)[None])
+    assert (preprocessor.slots_per_image, preprocessor.padding_feed(), preprocessor.tiles_of(image)) == (1, None, 1)
+    loaded = image_preprocessor_from_pretrained(idefics_checkpoint)
+    assert type(loaded) is ImagePreprocessor and loaded.settings == preprocessor.settings
 
 
 def test_padding_side_and_ids_come_from_the_checkpoint(processors):
