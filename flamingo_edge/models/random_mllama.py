@@ -29,13 +29,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_key_value_heads=2, cross_attention_layers=[1, 3]),
     ),
 }
-# Not used by the tests: a ~100M-parameter model for benchmarks (12-layer 768-wide text model with cross-attention
-# layers at 3 and 8 like the 11B's first two, a 112-px tile of 8x8 patches).
+# Not used by the tests: a ~100M-parameter model for benchmarks (a 14-layer 768-wide text model whose layers 3 and 8
+# are cross-attention layers, like the 11B's first two; a 112-px tile of 8x8 patches).
 LARGER_PRESETS: dict[str, dict[str, Any]] = {
     "100m": dict(
         vision=dict(hidden_size=384, attention_heads=6, intermediate_size=1536, image_size=112, patch_size=14,
                     num_hidden_layers=4, num_global_layers=2, intermediate_layers_indices=[1, 3]),
-        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=14, num_attention_heads=12,
                   num_key_value_heads=4, cross_attention_layers=[3, 8]),
     ),
 }

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flamingo_edge.artifacts import read_export_record
+from flamingo_edge.artifacts import read_export_record, read_json
 from flamingo_edge.config import config_differences
 from flamingo_edge.errors import ExportError, PromptError, PromptTooLongError
 from flamingo_edge.extras import require
@@ -284,20 +284,28 @@ def check_same_model(export_dir: Path, baseline: Path) -> None:
 
 
 def bench_transformers(checkpoint: Path, prompt_text: str, workload: Workload, seed: int) -> dict:
-    """transformers' IdeficsForVisionText2Text.generate on the same workload."""
-    require("transformers", "test", "bench --reference of an IDEFICS checkpoint (transformers' Idefics)")
+    """transformers' own model (IdeficsForVisionText2Text, or MllamaForConditionalGeneration for a Llama 3.2 Vision
+    checkpoint) and processor, `generate` on the same workload."""
+    require("transformers", "test", "bench --reference of an IDEFICS or mllama checkpoint (transformers' own model)")
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, IdeficsForVisionText2Text
+    from transformers import AutoProcessor, IdeficsForVisionText2Text, MllamaForConditionalGeneration
 
-    model = IdeficsForVisionText2Text.from_pretrained(checkpoint).eval()
+    mllama = read_json(checkpoint / "config.json").get("model_type") == "mllama"
+    model = (MllamaForConditionalGeneration if mllama else IdeficsForVisionText2Text).from_pretrained(checkpoint).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     rng = np.random.default_rng(seed)
 
+    def inputs(images):
+        pictures = [Image.fromarray(i) for i in images]
+        if mllama:  # the images lead, as our prompt's items do
+            return processor(images=[pictures], text=[processor.image_token * len(pictures) + prompt_text],
+                             return_tensors="pt")
+        return processor(text=[[*pictures, prompt_text]], return_tensors="pt")
+
     def generate(images, n):
-        inputs = processor(text=[[*(Image.fromarray(i) for i in images), prompt_text]], return_tensors="pt")
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(**inputs(images), max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     return _two_point(generate, rng, workload)
 

@@ -42,6 +42,21 @@ def test_bench_with_references_reports_every_stage_and_ratio(tmp_path, capsys):
         assert set(report[key]) == {"decode", "ttft"} and all(v > 0 for v in report[key].values())
 
 
+def test_bench_of_an_mllama_export_against_transformers(mllama_export, tmp_path, capsys):
+    """Llama 3.2 Vision: transformers' MllamaForConditionalGeneration and our PyTorch reference run the same workload
+    in the same process; the ratios are reported (their size is not judged: a tiny model on a shared machine)."""
+    pytest.importorskip("transformers")
+    checkpoint, export = mllama_export
+    path = tmp_path / "bench.json"
+    assert main(["bench", str(export), "--reference", str(checkpoint), "--runs", "1", "--prompt-tokens", "12",
+                 "--new-tokens", "4", "--images", "2", "--json", str(path)]) == 0
+    assert "vs transformers" in capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["backend_result"]["prompt_tokens"] == 12 and report["transformers"] is not None
+    for key in ("speedup_vs_transformers", "speedup_vs_pytorch_reference"):
+        assert set(report[key]) == {"decode", "ttft"} and all(v > 0 for v in report[key].values())
+
+
 def test_prompt_has_the_asked_length(idefics_checkpoint):
     """With the demo's word-level tokenizer and the presets' character-level one."""
     from flamingo_edge.models.checkpoint import resolve_checkpoint

@@ -80,6 +80,42 @@ def test_every_graph_builds_and_the_manifest_holds(precisions, tmp_path, capsys,
     assert manifest.device is None and manifest.dla_core is None
 
 
+@pytest.fixture(scope="module")
+def mllama_precisions(mllama_export, tmp_path_factory):
+    """The tiny Llama 3.2 Vision export in fp32, fp16, int8 (calibrated on demo images), and int4 / int8-weights
+    for TensorRT."""
+    export, root = mllama_export[1], tmp_path_factory.mktemp("mllama-precisions")
+    assert main(["calibrate", str(export), "--images", "demo", "--n", "4", "-o", str(root / "calib")]) == 0
+    assert main(["quantize", str(export), "--precision", "fp16", "-o", str(root / "fp16")]) == 0
+    assert main(["quantize", str(export), "--precision", "int8", "--calibration", str(root / "calib"),
+                 "-o", str(root / "int8")]) == 0
+    for name in ("int4", "int8-weights"):
+        assert main(["quantize", str(export), "--target", "tensorrt", "--precision", name, "-o", str(root / name)]) == 0
+    return {"fp32": export, **{name: root / name for name in ("fp16", "int8", "int4", "int8-weights")}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, precision", [("rtx-sm86", "fp32"), ("rtx-sm89", "fp32"), ("rtx-sm86", "fp16"),
+                                               ("rtx-sm89", "fp16"), ("rtx-sm86", "int8"), ("rtx-sm86", "int4"),
+                                               ("rtx-sm86", "int8-weights")])
+def test_mllama_engines_build(mllama_precisions, tmp_path, capsys, target, precision):
+    """Llama 3.2 Vision's graphs (the tiled vision tower with its aspect-ratio inputs, the projector, grouped-query
+    cross K/V, a decoder whose cross-attention layers replace decoder layers) build; the decoder's profiles give
+    every tile of every image a slot (M = images * tiles) of P tokens."""
+    export, out = mllama_precisions[precision], tmp_path / "engines"
+    assert main(["build", str(export), "-o", str(out), "--target", target, "--max-context", "48",
+                 "--max-prompt", "32", "--max-images", "2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    manifest = read_manifest(out, export)
+    assert manifest.precision == precision and set(manifest.engines) == {"vision", "resampler", "xattn_kv", "decoder"}
+    config = FlamingoConfig.from_dict(json.loads((export / "export.json").read_text())["config"])
+    tiles, patches = config.vision.max_num_tiles, config.vision.patches_per_tile
+    prefill_max = {name: shape[2] for name, shape in manifest.profiles["decoder"][0].items()}
+    assert prefill_max["image_attention_mask"] == [1, 32, 2 * tiles]
+    assert prefill_max["cross_key.0"][2] == 2 * tiles * patches
+    assert manifest.profiles["vision"][0]["aspect_ratio_mask"][2] == [2, tiles]
+
+
 def test_weight_only_engines_keep_their_weights_small(tmp_path):
     """TensorRT keeps 4- and 8-bit weights in the engine (it does not fold them back to float): one 2048 x 2048
     MatMul's engine is about a byte per weight for int8-weights and half that for int4, against four for fp32."""
