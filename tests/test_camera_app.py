@@ -206,3 +206,25 @@ def test_unchanged_frames_reuse_the_visual_tokens(tmp_path, seed, demo_export):
             assert [r.reused for r in results] == expected
             assert pipeline.stats["vision_runs"] == expected.count(False)
         assert results[2].text == results[0].text or threshold == 0.0  # the very same visual tokens
+
+
+def test_the_app_runs_a_llama_3_2_vision_export(tmp_path, seed, mllama_export):
+    """The camera app on an mllama export: frames of different shapes (1, 2 and 4 tiles), each followed by the
+    prompt text, and every frame's text is what the pipeline gives that frame alone."""
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    frames = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((24, 20, 3), (30, 60, 3), (50, 55, 3))]
+    for index, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"{index:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    prompt = "Describe it."
+    result = run_app(f"file://{folder}", "--export", str(mllama_export[1]), "--prompt", prompt, "--headless",
+                     "--max-new-tokens", "6", "--every", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    with Pipeline.open(mllama_export[1]) as pipeline:
+        tiles = [pipeline.processor.image_preprocessor.tiles_of(frame) for frame in frames]
+        expected = [pipeline.complete([[frame, prompt]], max_new_tokens=6)[0].text.strip() for frame in frames]
+    assert sorted(tiles) == [1, 2, 4]
+    assert [row["frame"] for row in rows] == [0, 1, 2]
+    assert [row["text"] for row in rows] == expected

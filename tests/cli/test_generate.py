@@ -45,6 +45,25 @@ def test_generate_json_equals_the_pipeline(exported, tmp_path, capsys, seed):
     assert report["time_to_first_token_s"] > 0
 
 
+def test_generate_of_an_mllama_export_uses_its_image_token(mllama_export, tmp_path, capsys, seed):
+    """`<image>` on the command line is the marker for every family: for Llama 3.2 Vision the processor writes
+    `<|image|>` there (and its BOS after the leading images), as transformers' MllamaProcessor does."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), rng.integers(0, 256, (30, 60, 3), dtype=np.uint8))
+    export = mllama_export[1]
+    assert main(["generate", str(export), "--prompt", "<image>Describe it.", "--image", str(path),
+                 "--max-new-tokens", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    with Pipeline.open(export) as pipeline:
+        batch = pipeline.processor.tokenize([[load_image(path), "Describe it."]])
+        token_id = pipeline.processor.tokenizer.token_to_id
+        expected = pipeline.complete([[load_image(path), "Describe it."]], max_new_tokens=6)
+    bos, image = token_id("<|begin_of_text|>"), token_id("<|image|>")
+    assert batch.input_ids[0, :3].tolist() == [bos, image, bos]
+    assert report["token_ids"] == expected[0].token_ids
+
+
 def test_generate_streams_text_through_the_console_script(exported):
     result = subprocess.run([sys.executable, "-m", "flamingo_edge.cli.main", "generate", str(exported),
                              "--prompt", "the dog", "--max-new-tokens", "4"], capture_output=True, text=True, check=True)
