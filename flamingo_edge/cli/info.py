@@ -12,9 +12,10 @@ HELP = ("print a checkpoint's architecture (parameters per component, layers, he
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_ENGINES",
-                        help="an IDEFICS save_pretrained folder (config.json + weights), a folder written by "
-                             "flamingo-edge convert, an export folder, or an engines folder written by flamingo-edge "
-                             "build; `demo`: the bundled checkpoint, and where its export is cached")
+                        help="an IDEFICS or Llama 3.2 Vision (mllama) save_pretrained folder (config.json + weights), "
+                             "a folder written by flamingo-edge convert, an export folder, or an engines folder "
+                             "written by flamingo-edge build; `demo`: the bundled checkpoint, and where its export is "
+                             "cached")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
 
 
@@ -22,22 +23,35 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:10.3f} M"
 
 
+def _vision_line(s) -> str:
+    if s.tiles > 1:  # a tiled tower (mllama)
+        return (f"vision      tiled ViT, {s.tiles} tiles of {s.image_size}x{s.image_size} px, patch {s.patch_size} -> "
+                f"{s.tokens_per_tile} tokens per tile, {s.vision_tokens_per_image} per image; {s.vision_layers} local "
+                f"+ {s.vision_global_layers} gated global layers, {s.vision_heads} heads, width {s.vision_width}")
+    return (f"vision      {s.vision_kind}, {s.image_size}x{s.image_size} px, patch {s.patch_size} -> "
+            f"{s.vision_tokens_per_image} tokens; {s.vision_layers} layers, {s.vision_heads} heads, "
+            f"width {s.vision_width}")
+
+
 def format_summary(checkpoint: str, summary) -> str:
     p = summary.parameters
     cross = ", ".join(map(str, summary.cross_attention_layers))
+    placement = "as decoder layers" if summary.cross_attention_replaces else "before decoder layers"
+    kv_heads = f" ({summary.decoder_kv_heads} K/V)" if summary.decoder_kv_heads != summary.decoder_heads else ""
+    vocabulary = f"vocabulary  {summary.vocab_size} + {summary.additional_vocab_size} additional"
+    if summary.input_only_vocab_size:
+        vocabulary += f" (+ {summary.input_only_vocab_size} embedding rows that are never predicted)"
     lines = [
         f"checkpoint  {checkpoint} ({summary.family})",
         "parameters",
         *(f"  {name:<24}{_millions(count)}  ({count:,})" for name, count in p.items()),
-        f"vision      CLIP ViT, {summary.image_size}x{summary.image_size} px, patch {summary.patch_size} -> "
-        f"{summary.vision_tokens_per_image} tokens; {summary.vision_layers} layers, {summary.vision_heads} heads, "
-        f"width {summary.vision_width}",
+        _vision_line(summary),
         f"resampler   {summary.resampler} -> {summary.visual_tokens_per_image} visual tokens per image",
-        f"decoder     {summary.decoder_layers} layers, {summary.decoder_heads} heads, width {summary.decoder_width}; "
-        f"{summary.decoder_blocks}",
-        f"gated xattn before decoder layers {cross} ({len(summary.cross_attention_layers)} blocks, "
+        f"decoder     {summary.decoder_layers} layers, {summary.decoder_heads} heads{kv_heads}, width "
+        f"{summary.decoder_width}; {summary.decoder_blocks}",
+        f"gated xattn {placement} {cross} ({len(summary.cross_attention_layers)} blocks, "
         f"{summary.cross_attention_heads} heads)",
-        f"vocabulary  {summary.vocab_size} + {summary.additional_vocab_size} additional",
+        vocabulary,
     ]
     return "\n".join(lines)
 

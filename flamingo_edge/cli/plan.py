@@ -9,8 +9,8 @@ HELP = "memory per component and precision, the largest context/images that fit 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flamingo_edge.cli.arguments import count
-    from flamingo_edge.engines.plan import DEVICES, RUNTIMES
+    from flamingo_edge.cli.arguments import count, natural
+    from flamingo_edge.engines.plan import DEVICES, IMAGE_CACHE, RUNTIMES
     from flamingo_edge.precision import EXPORT_PRECISIONS
 
     parser.add_argument("source", metavar="CHECKPOINT_OR_EXPORT",
@@ -26,6 +26,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                 ("max-images", 1, "images per sequence"), ("max-batch", 1, "sequences per run"),
                                 ("max-prompt", 512, "tokens in one prefill, within the context")):
         parser.add_argument(f"--{name}", type=count, default=None, help=f"{what} (default: {default})")
+    parser.add_argument("--image-cache", type=natural, default=IMAGE_CACHE, metavar="N",
+                        help="images whose cross-attention K/V the pipeline keeps (Pipeline.open's image_cache_size; "
+                             f"default: {IMAGE_CACHE}); TensorRT only")
     parser.add_argument("--workspace", dest="workspace_mib", type=count, metavar="MiB",
                         help="TensorRT builder workspace cap (default: none)")
     parser.add_argument("--float", choices=("fp32", "fp16"), default="fp32",
@@ -51,7 +54,8 @@ def _print_table(report: dict) -> None:
     how = f"; int4/int8-weights with {weight_only['float']} float parts" + (
         " and quantized embeddings" if weight_only["embeddings"] else "")
     print(f"{report['source']} ({report['kind']}), {report['runtime']}: context {limits['max_context']}, "
-          f"{limits['max_images']} image(s), batch {limits['max_batch']}{how}; GiB")
+          f"{limits['max_images']} image(s), batch {limits['max_batch']}, {report['image_cache']} cached image(s)"
+          f"{how}; GiB")
     print(f"  {'':26}" + "".join(f"{plan['precision']:>13}" for plan in plans))
     for name in names:
         row = [sum(i["bytes"] for i in plan["items"] if i["name"] == name) for plan in plans]

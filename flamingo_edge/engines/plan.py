@@ -6,9 +6,10 @@ config.json with no weights) and counts. docs/plan.md gives every figure's sourc
     weights     per graph (vision, resampler, xattn_kv, decoder; in the decoder the embedding and LM head apart),
                 from the config's parameter counts at the precision's bytes per weight, or the files of an export
     self KV     2 x layers x H x Dh x P x B x 4 bytes (the graph contract's K/V are float32 at every precision)
-    cross K/V   2 x gated blocks x Hx x Dh x M x L x B x 4 bytes, plus the runtime's per-image cache
+    cross K/V   2 x gated blocks x Hx x Dh x M x L x B x 4 bytes, plus the runtime's per-image cache (L: every
+                visual token of an image; mllama: its T tiles of P tokens)
     activations from the engine profiles' largest shapes (engines/profiles.py): the biggest tensors a graph holds
-                at once, per execution context
+                at once, per execution context (mllama's vision: attention scores over all T*P8 tokens of an image)
     runtime     the process and the libraries; on a Jetson the OS and CUDA come off the board's memory first
 
 Two runtimes are modelled: TensorRT engines on a Jetson or a GPU (`tensorrt`), and ONNX Runtime's CPU provider
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from flamingo_edge.artifacts import EXPORT_RECORD, read_export_record, read_json
-from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.config import FlamingoConfig, TiledVisionConfig
 from flamingo_edge.config_checks import config_from_record
 from flamingo_edge.engines.profiles import ShapeLimits
 from flamingo_edge.errors import CheckpointError, UsageError
@@ -43,6 +44,7 @@ WEIGHT_ONLY_GRAPHS = ("xattn_kv", "decoder")
 INT8_GRAPHS = ("vision", "resampler", "xattn_kv")
 BLOCK_SIZE = {Precision.INT4: 128, Precision.INT8_WEIGHTS: 128}  # weights per fp32 scale
 IMAGE_CACHE = 64  # images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size; a test checks it)
+IMAGE_CACHE_BYTES = 1 << 30  # ... and at most these bytes of them (Pipeline.open's image_cache_bytes; a test checks it)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _mlp(kind: str, dim: int, hidden: int, bias: bool) -> tuple[int, int]:
 
 
 def _vision(config: FlamingoConfig) -> GraphParameters:
+    if config.tiled:
+        return _tiled_vision(config.vision)
     v = config.vision
     per_block_matmul = 4 * v.width * v.width + 2 * v.width * v.mlp_width
     per_block_other = 4 * v.width + v.mlp_width + v.width + 4 * v.width  # q/k/v/out and fc biases, two LayerNorms
@@ -122,7 +126,24 @@ def _vision(config: FlamingoConfig) -> GraphParameters:
     return GraphParameters(matmul=v.layers * per_block_matmul, other=v.layers * per_block_other + stem)
 
 
+def _tiled_vision(v: TiledVisionConfig) -> GraphParameters:
+    """mllama's tiled ViT (models/mllama_vision.py): local and gated global blocks with bias-free attention, and
+    tile/position tables with one row per aspect-ratio id (id 0, padding, included)."""
+    width, ratios, tiles, patches = v.hidden_size, v.max_aspect_ratio_id + 1, v.max_num_tiles, v.patches_per_tile
+    per_block_matmul = 4 * width * width + 2 * width * v.intermediate_size
+    per_block_other = v.intermediate_size + width + 4 * width  # fc1/fc2 biases, two LayerNorms
+    stem = (v.num_channels * v.patch_size ** 2 * width + width  # patch convolution (no bias), class embedding
+            + 2 * ratios * tiles * width + ratios * tiles * patches * width  # pre/post tile, tile positions
+            + patches * width + 3 + 4 * width)  # positions, the three gates, pre/post LayerNorm
+    blocks = v.num_hidden_layers + v.num_global_layers
+    return GraphParameters(matmul=blocks * per_block_matmul,
+                           other=blocks * per_block_other + 2 * v.num_global_layers + stem)  # + global gates
+
+
 def _resampler(config: FlamingoConfig) -> GraphParameters:
+    if config.tiled:  # mllama's projector: one Linear with a bias
+        v = config.vision
+        return GraphParameters(matmul=v.vision_output_dim * v.text_hidden_size, other=v.text_hidden_size)
     r, width = config.resampler, config.vision.width
     if not r.enabled:
         return GraphParameters()
@@ -136,7 +157,7 @@ def _resampler(config: FlamingoConfig) -> GraphParameters:
 def _cross_kv(config: FlamingoConfig) -> GraphParameters:
     text, blocks = config.decoder, len(config.decoder.cross_layers)
     inner = text.cross_kv_head_count * text.cross_head_dim  # the K/V heads (grouped-query: fewer)
-    return GraphParameters(matmul=blocks * 2 * config.vision.width * inner,
+    return GraphParameters(matmul=blocks * 2 * config.visual_width * inner,
                            other=blocks * (text.cross_head_dim if text.cross_qk_norms else 0))
 
 
@@ -156,13 +177,13 @@ def _decoder(config: FlamingoConfig) -> GraphParameters:
     blocks = len(t.cross_layers)
     return GraphParameters(
         matmul=t.self_attention_layers * layer_matmul + blocks * (2 * t.width * inner + cross_mlp),
-        lm_head=t.width * t.total_vocab_size, embedding=t.width * t.total_vocab_size,
+        lm_head=t.width * t.total_vocab_size, embedding=t.width * (t.total_vocab_size + t.input_only_vocab),
         other=t.self_attention_layers * layer_other + blocks * cross_other + _norm(t.norm, t.width, t.norm_bias))
 
 
 def parameter_counts(config: FlamingoConfig) -> dict[str, GraphParameters]:
     """The parameters of each graph of the contract, counted from the config (equal to the PyTorch reference's,
-    tests/engines/test_plan.py)."""
+    tests/cli/test_plan.py)."""
     return {"vision": _vision(config), "resampler": _resampler(config), "xattn_kv": _cross_kv(config),
             "decoder": _decoder(config)}
 
@@ -211,7 +232,7 @@ class Source:
 
 
 def _config_from_json(path: Path) -> FlamingoConfig:
-    from flamingo_edge.idefics_config import config_from_hf
+    from flamingo_edge import idefics_config, mllama_config
 
     data = read_json(path)
     if data.get("model_type") == "flamingo_edge":  # a converted checkpoint (models/convert.py)
@@ -220,11 +241,14 @@ def _config_from_json(path: Path) -> FlamingoConfig:
             raise CheckpointError(f"{path}: not a valid flamingo-edge model config ({'; '.join(problems)}); convert "
                                   "the model again with this flamingo-edge version")
         return config
-    return config_from_hf(data, source=str(path))
+    if data.get("model_type") == mllama_config.MODEL_TYPE:  # Llama 3.2 Vision
+        return mllama_config.config_from_hf(data, source=str(path))
+    return idefics_config.config_from_hf(data, source=str(path))
 
 
 def read_source(path: str | Path) -> Source:
-    """An export folder, a checkpoint folder, or a config.json (IDEFICS, or a converted checkpoint's).
+    """An export folder, a checkpoint folder, or a config.json (IDEFICS, Llama 3.2 Vision, or a converted
+    checkpoint's).
 
     Raises:
         CheckpointError, ExportError: nothing readable there; the message says what to pass.
@@ -292,23 +316,48 @@ def cross_kv_bytes(config: FlamingoConfig, images: int) -> int:
             * FLOAT_BYTES)
 
 
+def _image_elements(config: FlamingoConfig) -> tuple[int, int]:
+    """Elements of the biggest tensors the vision and resampler graphs hold for one image.
+
+    vision: attention scores [N, H, T, T] or the MLP's hidden [N, T, mlp]. A tiled tower (mllama) runs its local
+    and global transformers over every tile's padded tokens at once, so its scores are [N, H, T*P8, T*P8]; else its
+    MLP's hidden, its output [N, T, P, Dvo] or the residual stream [N, T*P8, D] twice; plus the kept local layers'
+    outputs (K of [N, T*P8, D]), held from the local transformer to the output.
+    resampler: scores [N, H, L, T + L], its MLP or its input; mllama's projector: its input [N, T, P, Dvo] or output.
+    """
+    v, r = config.vision, config.resampler
+    if config.tiled:
+        tokens, kept = v.max_num_tiles * v.padded_patches_per_tile, len(v.kept_layers)
+        features = v.max_num_tiles * v.patches_per_tile
+        vision = tokens * max(v.attention_heads * tokens, v.intermediate_size, 2 * v.hidden_size)
+        vision = max(vision, features * v.vision_output_dim) + kept * tokens * v.hidden_size
+        return vision, features * max(v.vision_output_dim, v.text_hidden_size)
+    tokens, latents = v.num_tokens, config.visual_tokens_per_image
+    vision = tokens * max(v.heads * tokens, v.mlp_width, 2 * v.width)
+    return vision, max(r.heads * latents * (tokens + latents), latents * r.mlp_width, tokens * v.width)
+
+
 def _largest_tensors(config: FlamingoConfig, limits: ShapeLimits) -> dict[str, int]:
     """Elements of the biggest tensor each graph holds at the profiles' largest shapes, and of its residual stream.
 
-    vision: attention scores [N, H, T, T] or the MLP's hidden [N, T, mlp]; resampler: scores [N, H, L, T + L] or
-    its MLP; xattn_kv: its outputs [N, Hx, L, Dh] for every block; decoder prefill: scores [B, H, S, P + S],
-    the MLP [B, S, mlp] or logits [B, S, V]; decoder decode: the same with S = 1.
+    vision and resampler: `_image_elements` for every image of the profile (N = batch x images); xattn_kv: its
+    outputs [N, Hx, L, Dh] for every block; decoder prefill: self-attention scores [B, H, S, P + S], cross-attention
+    scores [B, H, S, M*L] (mllama: M*T*P, every tile's tokens), the MLP [B, S, mlp] or logits [B, S, V]; decoder
+    decode: the same with S = 1.
     """
-    v, r, t = config.vision, config.resampler, config.decoder
-    images, tokens, latents = limits.max_batch * limits.max_images, v.num_tokens, config.visual_tokens_per_image
+    t = config.decoder
+    images = limits.max_batch * limits.max_images
     batch, prompt, context = limits.max_batch, limits.max_prompt, limits.max_context
+    visual = limits.max_images * config.visual_tokens_per_image  # the visual tokens one row attends to
+    vision, resampler = _image_elements(config)
 
     def decoder(s: int) -> int:
-        return batch * s * max(t.heads * context, t.mlp_width, t.total_vocab_size, 2 * t.width)
+        return batch * s * max(t.heads * context, t.cross_heads * visual, t.mlp_width, t.total_vocab_size,
+                               2 * t.width)
 
     return {
-        "vision": images * tokens * max(v.heads * tokens, v.mlp_width, 2 * v.width),
-        "resampler": images * max(r.heads * latents * (tokens + latents), latents * r.mlp_width, tokens * v.width),
+        "vision": images * vision,
+        "resampler": images * resampler,
         "xattn_kv": cross_kv_bytes(config, images) // FLOAT_BYTES,
         "decoder (prefill)": decoder(prompt),
         "decoder (decode)": decoder(1),
@@ -335,13 +384,15 @@ def _weights(config: FlamingoConfig, precision: Precision, source: Source | None
     return items
 
 
-def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: int | None) -> list[Item]:
+def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: int | None,
+                    image_cache: int = IMAGE_CACHE) -> list[Item]:
     """Caches, activations and runtime of TensorRT engines (a reasoned estimate; docs/plan.md)."""
     largest = _largest_tensors(config, limits)
     batch, images = limits.max_batch, limits.max_batch * limits.max_images
     self_kv = self_kv_bytes(config, limits.max_context, batch)
     new_kv = self_kv_bytes(config, limits.max_prompt, batch)
     cross = cross_kv_bytes(config, images)
+    cached = min(image_cache, IMAGE_CACHE_BYTES // cross_kv_bytes(config, 1))  # the cache's count and byte bounds
     # A context holds its input, its output and one tensor of the largest size at once; TensorRT reuses the rest.
     activations = sum(3 * elements * FLOAT_BYTES for elements in largest.values())
     scratch = max(largest.values()) * FLOAT_BYTES  # tactic scratch of the biggest GEMM/attention, within the cap
@@ -351,8 +402,8 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
         Item("self-attention K/V", 2 * self_kv + TRT_STAGING_COPIES * new_kv,
              f"the cache at P={limits.max_context}, B={batch} on the host and its mirror on the device; new K/V for "
              f"{limits.max_prompt} tokens (device + pinned host)"),
-        Item("cross-attention K/V", TRT_STAGING_COPIES * 2 * cross + cross_kv_bytes(config, IMAGE_CACHE),
-             f"M={limits.max_images} images x B={batch} (xattn_kv out, decoder in) + {IMAGE_CACHE} cached images"),
+        Item("cross-attention K/V", TRT_STAGING_COPIES * 2 * cross + cross_kv_bytes(config, cached),
+             f"M={limits.max_images} images x B={batch} (xattn_kv out, decoder in) + {cached} cached images"),
         Item("activations", activations, "5 execution contexts at the profiles' largest shapes"),
         Item("workspace", scratch, "tactic scratch of the largest layer" + (f" (cap {workspace_mib} MiB)"
                                                                              if workspace_mib else "")),
@@ -394,7 +445,7 @@ def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: lis
 
 def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *, runtime: str = "tensorrt",
              workspace_mib: int | None = None, lm_head: bool = True, float16: bool = False,
-             embeddings: bool = False) -> Plan:
+             embeddings: bool = False, image_cache: int = IMAGE_CACHE) -> Plan:
     """The memory `source` needs at `precision` and `limits`.
 
     Args:
@@ -405,18 +456,21 @@ def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *,
         workspace_mib: the TensorRT builder's workspace cap, if any.
         lm_head: weight-only precisions quantize the LM head too (quantize's default).
         float16, embeddings: weight-only precisions with quantize's --float fp16 and --embeddings.
+        image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size); TensorRT only.
 
     Raises:
-        UsageError: an unknown precision or runtime, or limits that make no engine.
+        UsageError: an unknown precision or runtime, a negative image cache, or limits that make no engine.
     """
     if precision not in [p.value for p in EXPORT_PRECISIONS]:
         raise UsageError(f"precision {precision!r}; choose one of {', '.join(p.value for p in EXPORT_PRECISIONS)}")
     if runtime not in RUNTIMES:
         raise UsageError(f"runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if image_cache < 0:
+        raise UsageError(f"image cache {image_cache}: give the number of images the pipeline keeps (>= 0)")
     precision, config = Precision(precision), source.config
     limits.check(config.decoder.max_positions)
     weights = _weights(config, precision, source, lm_head, float16, embeddings)
-    rest = (_tensorrt_items(config, limits, workspace_mib) if runtime == "tensorrt"
+    rest = (_tensorrt_items(config, limits, workspace_mib, image_cache) if runtime == "tensorrt"
             else _onnxruntime_items(config, limits, weights, precision, lm_head))
     return Plan(precision, runtime, limits, tuple(weights + rest))
 
@@ -486,7 +540,8 @@ def recommend(fits: list[Fit]) -> Precision | None:
 def plan_report(source: str | Path, *, target: str | None = None, precision: list[str] | None = None,
                 runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
                 max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
-                float16: bool = False, embeddings: bool = False, tensorrt_version: str | None = None) -> dict:
+                float16: bool = False, embeddings: bool = False, tensorrt_version: str | None = None,
+                image_cache: int = IMAGE_CACHE) -> dict:
     """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
 
     Args:
@@ -500,6 +555,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         float16, embeddings: weight-only precisions as quantize's --float fp16 and --embeddings make them.
         tensorrt_version: the TensorRT that will build; 8.x (JetPack 5) has no weight-only precision, so int4 and
             int8-weights are left out of the plan and the recommendation.
+        image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size, default 64).
 
     Raises:
         CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
@@ -519,7 +575,8 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
                          "int4 and int8-weights are left out; int8 (Q/DQ) is its smallest precision")
         if not precisions:
             raise UsageError(f"TensorRT {tensorrt_version} cannot build any of the asked precisions")
-    options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings)
+    options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings,
+                   image_cache=image_cache)
     plans = [plan_for(read, p, limits, **options) for p in precisions]
     targets = []
     for name in [target] if target else list(DEVICES):
@@ -531,6 +588,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
     return {"source": read.path, "kind": read.kind,
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
             "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings}, "notes": notes,
+            "image_cache": image_cache,
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],
@@ -538,9 +596,10 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
 
 
 def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimits,
-                     workspace_mib: int | None) -> None:
+                     workspace_mib: int | None, image_cache: int = IMAGE_CACHE) -> None:
     """Refuse a build whose engines the target board cannot hold at `limits` (BUILD_TARGET_DEVICES; other targets
-    are not checked). AGX Orin is checked against 64 GB, with a warning when 32 GB would not do.
+    are not checked). AGX Orin is checked against 64 GB, with a warning when 32 GB would not do. `image_cache`: the
+    images whose cross K/V the pipeline will keep (Pipeline.open's image_cache_size).
 
     Raises:
         MemoryPlanError: the plan's total exceeds the board's memory; the message gives the figures and the ways
@@ -552,7 +611,7 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
     if not boards:
         return
     source = read_source(export_dir)
-    plan = plan_for(source, source.precision, limits, workspace_mib=workspace_mib)
+    plan = plan_for(source, source.precision, limits, workspace_mib=workspace_mib, image_cache=image_cache)
     largest, *smaller = boards
     for board in smaller:
         if plan.total > budget_bytes(board):
@@ -563,7 +622,8 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
     if plan.total <= budget:
         return
     weights = sum(item.bytes for item in plan.items if item.graph)
-    fits = [fit(source, p, limits, budget, workspace_mib=workspace_mib) for p in PRECISION_ORDER]
+    fits = [fit(source, p, limits, budget, workspace_mib=workspace_mib, image_cache=image_cache)
+            for p in PRECISION_ORDER]
     better = recommend(fits)
     advice = (f"quantize the export to {better.value} (flamingo-edge quantize --precision {better.value})"
               if better else "lower --max-context/--max-images/--max-batch")

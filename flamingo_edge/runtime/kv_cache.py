@@ -264,7 +264,8 @@ class PrefixCache:
 
 
 class CrossAttentionCache:
-    """Cross-attention K/V per image, keyed by the image's content, least recently used dropped beyond `capacity`.
+    """Cross-attention K/V per image, keyed by the image's content, least recently used dropped beyond `capacity`
+    images or `max_bytes` (one mllama 11B image is 0.4 GiB of K/V: a count alone does not bound the memory).
 
     An entry is one image's `xattn_kv` outputs as the graph returns them for N = 1: `cross_key.{i}` /
     `cross_value.{i}` -> [1, Hx, L, Dh]. `get` returns read-only views: entries are shared by every prompt that shows
@@ -272,18 +273,22 @@ class CrossAttentionCache:
     on one thread while another generates).
     """
 
-    def __init__(self, *, capacity: int = 64):
+    def __init__(self, *, capacity: int = 64, max_bytes: int | None = None):
         """An empty cache.
 
         Args:
             capacity: the most images kept; 0 keeps none (every image is recomputed).
+            max_bytes: the most bytes of K/V kept (None: no bound but `capacity`); an image larger than that is not
+                kept.
 
         Raises:
-            UsageError: a negative capacity.
+            UsageError: a negative capacity or size.
         """
         if capacity < 0:
             raise UsageError(f"the image cache capacity must be >= 0 (0 = no cache); got {capacity}")
-        self.capacity, self.hits, self.misses = capacity, 0, 0
+        if max_bytes is not None and max_bytes < 0:
+            raise UsageError(f"the image cache size must be >= 0 bytes (0 = no cache); got {max_bytes}")
+        self.capacity, self.max_bytes, self.hits, self.misses, self.nbytes = capacity, max_bytes, 0, 0, 0
         self._entries: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # oldest use first
         self._lock = threading.Lock()
 
@@ -319,11 +324,16 @@ class CrossAttentionCache:
                                          f"{name!r} has shape {array.shape}")
             frozen[name] = array.view()
             frozen[name].flags.writeable = False
+        size = sum(array.nbytes for array in frozen.values())
         with self._lock:
+            if key in self._entries:
+                self.nbytes -= sum(array.nbytes for array in self._entries.pop(key).values())
             self._entries[key] = frozen
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self.nbytes += size
+            while self._entries and (len(self._entries) > self.capacity
+                                     or (self.max_bytes is not None and self.nbytes > self.max_bytes)):
+                dropped = self._entries.popitem(last=False)[1]
+                self.nbytes -= sum(array.nbytes for array in dropped.values())
 
     def __len__(self) -> int:
         return len(self._entries)

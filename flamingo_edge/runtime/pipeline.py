@@ -32,6 +32,8 @@ from flamingo_edge.runtime.sampling import Sampler, make_sampler
 
 logger = logging.getLogger(__name__)
 
+IMAGE_CACHE_BYTES = 1 << 30  # the image cache's default bound in bytes (engines/plan.py counts the same)
+
 
 def _check_integer(name: str, value, minimum: int, *, none_means: str | None = None) -> None:
     """Refuse a setting that is not an integer >= minimum (or None, when `none_means` says what None does)."""
@@ -42,7 +44,8 @@ def _check_integer(name: str, value, minimum: int, *, none_means: str | None = N
         raise UsageError(f"{name} must be an integer >= {minimum}{also}; got {value!r}")
 
 
-def check_open_settings(*, max_context, max_images, image_cache_size, prefix_cache_bytes) -> None:
+def check_open_settings(*, max_context, max_images, image_cache_size, prefix_cache_bytes,
+                        image_cache_bytes=None) -> None:
     """Refuse `Pipeline.open` limits that mean nothing (before any file is read).
 
     Raises:
@@ -51,6 +54,7 @@ def check_open_settings(*, max_context, max_images, image_cache_size, prefix_cac
     _check_integer("max_context", max_context, 1, none_means="the model's own limit")
     _check_integer("max_images", max_images, 1)
     _check_integer("image_cache_size", image_cache_size, 0)
+    _check_integer("image_cache_bytes", image_cache_bytes, 0, none_means="no bound but image_cache_size")
     _check_integer("prefix_cache_bytes", prefix_cache_bytes, 0)
 
 
@@ -95,12 +99,13 @@ class Pipeline:
 
     def __init__(self, *, config: FlamingoConfig, sessions: dict, processor: Processor, max_context: int,
                  max_images: int, image_cache_size: int, prefix_cache_bytes: int, max_prompt: int | None = None,
-                 max_batch: int | None = None, static_decode: bool = False):
+                 max_batch: int | None = None, static_decode: bool = False,
+                 image_cache_bytes: int | None = IMAGE_CACHE_BYTES):
         self.config, self.sessions, self.processor = config, sessions, processor
         self.max_context, self.max_images = max_context, max_images
         self.max_prompt, self.max_batch = max_prompt, max_batch  # TensorRT engines' limits (None: unlimited)
         self.static_decode = static_decode  # decode steps feed a past of max_context - 1 slots (fixed shapes)
-        self.image_cache = CrossAttentionCache(capacity=image_cache_size)
+        self.image_cache = CrossAttentionCache(capacity=image_cache_size, max_bytes=image_cache_bytes)
         self.prefix_cache = PrefixCache(max_bytes=prefix_cache_bytes)
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()  # a camera stream encodes frames and generates on two threads
@@ -115,7 +120,7 @@ class Pipeline:
     def open(cls, export_dir: str | Path, *, backend: str = "onnxruntime", device: str = "auto",
              engines: str | Path | None = None, cuda_graph: bool = False, static_decode: bool | None = None,
              max_context: int | None = None, max_images: int = 16, image_cache_size: int = 64,
-             prefix_cache_bytes: int = 64 << 20) -> Pipeline:
+             image_cache_bytes: int | None = IMAGE_CACHE_BYTES, prefix_cache_bytes: int = 64 << 20) -> Pipeline:
         """Open an export folder written by `flamingo-edge export`.
 
         Args:
@@ -132,6 +137,8 @@ class Pipeline:
                 engines, at most what they were built for).
             max_images: most images per prompt (with engines, at most what they were built for).
             image_cache_size: images whose cross-attention K/V are kept (least recently used are dropped).
+            image_cache_bytes: the most bytes of cross-attention K/V kept, whatever the count (default 1 GiB: 64
+                IDEFICS-9B images, 2 of Llama 3.2 Vision 11B's); None: bounded by image_cache_size alone.
             prefix_cache_bytes: memory for the self-attention K/V of earlier single prompts, reused when a prompt
                 begins with the same tokens and images (a fixed few-shot preamble); 0 disables it.
 
@@ -144,7 +151,7 @@ class Pipeline:
             UsageError: tensorrt without `engines`, or `engines`/`cuda_graph` with another backend.
         """
         check_open_settings(max_context=max_context, max_images=max_images, image_cache_size=image_cache_size,
-                            prefix_cache_bytes=prefix_cache_bytes)
+                            prefix_cache_bytes=prefix_cache_bytes, image_cache_bytes=image_cache_bytes)
         export_dir = Path(export_dir)
         record = read_export_record(export_dir)
         if record.contract_version != CONTRACT_VERSION:
@@ -177,6 +184,7 @@ class Pipeline:
         graphs = cuda_graph and getattr(sessions["decoder"], "cuda_graphs", False)
         return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
                    max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
+                   image_cache_bytes=image_cache_bytes,
                    prefix_cache_bytes=prefix_cache_bytes, max_prompt=engine_limits.get("max_prompt"),
                    max_batch=engine_limits.get("max_batch"),
                    static_decode=graphs if static_decode is None else static_decode)

@@ -11,11 +11,10 @@ import onnx
 import pytest
 
 from flamingo_edge.cli.main import main
-from flamingo_edge.engines.plan import (BLOCK_SIZE, IMAGE_CACHE, INT8_GRAPHS, WEIGHT_ONLY_GRAPHS, parameter_counts,
-                                        plan_for, read_source)
+from flamingo_edge.engines.plan import (BLOCK_SIZE, IMAGE_CACHE, IMAGE_CACHE_BYTES, INT8_GRAPHS, WEIGHT_ONLY_GRAPHS,
+                                        parameter_counts, plan_for, read_source)
 from flamingo_edge.engines.profiles import ShapeLimits
 from flamingo_edge.errors import CheckpointError, MemoryPlanError, UsageError
-from flamingo_edge.precision import Precision
 
 CONFIGS = Path(__file__).resolve().parents[2] / "docs" / "configs"
 PUBLIC = sorted(CONFIGS.glob("*.json"))
@@ -48,6 +47,8 @@ def test_public_configs_have_their_published_sizes():
     assert round(totals["idefics-9b"], 1) == 8.9 and round(totals["idefics-80b"]) == 80
     assert 2.5 < totals["openflamingo-3b"] < 3.3 and 3.5 < totals["openflamingo-4b"] < 4.5
     assert 8 < totals["openflamingo-9b"] < 9
+    # Llama 3.2 Vision: 10.67 B and 88.59 B (transformers' own count, tests/cli/test_mllama_plan.py)
+    assert round(totals["llama-3.2-11b-vision"], 2) == 10.67 and round(totals["llama-3.2-90b-vision"], 2) == 88.59
 
 
 def test_the_plans_defaults_are_quantizes_and_the_pipelines():
@@ -59,6 +60,7 @@ def test_the_plans_defaults_are_quantizes_and_the_pipelines():
     assert tuple(quantize.INT8_DEFAULT_GRAPHS) == INT8_GRAPHS
     assert quantize.DEFAULT_BLOCK_SIZE == BLOCK_SIZE
     assert inspect.signature(Pipeline.open).parameters["image_cache_size"].default == IMAGE_CACHE
+    assert inspect.signature(Pipeline.open).parameters["image_cache_bytes"].default == IMAGE_CACHE_BYTES
     if pytest.importorskip("torch"):
         from flamingo_edge.models.layers import ACTIVATIONS
 

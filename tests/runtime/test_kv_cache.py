@@ -250,3 +250,20 @@ def test_image_cache_refuses_bad_entries_and_capacity(seed):
         CrossAttentionCache().put("two", two_images)
     with pytest.raises(UsageError, match=r"capacity must be >= 0 \(0 = no cache\); got -1"):
         CrossAttentionCache(capacity=-1)
+
+
+def test_the_image_cache_keeps_at_most_its_bytes():
+    """An mllama 11B image is 0.4 GiB of K/V: the cache drops the least recently used beyond max_bytes as well as
+    beyond its count, and does not keep an image larger than the whole bound."""
+    entry = lambda fill: {"cross_key.0": np.full((1, 2, 4, 8), fill, np.float32)}  # noqa: E731  256 bytes
+    cache = CrossAttentionCache(capacity=10, max_bytes=600)
+    for key in "abc":
+        cache.put(key, entry(1.0))
+    assert len(cache) == 2 and "a" not in cache and cache.nbytes == 512
+    cache.get("b")
+    cache.put("d", entry(2.0))
+    assert "b" in cache and "c" not in cache and "d" in cache
+    cache.put("big", {"cross_key.0": np.zeros((1, 2, 40, 8), np.float32)})
+    assert "big" not in cache and len(cache) == 0 and cache.nbytes == 0
+    with pytest.raises(UsageError, match="image cache size must be >= 0 bytes"):
+        CrossAttentionCache(max_bytes=-1)
