@@ -34,6 +34,11 @@ class VisionConfig:
         return self.num_positions if self.output_class_token else self.num_positions - 1
 
 
+# The most bytes of float32 attention scores the tiled vision tower holds at once per image: its attention runs over a
+# whole image's T*P8 tokens (the 11B: 6432, 165 MB of scores per head), so it is computed a few heads at a time.
+VISION_SCORES_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class TiledVisionConfig:
     """mllama's tiled ViT (Llama 3.2 Vision, transformers' MllamaVisionConfig): an image is `max_num_tiles` tiles of
@@ -76,6 +81,12 @@ class TiledVisionConfig:
     def kept_layers(self) -> tuple[int, ...]:
         """intermediate_layers_indices made non-negative, in their order (upstream indexes a tuple with them)."""
         return tuple(i % self.num_hidden_layers for i in self.intermediate_layers_indices)
+
+    def heads_per_chunk(self) -> int:
+        """Attention heads computed at once, so that one image's scores [chunk, T*P8, T*P8] stay within
+        VISION_SCORES_BYTES (all heads when they fit; at least one)."""
+        tokens = self.max_num_tiles * self.padded_patches_per_tile
+        return max(1, min(self.attention_heads, VISION_SCORES_BYTES // (tokens * tokens * 4)))
 
 
 @dataclass(frozen=True)

@@ -320,7 +320,8 @@ def _image_elements(config: FlamingoConfig) -> tuple[int, int]:
     """Elements of the biggest tensors the vision and resampler graphs hold for one image.
 
     vision: attention scores [N, H, T, T] or the MLP's hidden [N, T, mlp]. A tiled tower (mllama) runs its local
-    and global transformers over every tile's padded tokens at once, so its scores are [N, H, T*P8, T*P8]; else its
+    and global transformers over every tile's padded tokens at once, a few heads at a time (`heads_per_chunk`), so
+    its scores are [N, chunk, T*P8, T*P8]; else its
     MLP's hidden, its output [N, T, P, Dvo] or the residual stream [N, T*P8, D] twice; plus the kept local layers'
     outputs (K of [N, T*P8, D]), held from the local transformer to the output.
     resampler: scores [N, H, L, T + L], its MLP or its input; mllama's projector: its input [N, T, P, Dvo] or output.
@@ -329,7 +330,7 @@ def _image_elements(config: FlamingoConfig) -> tuple[int, int]:
     if config.tiled:
         tokens, kept = v.max_num_tiles * v.padded_patches_per_tile, len(v.kept_layers)
         features = v.max_num_tiles * v.patches_per_tile
-        vision = tokens * max(v.attention_heads * tokens, v.intermediate_size, 2 * v.hidden_size)
+        vision = tokens * max(v.heads_per_chunk() * tokens, v.intermediate_size, 2 * v.hidden_size)
         vision = max(vision, features * v.vision_output_dim) + kept * tokens * v.hidden_size
         return vision, features * max(v.vision_output_dim, v.text_hidden_size)
     tokens, latents = v.num_tokens, config.visual_tokens_per_image

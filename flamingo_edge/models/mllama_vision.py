@@ -49,11 +49,14 @@ def tile_attention_mask(aspect_ratio_mask: Tensor, patch_is_real: Tensor) -> Ten
 
 
 class MllamaVisionAttention(nn.Module):
-    """Multi-head self-attention with bias-free projections and a key mask."""
+    """Multi-head self-attention with bias-free projections and a key mask, `chunk` heads at a time: an image's
+    scores over all of its tiles are [chunk, T*P8, T*P8] at most (`TiledVisionConfig.heads_per_chunk`; the 11B's
+    would be 2.6 GB for its 16 heads at once, more than a Jetson can spare)."""
 
-    def __init__(self, *, width: int, heads: int):
+    def __init__(self, *, width: int, heads: int, chunk: int | None = None):
         super().__init__()
         self.heads, self.head_dim, self.width = heads, width // heads, width
+        self.chunk = chunk or heads
         self.q = nn.Linear(width, width, bias=False)
         self.k = nn.Linear(width, width, bias=False)
         self.v = nn.Linear(width, width, bias=False)
@@ -62,7 +65,10 @@ class MllamaVisionAttention(nn.Module):
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         # x [N, S, D], allowed bool [N, 1, S, S]
         q, k, v = (split_heads(proj(x), self.heads, self.head_dim) for proj in (self.q, self.k, self.v))  # [N,H,S,Dh]
-        return self.out(merge_heads(attend(q, k, v, self.head_dim, allowed), self.width))  # [N, S, D]
+        parts = [attend(q[:, h:h + self.chunk], k[:, h:h + self.chunk], v[:, h:h + self.chunk], self.head_dim, allowed)
+                 for h in range(0, self.heads, self.chunk)]  # [N, chunk, S, Dh] each
+        attended = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, H, S, Dh]
+        return self.out(merge_heads(attended, self.width))  # [N, S, D]
 
 
 class MllamaVisionBlock(nn.Module):
@@ -72,7 +78,8 @@ class MllamaVisionBlock(nn.Module):
         super().__init__()
         width = settings.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=settings.norm_eps)
-        self.attn = MllamaVisionAttention(width=width, heads=settings.attention_heads)
+        self.attn = MllamaVisionAttention(width=width, heads=settings.attention_heads,
+                                          chunk=settings.heads_per_chunk())
         self.norm2 = nn.LayerNorm(width, eps=settings.norm_eps)
         self.mlp = VisionMLP(width=width, hidden=settings.intermediate_size, act=settings.hidden_act)
         self.attn_gate = nn.Parameter(torch.zeros(1)) if gated else None

@@ -110,6 +110,34 @@ def test_vision_and_projector_match_transformers(upstream, seed):
 
 
 @torch.no_grad()
+def test_attention_a_few_heads_at_a_time_is_the_same(upstream, seed, monkeypatch, tmp_path):
+    """With the scores' bound so low that one head runs at a time (as the 11B's 16 heads over 6432 tokens do), the
+    tower equals transformers and exports: one Softmax per head and layer."""
+    import flamingo_edge.config as config_module
+
+    s = ours_from(upstream)[0].settings
+    tokens = s.max_num_tiles * s.padded_patches_per_tile
+    monkeypatch.setattr(config_module, "VISION_SCORES_BYTES", tokens * tokens * 4)
+    assert s.heads_per_chunk() == 1
+    vision = ours_from(upstream)[0]
+    assert all(block.attn.chunk == 1 for block in [*vision.local_blocks, *vision.global_blocks])
+    rng = np.random.default_rng(seed)
+    ids = [int(i) for i in rng.permutation(sorted(TILES_BY_ID))]
+    pixels, ratio_ids, ratio_mask = random_images(s, ids, rng)
+    expected = upstream.model.vision_model(pixel_values=pixels[:, None], aspect_ratio_ids=ratio_ids[:, None],
+                                           aspect_ratio_mask=ratio_mask[:, None]).last_hidden_state
+    features = vision(pixels, ratio_ids, ratio_mask)
+    assert relative_error(features, expected.reshape(features.shape)) <= LOGITS_REL_TOL
+    path = tmp_path / "vision.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(vision, (pixels, ratio_ids, ratio_mask), str(path), opset_version=DEFAULT_OPSET,
+                          dynamo=False)
+    softmaxes = sum(node.op_type == "Softmax" for node in onnx.load(str(path)).graph.node)
+    assert softmaxes == s.attention_heads * (s.num_hidden_layers + s.num_global_layers)
+
+
+@torch.no_grad()
 def test_vision_exports_with_dynamic_image_count(upstream, seed, tmp_path):
     vision, _ = ours_from(upstream)
     rng = np.random.default_rng(seed + 1)
