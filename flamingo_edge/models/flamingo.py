@@ -17,6 +17,7 @@ decoder's `image_attention_mask` [B, S, M*T] (graphs.py).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from flamingo_edge.config import FlamingoConfig
@@ -61,6 +62,22 @@ class FlamingoModel(nn.Module):
         pairs = [block.project_visual(visual_tokens) for block in self.decoder.cross_blocks]
         return [key for key, _ in pairs], [value for _, value in pairs]
 
+    def rows_cross_kv(self, pixel_values: Tensor, aspect_ratio_ids: Tensor | None = None,
+                      aspect_ratio_mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Every row's images [B, M, ...] (as `forward` takes them) -> per gated block, cross K/V [B, H, M*L, Dh].
+
+        A tiled tower's batch with no image at all (every aspect_ratio_id 0: the processor's padding slots) gets zero
+        K/V, so that its rows add exactly 0 (mllama skips its cross-attention layers then; with an image in the batch,
+        the padding images are computed from their zero pixels, as upstream does).
+        """
+        batch = pixel_values.shape[0]
+        tiles = (aspect_ratio_ids.flatten(0, 1), aspect_ratio_mask.flatten(0, 1)) if self.config.tiled else ()
+        visual_tokens = self.encode_images(pixel_values.flatten(0, 1), *tiles)  # [B*M, L, Dv]
+        keys, values = self.cross_attention_kv(visual_tokens)
+        if self.config.tiled and not bool(aspect_ratio_ids.any()):
+            keys, values = [torch.zeros_like(k) for k in keys], [torch.zeros_like(v) for v in values]
+        return [images_to_rows(k, batch) for k in keys], [images_to_rows(v, batch) for v in values]  # [B,H,M*L,Dh]
+
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_attention_mask: Tensor,
         aspect_ratio_ids: Tensor | None = None, aspect_ratio_mask: Tensor | None = None,
@@ -79,11 +96,7 @@ class FlamingoModel(nn.Module):
             logits f32 [B, S, V].
         """
         batch = pixel_values.shape[0]
-        tiles = (aspect_ratio_ids.flatten(0, 1), aspect_ratio_mask.flatten(0, 1)) if self.config.tiled else ()
-        visual_tokens = self.encode_images(pixel_values.flatten(0, 1), *tiles)  # [B*M, L, Dv]
-        keys, values = self.cross_attention_kv(visual_tokens)
-        keys = [images_to_rows(key, batch) for key in keys]  # [B, H, M*L, Dh]
-        values = [images_to_rows(value, batch) for value in values]
+        keys, values = self.rows_cross_kv(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         past_keys, past_values = self.decoder.empty_cache(batch, pixel_values.dtype)
         logits, _, _ = self.decoder(
             input_ids, attention_mask, past_keys, past_values, keys, values, image_attention_mask

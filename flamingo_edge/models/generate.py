@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from flamingo_edge.models.decoder import append_kv
-from flamingo_edge.models.flamingo import FlamingoModel, images_to_rows
+from flamingo_edge.models.flamingo import FlamingoModel
 
 
 @torch.no_grad()
@@ -36,11 +36,9 @@ def greedy_generate(model: FlamingoModel, inputs: dict[str, np.ndarray], *, max_
                                                                    "image_attention_mask"))
     pixels = torch.from_numpy(inputs["pixel_values"])
     batch = ids.shape[0]
-    tiles = tuple(torch.from_numpy(inputs[k]).flatten(0, 1) for k in ("aspect_ratio_ids", "aspect_ratio_mask")
+    tiles = tuple(torch.from_numpy(inputs[k]) for k in ("aspect_ratio_ids", "aspect_ratio_mask")
                   ) if model.config.tiled else ()
-    keys, values = model.cross_attention_kv(model.encode_images(pixels.flatten(0, 1), *tiles))
-    keys = [images_to_rows(k, batch) for k in keys]
-    values = [images_to_rows(v, batch) for v in values]
+    keys, values = model.rows_cross_kv(pixels, *tiles)
     past_keys, past_values = model.decoder.empty_cache(batch)
     logits, past_keys, past_values = model.decoder(ids, mask, past_keys, past_values, keys, values, image_mask)
     # (a P = 0 prefill: the new K/V are the whole cache)

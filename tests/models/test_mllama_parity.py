@@ -87,3 +87,26 @@ def test_a_checkpoint_whose_weights_disagree_with_its_config_is_refused(checkpoi
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight' has shape \(96, 64\), expected \(80, 64\)"):
         load_checkpoint(broken)
+
+
+def test_a_text_only_prompt_equals_transformers_without_images(checkpoint):
+    """transformers skips the cross-attention layers when no image is given; our reference, fed the processor's one
+    padding slot, gives the same logits and tokens (a batch with no image gets zero cross K/V)."""
+    from flamingo_edge.runtime.processor import Processor
+
+    upstream = transformers.MllamaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    batch = transformers.MllamaProcessor.from_pretrained(checkpoint)(text=["Describe a cat."], return_tensors="pt")
+    ours = Processor.from_pretrained(checkpoint)([["Describe a cat."]])
+    np.testing.assert_array_equal(ours["input_ids"], batch["input_ids"].numpy())
+    model = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        expected = upstream(**batch).logits
+        generated = upstream.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        actual = model(*(torch.from_numpy(ours[k]) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                             "image_attention_mask", "aspect_ratio_ids",
+                                                             "aspect_ratio_mask")))
+    assert (actual - expected).abs().max().item() <= LOGITS_REL_TOL * expected.abs().max().item()
+    config = upstream.config.text_config
+    tokens = greedy_generate(model, ours, max_new_tokens=8, stop_token_ids=[config.eos_token_id],
+                             pad_token_id=config.pad_token_id)
+    np.testing.assert_array_equal(tokens[:, : generated.shape[1]], generated.numpy())
