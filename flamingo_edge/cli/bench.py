@@ -19,8 +19,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     parser.add_argument("--reference", metavar="CHECKPOINT",
-                        help="also run the workload through transformers' generate (IDEFICS checkpoints; skipped for "
-                             "converted ones) and our PyTorch reference on this checkpoint (`demo`: the bundled "
+                        help="also run the workload through transformers' generate (IDEFICS and Llama 3.2 Vision "
+                             "checkpoints; skipped for converted ones) and our PyTorch reference on this checkpoint (`demo`: the bundled "
                              "one); needs transformers")
     parser.add_argument("--baseline", metavar="EXPORT",
                         help="also run the workload on this export of the same checkpoint (e.g. the fp32 one a "

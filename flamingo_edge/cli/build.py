@@ -10,9 +10,11 @@ HELP = "build a TensorRT engine per graph of an export for a target GPU, with a 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.cli.arguments import count, natural
     from flamingo_edge.engines.build import TARGETS
+    from flamingo_edge.engines.plan import IMAGE_CACHE
 
     parser.add_argument("export_dir", metavar="EXPORT",
-                        help="an export folder (fp32, fp16 or int8; `demo`: the bundled checkpoint's cached export)")
+                        help="an export folder (fp32, fp16, int8, or int4 / int8-weights quantized with --target "
+                             "tensorrt; `demo`: the bundled checkpoint's cached export)")
     parser.add_argument("-o", "--output", metavar="ENGINES", help="folder to write (must not exist)")
     parser.add_argument("--target", choices=TARGETS,
                         help="; ".join(f"{name}: {t.note}" for name, t in TARGETS.items()))
@@ -20,6 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                ("max-context", "prompt + generated tokens"), ("max-images", "images per sequence")):
         parser.add_argument(f"--{name}", type=count, help=f"{default_help} (default: the target's preset, within the "
                                                         "model's positions)")
+    parser.add_argument("--image-cache", type=natural, default=IMAGE_CACHE, metavar="N",
+                        help="Jetson targets: the images whose cross-attention K/V the pipeline will keep "
+                             f"(Pipeline.open's image_cache_size), for the memory check (default: {IMAGE_CACHE})")
     parser.add_argument("--workspace", type=count, metavar="MiB", help="builder workspace cap (default: the target's)")
     parser.add_argument("--dla-core", type=natural, metavar="N",
                         help="Jetson Orin: build the vision graph for DLA core N with GPU fallback (fp16/int8 exports)")
@@ -90,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  version_compatible=args.version_compatible,
                                  hardware_compatible=args.hardware_compatible, force=args.force,
-                                 on_graph=on_graph,
+                                 image_cache=args.image_cache, on_graph=on_graph,
                                  on_progress=lambda phase: bar.set_postfix_str(f"{current[0]}: {phase}"))
         bar.update(bar.total - bar.n)
     for name, entry in manifest.engines.items():

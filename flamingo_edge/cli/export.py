@@ -11,8 +11,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.cli.arguments import natural
     from flamingo_edge.graphs import DEFAULT_OPSET
 
-    parser.add_argument("checkpoint", help="an IDEFICS save_pretrained folder, a folder written by flamingo-edge "
-                                           "convert, or `demo` (the bundled checkpoint)")
+    parser.add_argument("checkpoint", help="an IDEFICS or Llama 3.2 Vision (mllama) save_pretrained folder, a "
+                                           "folder written by flamingo-edge convert, or `demo` (the bundled "
+                                           "checkpoint)")
     parser.add_argument("-o", "--out-dir", required=True,
                         help="export folder to write (must not exist; written under a temporary name and renamed "
                              "when complete)")

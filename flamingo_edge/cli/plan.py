@@ -54,7 +54,7 @@ def _print_table(report: dict) -> None:
     how = f"; int4/int8-weights with {weight_only['float']} float parts" + (
         " and quantized embeddings" if weight_only["embeddings"] else "")
     print(f"{report['source']} ({report['kind']}), {report['runtime']}: context {limits['max_context']}, "
-          f"{limits['max_images']} image(s), batch {limits['max_batch']}, {report['image_cache']} cached image(s)"
+          f"{limits['max_images']} image(s), batch {limits['max_batch']}, {report['image_cache_kept']} cached image(s)"
           f"{how}; GiB")
     print(f"  {'':26}" + "".join(f"{plan['precision']:>13}" for plan in plans))
     for name in names:

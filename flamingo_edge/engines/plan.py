@@ -321,9 +321,9 @@ def _image_elements(config: FlamingoConfig) -> tuple[int, int]:
 
     vision: attention scores [N, H, T, T] or the MLP's hidden [N, T, mlp]. A tiled tower (mllama) runs its local
     and global transformers over every tile's padded tokens at once, a few heads at a time (`heads_per_chunk`), so
-    its scores are [N, chunk, T*P8, T*P8]; else its
-    MLP's hidden, its output [N, T, P, Dvo] or the residual stream [N, T*P8, D] twice; plus the kept local layers'
-    outputs (K of [N, T*P8, D]), held from the local transformer to the output.
+    its scores are [N, chunk, T*P8, T*P8]; else its MLP's hidden, its output [N, T, P, Dvo] or the residual stream
+    [N, T*P8, D] twice; plus the kept local layers' outputs (K of [N, T*P8, D]), held from the local transformer to
+    the output.
     resampler: scores [N, H, L, T + L], its MLP or its input; mllama's projector: its input [N, T, P, Dvo] or output.
     """
     v, r = config.vision, config.resampler
@@ -385,6 +385,11 @@ def _weights(config: FlamingoConfig, precision: Precision, source: Source | None
     return items
 
 
+def cached_images(config: FlamingoConfig, image_cache: int) -> int:
+    """Images the pipeline's image cache keeps: `image_cache` asked, within its byte bound (IMAGE_CACHE_BYTES)."""
+    return min(image_cache, IMAGE_CACHE_BYTES // cross_kv_bytes(config, 1))
+
+
 def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: int | None,
                     image_cache: int = IMAGE_CACHE) -> list[Item]:
     """Caches, activations and runtime of TensorRT engines (a reasoned estimate; docs/plan.md)."""
@@ -393,7 +398,7 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
     self_kv = self_kv_bytes(config, limits.max_context, batch)
     new_kv = self_kv_bytes(config, limits.max_prompt, batch)
     cross = cross_kv_bytes(config, images)
-    cached = min(image_cache, IMAGE_CACHE_BYTES // cross_kv_bytes(config, 1))  # the cache's count and byte bounds
+    cached = cached_images(config, image_cache)
     # A context holds its input, its output and one tensor of the largest size at once; TensorRT reuses the rest.
     activations = sum(3 * elements * FLOAT_BYTES for elements in largest.values())
     scratch = max(largest.values()) * FLOAT_BYTES  # tactic scratch of the biggest GEMM/attention, within the cap
@@ -589,7 +594,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
     return {"source": read.path, "kind": read.kind,
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
             "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings}, "notes": notes,
-            "image_cache": image_cache,
+            "image_cache": image_cache, "image_cache_kept": cached_images(read.config, image_cache),
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],

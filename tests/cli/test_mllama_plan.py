@@ -1,8 +1,8 @@
 """`flamingo-edge plan` and `info` on Llama 3.2 Vision (mllama): parameter counts against transformers'
 `MllamaForConditionalGeneration` and our PyTorch reference (the presets and the public 11B and 90B configs), the
 memory terms mllama changes (grouped K/V heads, cross-attention layers without self-attention K/V, every tile's
-tokens in the cross K/V, the vision tower's attention over all tiles), a checkpoint, its export, and the peak RSS
-that ONNX Runtime really takes for the tiny export."""
+tokens in the cross K/V, the vision tower's attention over all tiles a head at a time), a checkpoint, its export,
+and the peak RSS that ONNX Runtime really takes for the tiny export."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flamingo_edge.cli.main import main
+from flamingo_edge.config import VISION_SCORES_BYTES
 from flamingo_edge.engines.plan import (FLOAT_BYTES, IMAGE_CACHE_BYTES, TRT_STAGING_COPIES, cross_kv_bytes, parameter_counts,
                                         plan_for, read_source)
 from flamingo_edge.engines.profiles import ShapeLimits
@@ -97,30 +98,51 @@ def test_caches_count_grouped_heads_self_attention_layers_and_every_tile():
     assert at[64].item("cross-attention K/V") - at[1].item("cross-attention K/V") == per_image
 
 
-def test_vision_attention_over_all_tiles_is_the_largest_activation():
-    """The 11B's local and global transformers attend over 4 x 1608 padded tokens: scores [N, 16, 6432, 6432],
-    with the 5 kept local layers' outputs [N, 6432, 1280] held beside them; the workspace is one such tensor."""
+def test_vision_attention_over_all_tiles_is_counted_a_head_at_a_time():
+    """The 11B's local and global transformers attend over 4 x 1608 padded tokens a head at a time: one head's
+    scores [N, 1, 6432, 6432] are 165 MB an image, within VISION_SCORES_BYTES, all 16 would be 2.6 GB. The vision
+    graph's largest tensor is then its output [N, 4, 1601, 7680], held with the 5 kept local layers' outputs
+    [N, 6432, 1280]; the largest of all (the workspace) is xattn_kv's output, an image's cross K/V."""
     source = read_source(PUBLIC["11b"])
-    vision = 16 * 6432 ** 2 + 5 * 6432 * 1280
+    assert source.config.vision.heads_per_chunk() == 1
+    assert 6432 ** 2 * FLOAT_BYTES <= VISION_SCORES_BYTES < 2 * 6432 ** 2 * FLOAT_BYTES
+    vision = max(1 * 6432 ** 2, 4 * 1601 * 7680) + 5 * 6432 * 1280
+    projector = 4 * 1601 * 7680  # its input, wider than its output [N, 4, 1601, 4096]
     for images in (1, 2):
         plan = plan_for(source, "fp16", ShapeLimits(1, 256, 1024, images), image_cache=0)
-        assert plan.item("workspace") == images * vision * FLOAT_BYTES
-        assert plan.item("activations") > 3 * images * vision * FLOAT_BYTES
+        cross = 2 * 8 * 8 * 128 * 6404 * images  # xattn_kv's outputs: 8 layers' K and V [N, 8, 6404, 128]
+        prefill, decode = 32 * 256 * 6404 * images, 32 * 6404 * images  # cross-attention scores [1, 32, S, M*6404]
+        assert plan.item("activations") == 3 * FLOAT_BYTES * (images * (vision + projector) + cross + prefill + decode)
+        assert plan.item("workspace") == cross * FLOAT_BYTES
+    assert round(3 * vision * FLOAT_BYTES / 2 ** 30, 2) == 1.01  # the vision context at one image (16 heads: 7.86)
 
 
 def test_plan_of_the_11b_on_jetsons(capsys):
-    """The figures docs/plan.md quotes: with one image and one cached image at 1024 tokens, no precision fits an
-    Orin NX 16 GB; int4 fits the AGX Orin 32 GB; the 64 GB takes fp16."""
+    """The figures docs/plan.md quotes. With one image, one cached image, 512-token prompts and 1024 tokens, no
+    precision fits an Orin NX 16 GB and fp16 fits the AGX Orin 32 and 64 GB. With 256-token prompts, int4 in the
+    Jetson form (fp16 float parts, quantized embeddings) fits the NX: up to 1121 tokens with one cached image, 1921
+    with none; the default cache (2 of the 11B's images, by its byte bound) does not fit."""
     args = ["plan", str(PUBLIC["11b"]), "--max-context", "1024", "--max-images", "1", "--image-cache", "1",
             "--precision", "fp16", "--precision", "int8-weights", "--precision", "int4", "--json"]
     recommended = {}
     for target in ("orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb"):
         assert main([*args, "--target", target]) == 0
         recommended[target] = json.loads(capsys.readouterr().out)["targets"][0]["recommended"]
-    assert recommended == {"orin-nx-16gb": None, "agx-orin-32gb": "int4", "agx-orin-64gb": "fp16"}
+    assert recommended == {"orin-nx-16gb": None, "agx-orin-32gb": "fp16", "agx-orin-64gb": "fp16"}
     assert main(args[:-1] + ["--target", "orin-nx-16gb"]) == 0
     table = capsys.readouterr().out
     assert "1 cached image(s)" in table and "recommended: none fits" in table
+    jetson = ["plan", str(PUBLIC["11b"]), "--target", "orin-nx-16gb", "--max-context", "1024", "--max-images", "1",
+              "--max-prompt", "256", "--precision", "int4", "--float", "fp16", "--embeddings", "--json"]
+    totals = {}
+    for cache, fits, context in ((0, True, 1921), (1, True, 1121), (64, False, 320)):
+        assert main(jetson + ["--image-cache", str(cache)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        (precision,) = report["targets"][0]["precisions"]
+        assert (precision["fits"], precision["max_context"]) == (fits, context)
+        totals[cache] = report["plans"][0]["total"]
+    per_image = cross_kv_bytes(read_source(PUBLIC["11b"]).config, 1)
+    assert (totals[1] - totals[0], totals[64] - totals[0]) == (per_image, 2 * per_image)
 
 
 def test_plan_and_info_of_a_checkpoint(checkpoint, capsys):
