@@ -40,6 +40,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GB limit, with headroom 
 TRACE_SIZES = {"N": 2, "F": 1, "B": 2, "S": 3, "P": 4, "M": 2}
 CHECK_SIZES = ({"N": 1, "F": 1, "B": 1, "S": 7, "P": 0, "M": 1}, {"N": 3, "F": 2, "B": 2, "S": 1, "P": 5, "M": 3})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                   "chat_template.jinja", "chat_template.json",
                    "preprocessor_config.json")
 
 

@@ -17,7 +17,10 @@ between families is data, read from the checkpoint's `processor_config.json` ("p
   tokenizer's post-processor adds its own in front, and a token attends every image of the latest run of adjacent
   `<|image|>`s at or before it, tile by tile: `image_attention_mask` is [B, S, M * T], one column per tile
   (transformers' `cross_attention_mask` [B, S, M, T] reshaped), T = the preprocessor's `slots_per_image`.
-  transformers' chat template (jinja) is not applied: write the prompt's text yourself.
+
+A checkpoint's chat template (Jinja, as transformers' `processor.apply_chat_template(..., tokenize=False)` renders
+it; needs jinja2, which the base install leaves out) turns chat messages into prompt items:
+`Processor.apply_chat_template` (read from the folder by `read_chat_template`, rendered by `render_chat_template`).
 
 A `<image>` typed in a text item is an image marker like one written for an image item (`<|image|>` for mllama,
 where the image count must then still equal the marker count, as transformers requires). Unlike transformers, a
@@ -39,6 +42,9 @@ import numpy as np
 
 from flamingo_edge.artifacts import read_json
 from flamingo_edge.errors import CheckpointError, PromptError
+from flamingo_edge.runtime.chat_template import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, LEGACY_CHAT_TEMPLATE_FILE,
+                                                 TOKENIZER_CONFIG, message_images, read_chat_template,
+                                                 render_chat_template)
 from flamingo_edge.runtime.image import (PROCESSOR_CONFIG, ImagePreprocessing, ImagePreprocessor, load_image,
                                          uses_mllama_processor)
 from flamingo_edge.runtime.mllama_image import MllamaImagePreprocessor, cross_attention_mask
@@ -46,7 +52,7 @@ from flamingo_edge.runtime.tokenizer import Tokenizer
 
 __all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor",
            "MllamaImagePreprocessor", "MLLAMA_PROMPT_FORMAT", "image_preprocessor_from_pretrained", "load_image",
-           "IMAGE_MARKER", "prompt_items", "read_prompt_file"]
+           "IMAGE_MARKER", "prompt_items", "read_prompt_file", "read_chat_template", "render_chat_template"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +234,18 @@ class Processor:
         tokenizer: the checkpoint's tokenizer.
         image_preprocessor: the checkpoint's image preprocessing (`ImagePreprocessor`, `MllamaImagePreprocessor`).
         prompt_format: the checkpoint's prompt format (default: IDEFICS').
+        chat_template: the checkpoint's chat template(s), for `apply_chat_template`; None: it has none.
 
     Raises:
         CheckpointError: a token the prompt format names (image, wrap, stop tokens) is not in the vocabulary.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_preprocessor: ImagePreprocessing,
-                 prompt_format: PromptFormat | None = None):
+                 prompt_format: PromptFormat | None = None, *, chat_template: str | dict[str, str] | None = None):
         self.tokenizer = tokenizer
         self.image_preprocessor = image_preprocessor
         self.prompt_format = prompt_format or PromptFormat()
+        self.chat_template = chat_template  # `read_chat_template`'s result: a template, {name: template} or None
         self.image_token_id = self._token_id(self.prompt_format.image_token, "image_token")
         if self.prompt_format.image_wrap_token is not None:
             self._token_id(self.prompt_format.image_wrap_token, "image_wrap_token")
@@ -251,7 +259,7 @@ class Processor:
             CheckpointError: a file is missing, corrupt or asks for something unsupported.
         """
         return cls(Tokenizer.from_pretrained(folder), image_preprocessor_from_pretrained(folder),
-                   PromptFormat.from_pretrained(folder))
+                   PromptFormat.from_pretrained(folder), chat_template=read_chat_template(folder))
 
     def _token_id(self, token: str, field: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -343,6 +351,67 @@ class Processor:
         else:  # text only: one dummy image that nothing attends to
             image_attention_mask = np.zeros((*input_ids.shape, slots), dtype=np.int64)
         return PromptBatch(input_ids, attention_mask, image_attention_mask, images)
+
+    def apply_chat_template(self, messages: list, *, add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **variables: Any) -> list:
+        """One conversation through the checkpoint's chat template, as the prompt items `__call__` and
+        `Pipeline.generate` take.
+
+        The text is what transformers' `processor.apply_chat_template(messages, add_generation_prompt=...,
+        tokenize=False)` renders (`render_chat_template`). It is split at the prompt format's image token, and the
+        messages' images go, in order, where the template wrote that token, so that `processor([items])` gives what
+        transformers' processor gives for that text and those images. (mllama: the text starts with
+        `<|begin_of_text|>`, so the BOS rule writes nothing, and the tokenizer's post-processor adds a second one,
+        as `MllamaProcessor(text=...)` does.)
+
+        Args:
+            messages: one conversation, e.g. [{"role": "user", "content": [{"type": "image", "image": array},
+                {"type": "text", "text": "Describe it."}]}]; a content may also be a string. An image is a uint8
+                numpy array (`load_image(path)`, `np.asarray(pil_image)`); URLs and paths are not fetched.
+            add_generation_prompt: end with the assistant's header, so the model writes the reply (transformers'
+                default is False).
+            chat_template: the name of one of the checkpoint's templates, or a template's text; None: the
+                checkpoint's (the one named "default" when it has several).
+            variables: more template variables, e.g. `date_string="26 Jul 2024"` (Llama 3's templates otherwise
+                write today's date); the tokenizer's named special tokens (`bos_token`, ...) are there already.
+
+        Raises:
+            CheckpointError: the checkpoint has no chat template (write the prompt's items yourself), has several
+                and none named "default", or its template is not valid Jinja.
+            FeatureUnavailableError: jinja2 >= 3.1.6 is not installed.
+            PromptError: malformed messages, an image without its array, a template that refuses the messages (its
+                `raise_exception`) or fails on them, or a text whose image tokens differ in number from the images.
+        """
+        text = render_chat_template(self._chat_template(chat_template), messages,
+                                    add_generation_prompt=add_generation_prompt,
+                                    variables={**self.tokenizer.special_tokens, **variables})
+        images = message_images(messages)
+        token = self.prompt_format.image_token
+        pieces = text.split(token)
+        if len(pieces) - 1 != len(images):
+            raise PromptError(f"the chat template wrote {len(pieces) - 1} {token} for {len(images)} images: every "
+                              f"{{\"type\": \"image\"}} block needs its array, and text must not contain {token}")
+        return _interleave(pieces, images)
+
+    def _chat_template(self, chat_template: str | None) -> str:
+        """The template to render, chosen as transformers' processor chooses it."""
+        templates = self.chat_template
+        if isinstance(templates, dict) and chat_template in templates:
+            return templates[chat_template]
+        if chat_template is not None:  # a template's text
+            return chat_template
+        if isinstance(templates, dict) and "default" in templates:
+            return templates["default"]
+        if isinstance(templates, dict):
+            raise CheckpointError(f"this checkpoint has several chat templates, none named \"default\" "
+                                  f"({', '.join(sorted(templates))}); pass chat_template=NAME")
+        if templates is None:
+            raise CheckpointError(
+                f"this checkpoint has no chat template (none of {CHAT_TEMPLATE_FILE}, {LEGACY_CHAT_TEMPLATE_FILE}, "
+                f"{CHAT_TEMPLATE_DIR}/ or a \"chat_template\" entry in {PROCESSOR_CONFIG} or {TOKENIZER_CONFIG}); "
+                "write the prompt's items yourself, with the turn markers the model was trained on (e.g. [\"User:\", "
+                "image, \"Describe it.\"]), or pass the template's text as chat_template=...")
+        return templates
 
     def _check_image_counts(self, input_ids: np.ndarray, samples: list[_Sample]) -> None:
         """Every image token has its image and every image its token, as transformers' MllamaProcessor requires.
@@ -455,6 +524,11 @@ def prompt_items(prompt: str, images: list) -> list:
     if len(pieces) - 1 != len(images):
         raise PromptError(f"the prompt has {len(pieces) - 1} '{IMAGE_MARKER}' markers but {len(images)} --image "
                           f"were given; put one '{IMAGE_MARKER}' where each image goes")
+    return _interleave(pieces, images)
+
+
+def _interleave(pieces: list[str], images: list) -> list:
+    """[t0, t1, t2] and [i0, i1] -> [t0, i0, t1, i1, t2], without the empty texts."""
     items = [pieces[0]]
     for image, piece in zip(images, pieces[1:]):
         items += [image, piece]
