@@ -119,7 +119,7 @@ def _import_jinja2():
         import jinja2
     except ImportError:
         raise FeatureUnavailableError("chat templates need jinja2, which the base install of flamingo-edge does not "
-                                      "have; install it with: pip install 'jinja2>=3.1.6' (or write the prompt's "
+                                      "have; install it with: pip install 'flamingo-edge[chat]' (or write the prompt's "
                                       "items yourself)") from None
     version = tuple(int(part) for part in re.findall(r"\d+", jinja2.__version__)[:3])
     if version < MIN_JINJA2:

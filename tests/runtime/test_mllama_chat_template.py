@@ -290,7 +290,7 @@ def test_errors(processors, checkpoint, tmp_path, monkeypatch, rng):
     monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` now raises ImportError: the base install
     base = Processor.from_pretrained(checkpoint)  # loading needs no jinja2, only rendering does
     assert base.chat_template == TEMPLATE
-    with pytest.raises(FeatureUnavailableError, match=r"need jinja2.*pip install 'jinja2>=3.1.6'"):
+    with pytest.raises(FeatureUnavailableError, match=r"need jinja2.*pip install 'flamingo-edge\[chat\]'"):
         base.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
