@@ -101,6 +101,23 @@ def test_correct_idefics_exports_pass(idefics_checkpoint, idefics_export, capsys
     assert "PASS" in out and "decoder.layers.0" in out and "demo task" not in out  # not the demo model: no task
 
 
+def test_an_mllama_export_passes_and_a_broken_one_names_its_layer(mllama_export, tmp_path, capsys, seed):
+    """Llama 3.2 Vision: every graph and layer against the PyTorch reference, the decoder's layers in the model's own
+    order (cross-attention layers 1 and 3 in place of decoder layers); a perturbed weight in the tiled tower's second
+    local block is found there."""
+    checkpoint, export = mllama_export
+    report_path = tmp_path / "report.json"
+    assert main(["compare", str(checkpoint), str(export), "--new-tokens", "4", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    layers = [layer["name"] for layer in report["graphs"]["decoder"]["layers"]]
+    assert layers == ["decoder.layers.0", "decoder.cross_blocks.0", "decoder.layers.1", "decoder.cross_blocks.1",
+                      "decoder.layers.2"]
+    assert report["end_to_end"]["top1_agreement"] == 1.0
+    broken = break_graph(export, tmp_path, "vision", "/vision/local_blocks.1/", seed)
+    assert main(["compare", str(checkpoint), str(broken), "--new-tokens", "2", "--json", str(report_path)]) == 1
+    assert json.loads(report_path.read_text())["graphs"]["vision"]["first_divergent_layer"] == "vision.local_blocks.1"
+
+
 def test_polygraphy_files_continue_in_polygraphy(demo_export, tmp_path):
     """The files load as Polygraphy data, and `polygraphy run` on the graph with them passes, as a user would run it."""
     import subprocess
