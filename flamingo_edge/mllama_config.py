@@ -83,25 +83,28 @@ def _vision_config(vision: _Section, text_width: int) -> TiledVisionConfig:
     )
 
 
-def _rope_fields(text: _Section) -> dict:
-    """theta and Llama 3.1's frequency scaling: `rope_parameters` (transformers 5) or `rope_scaling` (4.x)."""
-    rope = dict(text.data.get("rope_parameters") or text.data.get("rope_scaling") or {})
+def llama_rope_fields(hf: Mapping, source: str, *, default_theta: float = 10000.0) -> dict:
+    """theta and the frequency scaling of a LLaMA config (a text_config here; LLaMA language models of OpenFlamingo
+    too): plain RoPE, or Llama 3.1's ("llama3"), from `rope_parameters` (transformers 5) or `rope_scaling` (4.x), as
+    DecoderConfig fields.
+
+    Raises:
+        CheckpointError: another rope type, or a "llama3" entry without its factors.
+    """
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", text.data.get("rope_theta", 500000.0))
-    fields = dict(rope_theta=float(theta))
+    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
     if kind == "default":
         return fields
     if kind != "llama3":
-        raise _fail(text.source, f"text_config rope type {kind!r} is not supported",
-                    "plain RoPE and Llama 3.1's 'llama3' scaling are")
+        raise _fail(source, f"rope type {kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
     try:
         return dict(fields, rope_type="llama3", rope_factor=float(rope["factor"]),
                     rope_low_freq_factor=float(rope["low_freq_factor"]),
                     rope_high_freq_factor=float(rope["high_freq_factor"]),
                     rope_original_max_positions=int(rope["original_max_position_embeddings"]))
     except KeyError as missing:
-        raise _fail(text.source, f"text_config rope type 'llama3' without {missing}",
-                    "the config.json is incomplete") from None
+        raise _fail(source, f"rope type 'llama3' without {missing}", "the config.json is incomplete") from None
 
 
 def _token(text: _Section, key: str) -> int | None:
@@ -127,7 +130,7 @@ def _decoder_config(text: _Section) -> DecoderConfig:
         cross_kv_heads=0 if kv_heads == heads else kv_heads, cross_qk_norms=True, cross_placement="replace",
         cross_empty_rows="attend_all", rms_norm_eps=text.get("rms_norm_eps", 1e-5, "positive"),
         max_positions=text.get("max_position_embeddings", 131072, "count"), act=_activation(text, "silu"),
-        **_rope_fields(text), bos_token_id=_token(text, "bos_token_id"), eos_token_id=_token(text, "eos_token_id"),
+        **llama_rope_fields(text.data, text.source, default_theta=500000.0), bos_token_id=_token(text, "bos_token_id"), eos_token_id=_token(text, "eos_token_id"),
         pad_token_id=_token(text, "pad_token_id"),
     )
 

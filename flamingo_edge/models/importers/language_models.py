@@ -21,6 +21,7 @@ import torch
 
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import DecoderConfig
+from flamingo_edge.mllama_config import llama_rope_fields
 from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
@@ -71,25 +72,6 @@ def _no_rope_scaling(hf: Mapping[str, Any], source: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- LLaMA
-
-
-def llama_rope_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """theta and the frequency scaling of a LLaMA config: plain RoPE, or Llama 3.1's ("llama3"), from
-    `rope_parameters` (transformers 5) or `rope_scaling` (earlier releases)."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
-    if kind == "llama3":
-        try:
-            return dict(fields, rope_type="llama3", rope_factor=float(rope["factor"]),
-                        rope_low_freq_factor=float(rope["low_freq_factor"]),
-                        rope_high_freq_factor=float(rope["high_freq_factor"]),
-                        rope_original_max_positions=int(rope["original_max_position_embeddings"]))
-        except KeyError as missing:
-            raise _fail(source, f"rope_type 'llama3' without {missing}", "the config.json is incomplete") from None
-    if kind != "default":
-        raise _fail(source, f"rope_type={kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
-    return fields
 
 
 def _llama_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
