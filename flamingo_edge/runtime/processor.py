@@ -50,7 +50,7 @@ from flamingo_edge.runtime.image import (PROCESSOR_CONFIG, ImagePreprocessing, I
 from flamingo_edge.runtime.mllama_image import MllamaImagePreprocessor, cross_attention_mask
 from flamingo_edge.runtime.tokenizer import Tokenizer
 
-__all__ = ["Processor", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor",
+__all__ = ["Processor", "ChatPrompt", "PromptBatch", "PromptFormat", "BosSource", "Tokenizer", "ImagePreprocessor",
            "MllamaImagePreprocessor", "MLLAMA_PROMPT_FORMAT", "image_preprocessor_from_pretrained", "load_image",
            "IMAGE_MARKER", "prompt_items", "read_prompt_file", "read_chat_template", "render_chat_template"]
 
@@ -219,12 +219,23 @@ class PromptBatch:
     images: list[list[np.ndarray]]
 
 
+class ChatPrompt(list):
+    """A prompt's items as `Processor.apply_chat_template` renders them: a list like any prompt, which also says
+    whether the template wrote the special tokens (its text starts with BOS). The processor then adds none, as
+    transformers' `apply_chat_template(..., tokenize=True)` and the model cards' `add_special_tokens=False` do."""
+
+    def __init__(self, items, *, special_tokens_written: bool):
+        super().__init__(items)
+        self.special_tokens_written = special_tokens_written
+
+
 @dataclass
 class _Sample:
-    """One prompt turned into text, plus its images in order."""
+    """One prompt turned into text, plus its images in order, and whether its text holds the special tokens."""
 
     text: str
     images: list[np.ndarray]
+    special_tokens_written: bool = False
 
 
 class Processor:
@@ -337,7 +348,8 @@ class Processor:
                    for i, p in enumerate(_as_batch(prompts))]
         by_tokenizer = self.prompt_format.bos_added_by is BosSource.TOKENIZER
         input_ids, attention_mask = self.tokenizer.pad(
-            [self.tokenizer.encode(s.text, add_special_tokens=by_tokenizer) for s in samples])
+            [self.tokenizer.encode(s.text, add_special_tokens=by_tokenizer and not s.special_tokens_written)
+             for s in samples])
         max_images = max(1, max(len(s.images) for s in samples))
         if self.prompt_format.image_runs_attended_together:
             self._check_image_counts(input_ids, samples)
@@ -353,16 +365,16 @@ class Processor:
         return PromptBatch(input_ids, attention_mask, image_attention_mask, images)
 
     def apply_chat_template(self, messages: list, *, add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **variables: Any) -> list:
+                            chat_template: str | None = None, **variables: Any) -> ChatPrompt:
         """One conversation through the checkpoint's chat template, as the prompt items `__call__` and
         `Pipeline.generate` take.
 
         The text is what transformers' `processor.apply_chat_template(messages, add_generation_prompt=...,
         tokenize=False)` renders (`render_chat_template`). It is split at the prompt format's image token, and the
         messages' images go, in order, where the template wrote that token, so that `processor([items])` gives what
-        transformers' processor gives for that text and those images. (mllama: the text starts with
-        `<|begin_of_text|>`, so the BOS rule writes nothing, and the tokenizer's post-processor adds a second one,
-        as `MllamaProcessor(text=...)` does.)
+        transformers' `processor.apply_chat_template(..., tokenize=True)` gives: when the text starts with the BOS
+        token (Llama 3's templates write `<|begin_of_text|>`), no special tokens are added to it (a `ChatPrompt`
+        says so; `MllamaProcessor(text=...)` on the same text would add a second BOS).
 
         Args:
             messages: one conversation, e.g. [{"role": "user", "content": [{"type": "image", "image": array},
@@ -391,7 +403,8 @@ class Processor:
         if len(pieces) - 1 != len(images):
             raise PromptError(f"the chat template wrote {len(pieces) - 1} {token} for {len(images)} images: every "
                               f"{{\"type\": \"image\"}} block needs its array, and text must not contain {token}")
-        return _interleave(pieces, images)
+        bos = self.tokenizer.bos_token
+        return ChatPrompt(_interleave(pieces, images), special_tokens_written=bool(bos) and text.startswith(bos))
 
     def _chat_template(self, chat_template: str | None) -> str:
         """The template to render, chosen as transformers' processor chooses it."""
@@ -440,7 +453,8 @@ class Processor:
             raise PromptError(f"prompt {index} is a {type(prompt).__name__}; a prompt is a list of items "
                               "(str text or numpy images), e.g. [\"User:\", image, \"Describe it.\"]")
         fmt = self.prompt_format
-        text = (self.tokenizer.bos_token or "") if fmt.bos_added_by is BosSource.PROCESSOR else ""
+        written = getattr(prompt, "special_tokens_written", False)  # a ChatPrompt whose template wrote BOS
+        text = (self.tokenizer.bos_token or "") if fmt.bos_added_by is BosSource.PROCESSOR and not written else ""
         images, last_was_image = [], False
         for position, item in enumerate(prompt):
             last_was_text = position > 0 and not last_was_image
@@ -461,7 +475,7 @@ class Processor:
             text = _bos_after_leading_images(text, self.tokenizer.bos_token, fmt.image_token)
         if add_eos_token:
             text += self.tokenizer.eos_token or ""
-        return _Sample(text, images)
+        return _Sample(text, images, written)
 
     def _image_attention_mask(self, input_ids: np.ndarray, images: list[list[np.ndarray]],
                               max_images: int) -> np.ndarray:

@@ -164,9 +164,13 @@ def _images(messages: list[dict]) -> list[np.ndarray]:
 
 
 def _upstream_inputs(upstream, text: str, images: list[np.ndarray], return_tensors: str = "np"):
+    """transformers' processor on a rendered text as its `apply_chat_template(tokenize=True)` calls it: without
+    special tokens when the template wrote BOS."""
+    special = {"add_special_tokens": not text.startswith(upstream.tokenizer.bos_token)}
     if not images:
-        return upstream(text=[text], return_tensors=return_tensors)
-    return upstream(text=[text], images=[[Image.fromarray(image) for image in images]], return_tensors=return_tensors)
+        return upstream(text=[text], return_tensors=return_tensors, **special)
+    return upstream(text=[text], images=[[Image.fromarray(image) for image in images]], return_tensors=return_tensors,
+                    **special)
 
 
 def test_the_template_is_read_from_what_save_pretrained_wrote(checkpoint, processors):
@@ -188,7 +192,8 @@ def test_text_and_inputs_equal_transformers(processors, case, rng):
 
     expected = dict(_upstream_inputs(upstream, expected, images))
     got = ours([items])
-    for key in ("input_ids", "attention_mask"):  # [1, S]: BOS twice, as transformers' processor on the text
+    assert got["input_ids"][0, :2].tolist() != [ours.tokenizer.bos_token_id] * 2  # the template's BOS, once
+    for key in ("input_ids", "attention_mask"):  # [1, S]
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
     length = got["input_ids"].shape[1]
     if images:
@@ -321,3 +326,21 @@ def test_through_the_export_and_the_pipeline(checkpoint, processors, seed, rng, 
         np.testing.assert_array_equal(pipeline.processor.tokenize([items]).input_ids, batch["input_ids"].numpy())
         completion = pipeline.complete([items], max_new_tokens=6, stop_token_ids=[eos])[0]
     assert completion.token_ids == expected
+
+
+def test_ids_equal_transformers_own_tokenized_chat(processors, rng):
+    """transformers' `apply_chat_template(..., tokenize=True)` on messages with PIL images: one BOS (the template's),
+    the same ids, masks and pixels as our items give."""
+    upstream, ours = processors
+    messages = _conversations(rng)["two_images_of_different_sizes"]
+    theirs = [{**m, "content": m["content"] if isinstance(m["content"], str) else [
+        {**b, "image": Image.fromarray(b["image"])} if b["type"] == "image" else b for b in m["content"]]}
+        for m in messages]
+    expected = upstream.apply_chat_template(theirs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="np")
+    got = ours([ours.apply_chat_template(messages)])
+    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+    assert (got["input_ids"][0] == ours.tokenizer.bos_token_id).sum() == 1
+    np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"])
+    mask = expected["cross_attention_mask"]
+    np.testing.assert_array_equal(got["image_attention_mask"], mask.reshape(*mask.shape[:2], -1))
