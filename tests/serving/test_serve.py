@@ -132,6 +132,27 @@ def test_the_inference_functions_answer_as_pipeline_complete_and_a_closed_stream
     assert scheduler.stats["requests_cancelled"] == 1 and scheduler.stats["requests_done"] == 0
 
 
+def test_the_inference_function_answers_an_mllama_export_as_pipeline_complete(mllama_export, seed):
+    """A Llama 3.2 Vision export behind `flamingo`'s inference function: `<image>` in the request's prompt is
+    mllama's `<|image|>`, a PNG of another aspect ratio is tiled, and the answer is `Pipeline.complete`'s."""
+    from types import SimpleNamespace
+
+    from flamingo_edge.runtime.pipeline import Pipeline
+    from flamingo_edge.runtime.scheduler import Scheduler
+    from flamingo_edge.serving.triton import FlamingoModels
+
+    image = np.random.default_rng(seed).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    inputs = {"prompt": as_bytes(f"{IMAGE_MARKER}Describe it.".encode()), "image": as_bytes(png(image)),
+              "max_new_tokens": np.array([[6]], np.int64)}
+    with Pipeline.open(mllama_export[1]) as pipeline:
+        expected = pipeline.complete([[image, "Describe it."]], max_new_tokens=6)[0]
+        with Scheduler(pipeline, max_batch=2) as scheduler:
+            models = FlamingoModels(scheduler, ServingMetrics(), stream_threads=2)
+            (response,) = models.complete([SimpleNamespace(data=inputs)])
+            models.close()
+    assert response["token_ids"].tolist() == expected.token_ids and response["text"][0].decode() == expected.text
+
+
 def test_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsys):
     import flamingo_edge.extras
     from flamingo_edge.cli.main import main
