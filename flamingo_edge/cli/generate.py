@@ -20,6 +20,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the prompt; each '<image>' is replaced, in order, by the next --image")
     parser.add_argument("--image", action="append", default=[], dest="images", metavar="PATH",
                         help="an image file (repeat for several; default: none, a text-only prompt)")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as one user message through the checkpoint's chat template (instruct "
+                             "models such as Llama 3.2 Vision Instruct; needs jinja2: pip install "
+                             "'flamingo-edge[chat]')")
     parser.add_argument("--max-new-tokens", type=count, default=32, help="most tokens to generate (default: 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     parser.add_argument("--top-k", type=natural, default=0,
@@ -36,6 +40,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (text, token_ids, timings) instead of streaming text")
 
 
+def user_message(items: list) -> dict:
+    """Prompt items (text and images, in order) as one chat message of the user."""
+    content = [{"type": "text", "text": item} if isinstance(item, str) else {"type": "image", "image": item}
+               for item in items]
+    return {"role": "user", "content": content}
+
+
 def main(args: argparse.Namespace) -> int:
     from flamingo_edge.cli.backends import pipeline_options
     from flamingo_edge.demo.bundle import resolve_export
@@ -50,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     from flamingo_edge.runtime.generation import step_speed
 
     with Pipeline.open(resolve_export(args.export_dir), device=args.device, **options) as pipeline:
+        if args.chat:
+            prompt = pipeline.processor.apply_chat_template([user_message(prompt)])
         steps = []
         for step in pipeline.generate([prompt], **settings):
             steps.append(step)

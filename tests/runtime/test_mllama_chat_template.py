@@ -344,3 +344,32 @@ def test_ids_equal_transformers_own_tokenized_chat(processors, rng):
     np.testing.assert_array_equal(got["pixel_values"], expected["pixel_values"])
     mask = expected["cross_attention_mask"]
     np.testing.assert_array_equal(got["image_attention_mask"], mask.reshape(*mask.shape[:2], -1))
+
+
+def test_generate_chat_sends_the_prompt_through_the_template(checkpoint, tmp_path, capsys, rng):
+    """`flamingo-edge generate --chat`: the prompt and its images as one user message, rendered by the template; the
+    same tokens as the pipeline on `apply_chat_template` of that message."""
+    import json
+
+    import cv2
+
+    from flamingo_edge.cli.main import main
+    from flamingo_edge.export.export import export_all
+    from flamingo_edge.runtime.pipeline import Pipeline
+    from flamingo_edge.runtime.processor import load_image
+
+    export = tmp_path / "export"
+    export_all(checkpoint, export, seed=0)
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), _image(rng, 30, 60))
+    assert main(["generate", str(export), "--chat", "--prompt", "Look: <image> What is it?", "--image", str(path),
+                 "--max-new-tokens", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    message = {"role": "user", "content": [{"type": "text", "text": "Look: "},
+                                           {"type": "image", "image": load_image(path)},
+                                           {"type": "text", "text": " What is it?"}]}
+    with Pipeline.open(export) as pipeline:
+        items = pipeline.processor.apply_chat_template([message])
+        expected = pipeline.complete([items], max_new_tokens=5)[0]
+    assert "<|start_header_id|>user<|end_header_id|>" in items[0]
+    assert report["token_ids"] == expected.token_ids
