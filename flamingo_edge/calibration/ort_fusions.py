@@ -178,12 +178,15 @@ def _self_attention(graph: _Graph, layer: int):
     values = graph.reader(past_value(layer), "MatMul")
     lifted = scores and graph.node(scores.input[1], "Transpose")
     scaled = lifted and graph.node(lifted.input[0], "Mul")
-    query = scaled and _heads_input(graph, scaled.input[0])
+    # grouped-query attention: the rotated [B, H, S, Dh] query is regrouped to [B, Hkv, G*S, Dh] before the scale
+    grouped = scaled and graph.node(scaled.input[0], "Reshape")
+    query = scaled and _heads_input(graph, grouped.input[0] if grouped else scaled.input[0])
     key = _heads_input(graph, new_key(layer))
     value = graph.node(new_value(layer), "Transpose")
     value = value and graph.node(value.input[0], "Reshape")
     total = values and graph.reader(values.output[0], "Add")
-    back = total and graph.reader(total.output[0], "Transpose")
+    ungrouped = grouped and total and graph.reader(total.output[0], "Reshape")  # [B, Hkv, G*S, Dh] -> [B, H, S, Dh]
+    back = total and graph.reader((ungrouped or total).output[0], "Transpose")
     merged = back and graph.reader(back.output[0], "Reshape")  # [B, S, H, Dh] -> [B, S, H·Dh]
     if not (query and key and value and merged) or query[1].input[1:] != key[1].input[1:]:
         return None
@@ -192,10 +195,17 @@ def _self_attention(graph: _Graph, layer: int):
     turned = graph.reader(scores.output[0], "Transpose")
     joined = turned and graph.reader(turned.output[0], "Concat")
     biased = joined and graph.reader(joined.output[0], "Add")
-    if scale is None or scale.size != 1 or not biased:
+    if scale is None or scale.size != 1 or not biased or bool(grouped) != bool(ungrouped):
         return None
+    bias, groups = biased.input[1], 1
+    if grouped:  # the bias [B, 1, S, T] was tiled to the G*S rows: take it before, and G from the tiling
+        tile = graph.node(bias, "Tile")
+        repeats = tile and graph.values.get(tile.input[1])
+        if repeats is None or repeats.size != 4 or list(repeats.ravel()[[0, 1, 3]]) != [1, 1, 1]:
+            return None
+        bias, groups = tile.input[0], int(repeats.ravel()[2])
     return dict(query=query[0], key=key[0], value=value.input[0], rotary=list(query[1].input[1:]),
-                bias=biased.input[1], scale=float(scale.ravel()[0]), output=merged.output[0])
+                bias=bias, scale=float(scale.ravel()[0]), output=merged.output[0], groups=groups)
 
 
 def fuse_attention(model) -> int:
@@ -215,9 +225,10 @@ def fuse_attention(model) -> int:
     graph = _Graph(model)
     layers = sum(1 for i in model.graph.input if i.name.startswith("past_key."))
     found = [_self_attention(graph, layer) for layer in range(layers)]
-    if not layers or any(f is None for f in found) or len({f["bias"] for f in found}) != 1:
+    if not layers or any(f is None for f in found) or len({(f["bias"], f["groups"]) for f in found}) != 1:
         return 0
-    _, heads, _, head_dim = _input_dims(model, past_key(0))
+    _, kv_heads, _, head_dim = _input_dims(model, past_key(0))
+    heads = kv_heads * found[0]["groups"]  # query heads: G per K/V head
     if not heads or not head_dim or any(abs(f["scale"] - head_dim ** -0.5) > 1e-6 * head_dim ** -0.5 for f in found):
         return 0
     bias = found[0]["bias"]  # [B, 1, S, P+S]: the past's P slots, then the S new tokens
@@ -242,20 +253,21 @@ def fuse_attention(model) -> int:
         # left-padded prefill in our test, and it takes head sizes of 16k only.
         rotated = [f"gqa_query.{layer}", f"gqa_key.{layer}"]
         nodes += [helper.make_node("RotaryEmbedding", [f[part], *f["rotary"]], [out], domain=MICROSOFT,
-                                   interleaved=0, num_heads=heads) for part, out in zip(("query", "key"), rotated)]
+                                   interleaved=0, num_heads=count)
+                  for part, out, count in zip(("query", "key"), rotated, (heads, kv_heads))]
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             [*rotated, f["value"], past_key(layer), past_value(layer), SEQLENS_K, TOTAL_LENGTH, "", "", "",
              "gqa_bias"],
             [f"{f['output']}_gqa", present_key(layer), present_value(layer)],
-            name=f"gqa.{layer}", domain=MICROSOFT, num_heads=heads, kv_num_heads=heads))
+            name=f"gqa.{layer}", domain=MICROSOFT, num_heads=heads, kv_num_heads=kv_heads))
     model.graph.input.extend([helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["B"]),
                               helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])])
     outputs = [o for o in model.graph.output if not o.name.startswith(("new_key.", "new_value."))]
     for layer in range(layers):
         for name in (present_key, present_value):
             outputs.append(helper.make_tensor_value_info(name(layer), TensorProto.FLOAT,
-                                                         ["B", heads, "P", head_dim]))
+                                                         ["B", kv_heads, "P", head_dim]))
     del model.graph.output[:]
     model.graph.output.extend(outputs)
     _splice(model, nodes, {f["output"]: f"{f['output']}_gqa" for f in found})

@@ -81,8 +81,15 @@ def test_grouped_query_export_and_pipeline_match_the_reference(gqa_checkpoint, t
         assert np.abs(logits[real] - expected[real]).max() <= LOGITS_REL_TOL * scale
         got = [c.token_ids for c in pipeline.complete(prompts, max_new_tokens=steps, stop_token_ids=[])]
     assert got == tokens.tolist()
+    # int4 for ONNX Runtime: GroupQueryAttention takes the grouped layers (kv_num_heads < num_heads) and writes the
+    # cache in place; the same weights without the fusions give the same logits and tokens
     int4 = quantize_export(export, tmp_path / "int4", "int4", accuracy_level=0)
+    plain = quantize_export(export, tmp_path / "int4-plain", "int4", accuracy_level=0, fusions=False)
     decoder = json.loads((int4 / "export.json").read_text())["quantization"]["weights"]["decoder"]
-    assert decoder["fused_rotary"] > 0 and decoder["fused_attention"] == 0  # grouped layers keep their attention
-    with Pipeline.open(int4) as pipeline:
-        assert len(pipeline.complete(prompts, max_new_tokens=steps, stop_token_ids=[])[0].token_ids) == steps
+    assert decoder["fused_rotary"] > 0 and decoder["fused_attention"] == text.self_attention_layers
+    with Pipeline.open(int4) as fused, Pipeline.open(plain) as unfused:
+        logits, reference = fused.logits(prompts), unfused.logits(prompts)
+        assert np.abs(logits[real] - reference[real]).max() <= LOGITS_REL_TOL * np.abs(reference[real]).max()
+        settings = dict(max_new_tokens=steps, stop_token_ids=[])
+        assert [c.token_ids for c in fused.complete(prompts, **settings)] == [
+            c.token_ids for c in unfused.complete(prompts, **settings)]
