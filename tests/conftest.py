@@ -9,6 +9,7 @@ import os
 import secrets
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flamingo_edge.models.random_idefics import PRESETS
@@ -23,6 +24,18 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def seed() -> int:
     return SEED
+
+
+@pytest.fixture
+def rng(seed, request):
+    """A generator per test, derived from the session seed and the test's name (so tests do not share draws)."""
+    return np.random.default_rng([seed, *request.node.name.encode()])
+
+
+def random_image(rng, height, width, channels=3):
+    """A uint8 image of random pixels: [H, W, channels], or [H, W] with channels None."""
+    shape = (height, width) if channels is None else (height, width, channels)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
 @pytest.fixture(scope="session", params=sorted(PRESETS))

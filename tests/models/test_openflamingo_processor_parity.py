@@ -41,11 +41,6 @@ CORPUS = (
 WORDS = "a photo of the dog cat red blue Question: Answer: An image two on  and".split(" ")
 
 
-@pytest.fixture
-def rng(seed, request):
-    return np.random.default_rng([seed, *request.node.name.encode()])
-
-
 # ------------------------------------------------------------------------------------------ language-model folders
 
 # name: (special tokens trained into the model vocabulary, named tokens, post-processor adds BOS, extra added tokens)

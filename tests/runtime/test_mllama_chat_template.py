@@ -149,11 +149,6 @@ def processors(checkpoint):
     return transformers.AutoProcessor.from_pretrained(checkpoint), ours
 
 
-@pytest.fixture
-def rng(seed, request):
-    return np.random.default_rng([seed, *request.node.name.encode()])
-
-
 def _text(items: list) -> str:
     return "".join(item if isinstance(item, str) else IMAGE_TOKEN for item in items)
 

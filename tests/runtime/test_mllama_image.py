@@ -13,7 +13,7 @@ from flamingo_edge.runtime.mllama_image import (BICUBIC, BILINEAR, BOX, HAMMING,
                                                 MllamaImageSettings, cross_attention_mask, optimal_tiled_canvas,
                                                 preprocess, resize_pil, size_fit_to_canvas, supported_aspect_ratios)
 
-from conftest import assert_imports_without
+from conftest import assert_imports_without, random_image
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -25,17 +25,6 @@ mllama_processing = pytest.importorskip("transformers.models.mllama.processing_m
 LEGACY_PASS_ORDER = int(PIL.__version__.split(".")[0]) < 13
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # what Llama 3.2 Vision's preprocessor_config.json holds
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@pytest.fixture
-def rng(seed, request):
-    """A generator per test, derived from the session seed and the test's name (so tests do not share draws)."""
-    return np.random.default_rng([seed, *request.node.name.encode()])
-
-
-def _image(rng, height, width, channels=3):
-    shape = (height, width) if channels is None else (height, width, channels)
-    return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
 def _upstream(settings: MllamaImageSettings, images: list[list[np.ndarray]]):
@@ -55,7 +44,7 @@ def test_resize_is_pillow_bit_for_bit(rng, resample):
     sizes += [tuple(int(v) for v in rng.integers(1, 200, 4)) for _ in range(12)]
     mismatches = []
     for in_height, in_width, height, width in sizes:
-        image = _image(rng, in_height, in_width)
+        image = random_image(rng, in_height, in_width)
         expected = np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
         ours = resize_pil(image, height, width, resample, legacy_pass_order=LEGACY_PASS_ORDER)
         if not np.array_equal(ours, expected):
@@ -120,21 +109,21 @@ def test_pixel_values_equal_upstream(rng, name):
     settings = SETTINGS[name]
     shapes = SHAPES + [tuple(int(v) for v in rng.integers(1, 260, 2)) for _ in range(4)]
     for i, (height, width) in enumerate(shapes):  # one image per sample, then two
-        _compare(settings, [[_image(rng, height, width)]])
+        _compare(settings, [[random_image(rng, height, width)]])
         other = shapes[(i + 3) % len(shapes)]
-        _compare(settings, [[_image(rng, height, width), _image(rng, *other)]])
+        _compare(settings, [[random_image(rng, height, width), random_image(rng, *other)]])
 
 
 @pytest.mark.parametrize("name", ["2_tiles_56_clip", "4_tiles_32_clip"])
 def test_batch_with_different_image_counts(rng, name):
-    images = [[_image(rng, 20, 90), _image(rng, 300, 500), _image(rng, 3, 5)], [_image(rng, 90, 20)]]
+    images = [[random_image(rng, 20, 90), random_image(rng, 300, 500), random_image(rng, 3, 5)], [random_image(rng, 90, 20)]]
     _compare(SETTINGS[name], images)
     _compare(SETTINGS[name], [images[1], images[0]])
 
 
 def test_gray_and_rgba_images_like_pil_images(rng):
     settings = SETTINGS["4_tiles_32_clip"]
-    images = [[_image(rng, 40, 70, None), _image(rng, 70, 40, 4)]]  # PIL "L" and "RGBA" upstream
+    images = [[random_image(rng, 40, 70, None), random_image(rng, 70, 40, 4)]]  # PIL "L" and "RGBA" upstream
     _compare(settings, images)
 
 
@@ -155,7 +144,7 @@ def test_preprocessor_slots_equal_upstream(rng, name):
     """MllamaImagePreprocessor, one image at a time: its feeds are upstream's slots of a batch, padding slots too."""
     settings = SETTINGS[name]
     ours = MllamaImagePreprocessor(settings, legacy_pass_order=LEGACY_PASS_ORDER)
-    images = [[_image(rng, 20, 90), _image(rng, 300, 500), _image(rng, 3, 5)], [_image(rng, 90, 20)], []]
+    images = [[random_image(rng, 20, 90), random_image(rng, 300, 500), random_image(rng, 3, 5)], [random_image(rng, 90, 20)], []]
     expected = _upstream(settings, images)
     tiles, side = settings.max_image_tiles, settings.tile_size
     assert ours.slots_per_image == tiles and ours.image_shape == (tiles, 3, side, side)

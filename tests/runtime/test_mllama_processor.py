@@ -41,12 +41,6 @@ def mllama(seed, tmp_path_factory):
     return folder, AutoProcessor.from_pretrained(folder), ours
 
 
-@pytest.fixture
-def rng(seed, request):
-    """A generator per test, derived from the session seed and the test's name (so tests do not share draws)."""
-    return np.random.default_rng([seed, *request.node.name.encode()])
-
-
 # (height range, width range) of a random image that fills this many 28-px tiles out of 4
 TILE_SHAPES = {1: ((4, 28), (4, 28)), 2: ((4, 28), (29, 56)), 3: ((4, 28), (57, 84)), 4: ((29, 56), (29, 56))}
 

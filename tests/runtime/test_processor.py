@@ -15,7 +15,7 @@ from flamingo_edge.runtime.processor import Processor, PromptFormat, image_prepr
 from flamingo_edge.runtime.tokenizer import Tokenizer
 from flamingo_edge.tolerances import PIXEL_ABS_TOL
 
-from conftest import assert_imports_without
+from conftest import assert_imports_without, random_image
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -27,17 +27,6 @@ LEGACY_PASS_ORDER = int(PIL.__version__.split(".")[0]) < 13
 SOURCE_SIZES = [(1, 1), (1, 2), (2, 1), (1, 37), (41, 1), (3, 3), (7, 5), (24, 24), (28, 28), (32, 32), (31, 33),
                 (23, 25), (100, 37), (37, 100), (225, 223), (224, 224), (300, 200), (480, 640), (97, 13)]
 TARGET_SIZES = [24, 28, 32, 224]
-
-
-@pytest.fixture
-def rng(seed, request):
-    """A generator per test, derived from the session seed and the test's name (so tests do not share draws)."""
-    return np.random.default_rng([seed, *request.node.name.encode()])
-
-
-def _random_image(rng, height, width, channels=3):
-    shape = (height, width) if channels is None else (height, width, channels)
-    return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
 def _upstream_image_processor(size):
@@ -57,7 +46,7 @@ def test_resize_is_pillow_bicubic_bit_for_bit(rng):
     sizes = SOURCE_SIZES + [tuple(int(v) for v in rng.integers(1, 400, 2)) for _ in range(30)]
     mismatches = []
     for height, width in sizes:
-        image = _random_image(rng, height, width)
+        image = random_image(rng, height, width)
         for out_height, out_width in [(s, s) for s in TARGET_SIZES] + [(17, 29), (1, 1), (50, 3)]:
             expected = np.asarray(Image.fromarray(image).resize((out_width, out_height), Image.Resampling.BICUBIC))
             got = resize_bicubic(image, out_height, out_width, legacy_pass_order=LEGACY_PASS_ORDER)
@@ -70,7 +59,7 @@ def test_resize_is_pillow_bicubic_bit_for_bit(rng):
 def test_pixel_values_match_transformers(rng, size):
     upstream, ours = _upstream_image_processor(size), _ours(size)
     sizes = SOURCE_SIZES + [tuple(int(v) for v in rng.integers(1, 300, 2)) for _ in range(10)]
-    images = [_random_image(rng, h, w) for h, w in sizes]
+    images = [random_image(rng, h, w) for h, w in sizes]
     expected = upstream([Image.fromarray(image) for image in images], return_tensors="np")  # [N, 3, S, S]
     got = ours.batch(images)
     assert got.dtype == np.float32 and got.shape == (len(images), 3, size, size)
@@ -82,12 +71,12 @@ def test_grayscale_and_rgba_match_transformers(rng, layout):
     upstream, ours = _upstream_image_processor(28), _ours(28)
     for height, width in [(1, 1), (28, 28), (45, 19), (200, 160)]:
         if layout == "rgba":
-            image = _random_image(rng, height, width, 4)
+            image = random_image(rng, height, width, 4)
             image[0, :, 3] = 0  # fully transparent and fully opaque rows, besides random alpha
             image[-1, :, 3] = 255
             pil = Image.fromarray(image)  # mode RGBA: transformers composites it onto white
         else:
-            gray = _random_image(rng, height, width, None)
+            gray = random_image(rng, height, width, None)
             image = gray if layout == "gray" else gray[..., None]
             pil = Image.fromarray(gray)  # mode L
         expected = np.asarray(upstream([pil], return_tensors="np"))[0]
@@ -95,7 +84,7 @@ def test_grayscale_and_rgba_match_transformers(rng, layout):
 
 
 def test_load_image_matches_pillow(tmp_path, rng):
-    rgb, rgba, gray = _random_image(rng, 13, 21), _random_image(rng, 9, 4, 4), _random_image(rng, 5, 6, None)
+    rgb, rgba, gray = random_image(rng, 13, 21), random_image(rng, 9, 4, 4), random_image(rng, 5, 6, None)
     for name, array in [("rgb.png", rgb), ("rgba.png", rgba), ("gray.png", gray), ("rgb.bmp", rgb)]:
         Image.fromarray(array).save(tmp_path / name)
         expected = np.asarray(Image.open(tmp_path / name).convert("RGB"))  # what transformers' load_image returns
@@ -118,7 +107,7 @@ def processors(idefics_checkpoint):
 
 def _prompt_cases(rng):
     def image():
-        return _random_image(rng, *(int(v) for v in rng.integers(1, 90, 2)))
+        return random_image(rng, *(int(v) for v in rng.integers(1, 90, 2)))
 
     return {
         "text_then_image": [["User: what is this? ", image(), "Assistant:"]],
@@ -179,7 +168,7 @@ def test_prompts_match_transformers(processors, rng, padding_side, add_eos_token
 @pytest.mark.parametrize("add_end_of_utterance_token", [None, True, False])
 def test_end_of_utterance_matches_transformers(processors, rng, add_end_of_utterance_token):
     upstream, ours = processors
-    prompts = [["User: hi", "Assistant: hello", _random_image(rng, 20, 30), "User: what is it?", "Assistant:"]]
+    prompts = [["User: hi", "Assistant: hello", random_image(rng, 20, 30), "User: what is it?", "Assistant:"]]
     expected = upstream(text=_to_pil(prompts), add_end_of_utterance_token=add_end_of_utterance_token)
     got = ours(prompts, add_end_of_utterance_token=add_end_of_utterance_token)
     _assert_same(expected, got)
@@ -210,7 +199,7 @@ def test_vision_feed_is_one_image_slot(processors, idefics_checkpoint, rng):
     """The CLIP-style preprocessor's side of the interface the pipeline uses (mllama's: test_mllama_processor)."""
     _, ours = processors
     preprocessor = ours.image_preprocessor
-    image = _random_image(rng, 37, 61)
+    image = random_image(rng, 37, 61)
     feed = preprocessor.vision_feed(image)
     assert list(feed) == ["pixel_values"] and np.array_equal(feed["pixel_values"], preprocessor(image)[None])
     assert (preprocessor.slots_per_image, preprocessor.padding_feed(), preprocessor.tiles_of(image)) == (1, None, 1)
