@@ -221,10 +221,12 @@ class Pipeline:
         mllama computes a batch row's missing images from zero pixels (aspect ratio id 0) and lets the rows that see
         no image attend to every visual token of their row, those slots included; zeros there would change them.
         """
-        feed = getattr(self.processor.image_preprocessor, "padding_feed", lambda: None)()
-        if feed is None or self.config.decoder.cross_empty_rows != "attend_all":
+        if self.config.decoder.cross_empty_rows != "attend_all":
             return None
-        if self._padding_kv is None:
+        if self._padding_kv is None:  # computed once per pipeline
+            feed = self.processor.image_preprocessor.padding_feed()
+            if feed is None:
+                return None
             self._padding_kv = self._encode(feed)
         return self._padding_kv
 
