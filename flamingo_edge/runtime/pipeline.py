@@ -159,6 +159,11 @@ class Pipeline:
                               f"flamingo-edge reads v{CONTRACT_VERSION}: re-run flamingo-edge export")
         config = FlamingoConfig.from_dict(record.config)
         specs = build_graphs(config)
+        processor = Processor.from_pretrained(export_dir)  # before any session: a bad folder opens nothing
+        if processor.image_preprocessor.slots_per_image != config.slots_per_image:
+            raise ExportError(f"{export_dir}: its image processor gives {processor.image_preprocessor.slots_per_image} "
+                              f"cross-attention slots per image (tiles), its model takes {config.slots_per_image}; "
+                              "the processor files are not this model's: export the checkpoint again")
         limit = config.decoder.max_positions if max_context is None else min(max_context, config.decoder.max_positions)
         engine_limits = {}
         tensorrt = parse_choice(BackendKind, backend, "runtime backend") is BackendKind.TENSORRT
@@ -182,7 +187,7 @@ class Pipeline:
                         for name in GRAPH_NAMES}
         # fixed decode shapes pay for attending over the whole context; only worth it when graphs replay them
         graphs = cuda_graph and getattr(sessions["decoder"], "cuda_graphs", False)
-        return cls(config=config, sessions=sessions, processor=Processor.from_pretrained(export_dir),
+        return cls(config=config, sessions=sessions, processor=processor,
                    max_context=limit, max_images=max_images, image_cache_size=image_cache_size,
                    image_cache_bytes=image_cache_bytes,
                    prefix_cache_bytes=prefix_cache_bytes, max_prompt=engine_limits.get("max_prompt"),

@@ -97,3 +97,21 @@ def test_caches_and_in_flight_batching_keep_the_tokens(mllama_export, seed):
         assert scheduler.stats["rows_stepped"] > scheduler.stats["steps"], "no two requests were ever batched"
     assert first == alone and again == alone
     assert batched == [alone[i] for i in order]
+
+
+def test_processor_files_of_another_tile_count_are_refused(mllama_export, tmp_path):
+    """The processor's tiles per image and the model's must agree: a hand-edited processor_config.json is refused
+    at open, with the fix, instead of failing inside a graph."""
+    import json
+    import shutil
+
+    from flamingo_edge.errors import ExportError
+
+    export = tmp_path / "export"
+    shutil.copytree(mllama_export[1], export)
+    path = export / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["image_processor"]["max_image_tiles"] = 2
+    path.write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"gives 2 cross-attention slots per image \(tiles\), its model takes 4"):
+        Pipeline.open(export)
