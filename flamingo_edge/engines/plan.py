@@ -342,9 +342,10 @@ def _largest_tensors(config: FlamingoConfig, limits: ShapeLimits) -> dict[str, i
     """Elements of the biggest tensor each graph holds at the profiles' largest shapes, and of its residual stream.
 
     vision and resampler: `_image_elements` for every image of the profile (N = batch x images); xattn_kv: its
-    outputs [N, Hx, L, Dh] for every block; decoder prefill: self-attention scores [B, H, S, P + S], cross-attention
-    scores [B, H, S, M*L] (mllama: M*T*P, every tile's tokens), the MLP [B, S, mlp] or logits [B, S, V]; decoder
-    decode: the same with S = 1.
+    input [N, L, D] or one block's K and V [N, Hx, L, Dh] (its outputs, every block's K and V, are the
+    cross-attention K/V line, not its context's); decoder prefill: self-attention scores [B, H, S, P + S],
+    cross-attention scores [B, H, S, M*L] (mllama: M*T*P, every tile's tokens), the MLP [B, S, mlp] or logits
+    [B, S, V]; decoder decode: the same with S = 1.
     """
     t = config.decoder
     images = limits.max_batch * limits.max_images
@@ -359,7 +360,8 @@ def _largest_tensors(config: FlamingoConfig, limits: ShapeLimits) -> dict[str, i
     return {
         "vision": images * vision,
         "resampler": images * resampler,
-        "xattn_kv": cross_kv_bytes(config, images) // FLOAT_BYTES,
+        "xattn_kv": images * config.visual_tokens_per_image * max(
+            config.visual_width, 2 * t.cross_kv_head_count * t.cross_head_dim),
         "decoder (prefill)": decoder(prompt),
         "decoder (decode)": decoder(1),
     }

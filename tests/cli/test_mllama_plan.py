@@ -102,7 +102,8 @@ def test_vision_attention_over_all_tiles_is_counted_a_head_at_a_time():
     """The 11B's local and global transformers attend over 4 x 1608 padded tokens a head at a time: one head's
     scores [N, 1, 6432, 6432] are 165 MB an image, within VISION_SCORES_BYTES, all 16 would be 2.6 GB. The vision
     graph's largest tensor is then its output [N, 4, 1601, 7680], held with the 5 kept local layers' outputs
-    [N, 6432, 1280]; the largest of all (the workspace) is xattn_kv's output, an image's cross K/V."""
+    [N, 6432, 1280], and it is the largest of all (the workspace). xattn_kv's context holds its input [N, 6404, 4096],
+    wider than one block's K and V; its outputs, every block's K and V, are the cross-attention K/V line."""
     source = read_source(PUBLIC["11b"])
     assert source.config.vision.heads_per_chunk() == 1
     assert 6432 ** 2 * FLOAT_BYTES <= VISION_SCORES_BYTES < 2 * 6432 ** 2 * FLOAT_BYTES
@@ -110,18 +111,21 @@ def test_vision_attention_over_all_tiles_is_counted_a_head_at_a_time():
     projector = 4 * 1601 * 7680  # its input, wider than its output [N, 4, 1601, 4096]
     for images in (1, 2):
         plan = plan_for(source, "fp16", ShapeLimits(1, 256, 1024, images), image_cache=0)
-        cross = 2 * 8 * 8 * 128 * 6404 * images  # xattn_kv's outputs: 8 layers' K and V [N, 8, 6404, 128]
+        cross_input = 6404 * 4096 * images  # the projector's output; one block's K and V: 2 x 8 x 6404 x 128
         prefill, decode = 32 * 256 * 6404 * images, 32 * 6404 * images  # cross-attention scores [1, 32, S, M*6404]
-        assert plan.item("activations") == 3 * FLOAT_BYTES * (images * (vision + projector) + cross + prefill + decode)
-        assert plan.item("workspace") == cross * FLOAT_BYTES
+        assert plan.item("activations") == 3 * FLOAT_BYTES * (images * (vision + projector) + cross_input + prefill
+                                                              + decode)
+        assert plan.item("workspace") == images * vision * FLOAT_BYTES
+        # xattn_kv's outputs and the decoder's inputs, each on the device and the host
+        assert plan.item("cross-attention K/V") == 2 * TRT_STAGING_COPIES * cross_kv_bytes(source.config, images)
     assert round(3 * vision * FLOAT_BYTES / 2 ** 30, 2) == 1.01  # the vision context at one image (16 heads: 7.86)
 
 
 def test_plan_of_the_11b_on_jetsons(capsys):
     """The figures docs/plan.md quotes. With one image, one cached image, 512-token prompts and 1024 tokens, no
     precision fits an Orin NX 16 GB and fp16 fits the AGX Orin 32 and 64 GB. With 256-token prompts, int4 in the
-    Jetson form (fp16 float parts, quantized embeddings) fits the NX: up to 1121 tokens with one cached image, 1921
-    with none; the default cache (2 of the 11B's images, by its byte bound) does not fit."""
+    Jetson form (fp16 float parts, quantized embeddings) fits the NX: up to 3033 tokens with one cached image, 3834
+    with none, 2233 with the default cache (2 of the 11B's images, by its byte bound)."""
     args = ["plan", str(PUBLIC["11b"]), "--max-context", "1024", "--max-images", "1", "--image-cache", "1",
             "--precision", "fp16", "--precision", "int8-weights", "--precision", "int4", "--json"]
     recommended = {}
@@ -135,7 +139,7 @@ def test_plan_of_the_11b_on_jetsons(capsys):
     jetson = ["plan", str(PUBLIC["11b"]), "--target", "orin-nx-16gb", "--max-context", "1024", "--max-images", "1",
               "--max-prompt", "256", "--precision", "int4", "--float", "fp16", "--embeddings", "--json"]
     totals = {}
-    for cache, fits, context in ((0, True, 1921), (1, True, 1121), (64, False, 320)):
+    for cache, fits, context in ((0, True, 3834), (1, True, 3033), (64, True, 2233)):
         assert main(jetson + ["--image-cache", str(cache)]) == 0
         report = json.loads(capsys.readouterr().out)
         (precision,) = report["targets"][0]["precisions"]
