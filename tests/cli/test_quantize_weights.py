@@ -237,3 +237,25 @@ def test_bad_weight_only_input_exits_2_and_leaves_nothing(demo_export, tmp_path,
     assert main(["build", str(out), "-o", str(tmp_path / "engines"), "--target", "rtx-sm86"]) == 2
     assert "--target tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "engines").exists() and not list(tmp_path.glob(".*.partial-*"))
+
+
+def test_the_int4_step_benchmark_runs(demo_export, tmp_path):
+    """benchmarks/int4_step.py on the demo's int4 export: every session timed (a tiny run: figures are not judged);
+    an export without an in-place MatMulNBits decoder is refused with exit status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "int4_step.py"
+    out = tmp_path / "int4"
+    assert main(["quantize", str(demo_export), "--precision", "int4", "-o", str(out)]) == 0
+    run = subprocess.run([sys.executable, str(script), str(out), "--rounds", "1", "--steps", "1",
+                          "--without", "RotaryEmbedding,SimplifiedLayerNormalization"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for line in ("MatMulNBits reading", "step (control)", "step, 1 thread", "weights, 1 thread",
+                 "step without RotaryEmbedding,SimplifiedLayerNormalization", "weights' floor"):
+        assert line in run.stdout
+    refused = subprocess.run([sys.executable, str(script), str(demo_export), "--rounds", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "not an in-place MatMulNBits decoder" in refused.stderr
