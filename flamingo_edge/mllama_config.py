@@ -14,9 +14,10 @@ from collections.abc import Mapping
 
 from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, TiledVisionConfig
 from flamingo_edge.config_checks import config_problems, describe, is_int
-from flamingo_edge.idefics_config import _FIX_VALUE, _REQUIRED, _activation, _fail, _log_ignored, _Section
+from flamingo_edge.config_reader import FIX_VALUE, REQUIRED, Section, fail
 
 MODEL_TYPE = "mllama"
+FAMILY = "Llama 3.2 Vision (mllama)"  # for messages
 EXTRA_EMBEDDING_ROWS = 8  # MllamaTextModel's embed_tokens has vocab_size + 8 rows, its lm_head vocab_size
 
 _USED_KEYS = {"model_type", "vision_config", "text_config", "image_token_index", "tie_word_embeddings"}
@@ -34,39 +35,35 @@ _USED_TEXT_KEYS = {
 _ACTIVATION_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
-def _int_list(section: _Section, key: str, default) -> list:
+def _int_list(section: Section, key: str, default) -> list:
     value = section.data.get(key, default)
-    if value is _REQUIRED:
-        raise _fail(section.source, f"required key '{section.prefix}{key}' is missing",
-                    "the file is not a complete mllama config")
+    if value is REQUIRED:
+        raise section.missing(key)
     if not isinstance(value, list) or not all(is_int(v) for v in value):
-        raise _fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a list of integers",
-                    _FIX_VALUE)
+        raise fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a list of integers",
+                    FIX_VALUE)
     return value
 
 
-def _side(section: _Section, key: str, default: int) -> int:
+def _side(section: Section, key: str, default: int) -> int:
     """An int, or a square [s, s] (transformers allows a list)."""
     value = section.data.get(key, default)
     if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
     if not is_int(value) or value <= 0:
-        raise _fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a positive integer "
-                    "(tiles and patches are square)", _FIX_VALUE)
+        raise fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a positive integer "
+                    "(tiles and patches are square)", FIX_VALUE)
     return value
 
 
-def _vision_config(vision: _Section, text_width: int) -> TiledVisionConfig:
-    ratios = vision.data.get("supported_aspect_ratios", _REQUIRED)
-    if ratios is _REQUIRED:
-        raise _fail(vision.source, "required key 'vision_config.supported_aspect_ratios' is missing",
-                    "the file is not a complete mllama config")
+def _vision_config(vision: Section, text_width: int) -> TiledVisionConfig:
+    ratios = vision.data.get("supported_aspect_ratios", REQUIRED)
+    if ratios is REQUIRED:
+        raise vision.missing("supported_aspect_ratios")
     if not isinstance(ratios, list) or not all(isinstance(r, list) and len(r) == 2 and all(is_int(v) and v > 0
                                                                                            for v in r) for r in ratios):
-        raise _fail(vision.source, f"vision_config.supported_aspect_ratios is {describe(ratios)}, expected a list "
-                    "of [rows, columns] pairs", _FIX_VALUE)
-    act = vision.get("hidden_act", "gelu", "name")
-    section = _Section({**vision.data, "hidden_act": _ACTIVATION_NAMES.get(act, act)}, vision.source, vision.prefix)
+        raise fail(vision.source, f"vision_config.supported_aspect_ratios is {describe(ratios)}, expected a list "
+                    "of [rows, columns] pairs", FIX_VALUE)
     return TiledVisionConfig(
         hidden_size=vision.get("hidden_size", 1280, "count"), num_hidden_layers=vision.get("num_hidden_layers", 32,
                                                                                            "count"),
@@ -78,7 +75,7 @@ def _vision_config(vision: _Section, text_width: int) -> TiledVisionConfig:
         supported_aspect_ratios=tuple(tuple(r) for r in ratios),
         intermediate_layers_indices=tuple(_int_list(vision, "intermediate_layers_indices", [3, 7, 15, 23, 30])),
         vision_output_dim=vision.get("vision_output_dim", 7680, "count"), text_hidden_size=text_width,
-        hidden_act=_activation(section, "gelu"), norm_eps=vision.get("norm_eps", 1e-5, "positive"),
+        hidden_act=vision.activation("gelu", _ACTIVATION_NAMES), norm_eps=vision.get("norm_eps", 1e-5, "positive"),
         num_channels=vision.get("num_channels", 3, "count"),
     )
 
@@ -97,39 +94,39 @@ def llama_rope_fields(hf: Mapping, source: str, *, default_theta: float = 10000.
     if kind == "default":
         return fields
     if kind != "llama3":
-        raise _fail(source, f"rope type {kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
+        raise fail(source, f"rope type {kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
     try:
         return dict(fields, rope_type="llama3", rope_factor=float(rope["factor"]),
                     rope_low_freq_factor=float(rope["low_freq_factor"]),
                     rope_high_freq_factor=float(rope["high_freq_factor"]),
                     rope_original_max_positions=int(rope["original_max_position_embeddings"]))
     except KeyError as missing:
-        raise _fail(source, f"rope type 'llama3' without {missing}", "the config.json is incomplete") from None
+        raise fail(source, f"rope type 'llama3' without {missing}", "the config.json is incomplete") from None
 
 
-def _token(text: _Section, key: str) -> int | None:
+def _token(text: Section, key: str) -> int | None:
     """A token id; of a list (Llama 3's several EOS ids), the first."""
     value = text.data.get(key)
     if isinstance(value, list):
-        text = _Section({key: value[0] if value else None}, text.source, text.prefix)
+        text = Section({key: value[0] if value else None}, text.source, text.family, text.prefix)
     return text.get(key, None, "token")
 
 
-def _decoder_config(text: _Section) -> DecoderConfig:
-    width, heads = text.get("hidden_size", _REQUIRED, "count"), text.get("num_attention_heads", _REQUIRED, "count")
+def _decoder_config(text: Section) -> DecoderConfig:
+    width, heads = text.get("hidden_size", REQUIRED, "count"), text.get("num_attention_heads", REQUIRED, "count")
     kv_heads = text.get("num_key_value_heads", heads, "count")
-    layers = text.get("num_hidden_layers", _REQUIRED, "count")
-    cross = _int_list(text, "cross_attention_layers", _REQUIRED)
+    layers = text.get("num_hidden_layers", REQUIRED, "count")
+    cross = _int_list(text, "cross_attention_layers", REQUIRED)
     if text.data.get("tie_word_embeddings"):
-        raise _fail(text.source, "tie_word_embeddings=true", "mllama's LM head is its own tensor; fix config.json")
+        raise fail(text.source, "tie_word_embeddings=true", "mllama's LM head is its own tensor; fix config.json")
     return DecoderConfig(
-        vocab_size=text.get("vocab_size", _REQUIRED, "count"), additional_vocab_size=0,
+        vocab_size=text.get("vocab_size", REQUIRED, "count"), additional_vocab_size=0,
         input_only_vocab=EXTRA_EMBEDDING_ROWS, width=width, layers=layers, heads=heads,
-        kv_heads=0 if kv_heads == heads else kv_heads, mlp_width=text.get("intermediate_size", _REQUIRED, "count"),
+        kv_heads=0 if kv_heads == heads else kv_heads, mlp_width=text.get("intermediate_size", REQUIRED, "count"),
         cross_layers=tuple(cross), cross_heads=heads, cross_head_dim=width // heads,
         cross_kv_heads=0 if kv_heads == heads else kv_heads, cross_qk_norms=True, cross_placement="replace",
         cross_empty_rows="attend_all", rms_norm_eps=text.get("rms_norm_eps", 1e-5, "positive"),
-        max_positions=text.get("max_position_embeddings", 131072, "count"), act=_activation(text, "silu"),
+        max_positions=text.get("max_position_embeddings", 131072, "count"), act=text.activation("silu", _ACTIVATION_NAMES),
         **llama_rope_fields(text.data, text.source, default_theta=500000.0), bos_token_id=_token(text, "bos_token_id"), eos_token_id=_token(text, "eos_token_id"),
         pad_token_id=_token(text, "pad_token_id"),
     )
@@ -148,16 +145,16 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> FlamingoConfig:
             type or out of range; the message names the key.
     """
     if hf.get("model_type") != MODEL_TYPE:
-        raise _fail(source, f"model_type is {hf.get('model_type')!r}, not 'mllama'",
+        raise fail(source, f"model_type is {hf.get('model_type')!r}, not 'mllama'",
                     "pass the folder of a Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration.save_pretrained)")
-    vision, text = _Section.nested(hf, "vision_config", source), _Section.nested(hf, "text_config", source)
-    for section, data, used in (("top-level", hf, _USED_KEYS), ("vision_config", vision.data, _USED_VISION_KEYS),
-                                ("text_config", text.data, _USED_TEXT_KEYS)):
-        _log_ignored(source, section, data, used)
+    top = Section(hf, source, FAMILY)
+    vision, text = top.nested("vision_config"), top.nested("text_config")
+    for section, used in ((top, _USED_KEYS), (vision, _USED_VISION_KEYS), (text, _USED_TEXT_KEYS)):
+        section.log_ignored(used)
     decoder = _decoder_config(text)
     config = FlamingoConfig(family=MODEL_TYPE, vision=_vision_config(vision, decoder.width),
                             resampler=projector_config(), decoder=decoder)
     problems = config_problems(config)
     if problems:  # what the key-by-key reading cannot see, in flamingo-edge's names
-        raise _fail(source, "; ".join(problems) + " (flamingo-edge's names for the values read)", _FIX_VALUE)
+        raise fail(source, "; ".join(problems) + " (flamingo-edge's names for the values read)", FIX_VALUE)
     return config

@@ -293,6 +293,10 @@ CASES = {
     "converted decoder.norm unknown": Cli(
         lambda p: ["info", str(p.own_config("c", _set("config.decoder.norm", "batch")))],
         r"decoder\.norm is 'batch', expected one of \['rms', 'layer'\]"),
+    "converted decoder.act unknown, read by plan": Cli(
+        lambda p: ["plan", str(p.own_config("c", _set("config.decoder.act", "swish"))), "--target", "8"],
+        r"decoder\.act is 'swish', expected one of \['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu'\]\); fix "
+        r"that value, or convert"),
     "converted config missing": Api(
         lambda p: partial(load_config, p.own_config("c", lambda record: record.pop("config"))),
         CheckpointError, r"the config is null, expected a JSON object\); fix that value, or convert"),

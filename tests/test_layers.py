@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flamingo_edge"
 # (export.json, manifest), the graph contract, the TensorRT version module (imported lazily), extras.
 LAYERS = (
     {"__init__", "errors", "precision", "config", "config_checks", "tolerances", "extras", "artifacts", "graphs",
-     "trt_compat", "manifest", "idefics_config", "mllama_config"},
+     "trt_compat", "manifest", "config_reader", "idefics_config", "mllama_config", "config_files"},
     {"runtime"},  # torch-free: what runs on a device (sessions.py, the factory, sits on the backends it opens)
     {"models"},  # the PyTorch reference, checkpoints, converters (write files the runtime reads)
     {"export"},

@@ -22,9 +22,9 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from flamingo_edge.artifacts import EXPORT_RECORD, read_export_record, read_json
+from flamingo_edge.artifacts import EXPORT_RECORD, read_export_record
 from flamingo_edge.config import FlamingoConfig, TiledVisionConfig
-from flamingo_edge.config_checks import config_from_record
+from flamingo_edge.config_files import read_config_json
 from flamingo_edge.engines.profiles import ShapeLimits
 from flamingo_edge.errors import CheckpointError, UsageError
 from flamingo_edge.graphs import GRAPH_NAMES
@@ -231,21 +231,6 @@ class Source:
     file_bytes: dict[str, int] = field(default_factory=dict)  # graph -> bytes of its files (an export's)
 
 
-def _config_from_json(path: Path) -> FlamingoConfig:
-    from flamingo_edge import idefics_config, mllama_config
-
-    data = read_json(path)
-    if data.get("model_type") == "flamingo_edge":  # a converted checkpoint (models/convert.py)
-        config, problems = config_from_record(data.get("config"))
-        if problems:
-            raise CheckpointError(f"{path}: not a valid flamingo-edge model config ({'; '.join(problems)}); convert "
-                                  "the model again with this flamingo-edge version")
-        return config
-    if data.get("model_type") == mllama_config.MODEL_TYPE:  # Llama 3.2 Vision
-        return mllama_config.config_from_hf(data, source=str(path))
-    return idefics_config.config_from_hf(data, source=str(path))
-
-
 def read_source(path: str | Path) -> Source:
     """An export folder, a checkpoint folder, or a config.json (IDEFICS, Llama 3.2 Vision, or a converted
     checkpoint's).
@@ -266,10 +251,10 @@ def read_source(path: str | Path) -> Source:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: neither an export (export.json) nor a checkpoint (config.json); pass "
                                   "one of those, or a config.json file")
-        return Source(str(path), "checkpoint", _config_from_json(path / "config.json"))
+        return Source(str(path), "checkpoint", read_config_json(path / "config.json"))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; pass an export, a checkpoint or a config.json")
-    return Source(str(path), "config", _config_from_json(path))
+    return Source(str(path), "config", read_config_json(path))
 
 
 # ---------------------------------------------------------------------------------------------------- the plan

@@ -25,10 +25,9 @@ from flamingo_edge.artifacts import (DEMO, DEMO_CHECKPOINT, DEMO_OVERRIDE, EXPOR
                                      read_json, resolve_checkpoint)
 from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import FlamingoConfig
-from flamingo_edge.config_checks import config_from_record, describe
+from flamingo_edge.config_files import OWN_MODEL_TYPE, read_config_json  # noqa: F401  (OWN_MODEL_TYPE: for the converters)
 from flamingo_edge.models.flamingo import FlamingoModel
 from flamingo_edge.models.importers import idefics, mllama
-from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -61,29 +60,6 @@ def _refuse_other_folder(folder: Path) -> None:
                               "checkpoint its export was made from")
 
 
-OWN_MODEL_TYPE = "flamingo_edge"  # config.json "model_type" of a converted checkpoint (models/convert.py)
-
-
-def own_config(data: dict, source: str) -> FlamingoConfig:
-    """The FlamingoConfig recorded in a converted checkpoint's config.json.
-
-    Raises:
-        CheckpointError: the record is malformed (a missing or unknown key, a value of the wrong type or out of
-            range) or names a variant this version does not implement.
-    """
-    config, problems = config_from_record(data.get("config"))
-    if config is not None:
-        vision_act = config.vision.hidden_act if config.tiled else config.vision.act
-        activations = (("vision.act", vision_act), ("resampler.act", config.resampler.act),
-                       ("decoder.act", config.decoder.act), ("decoder.cross_act", config.decoder.cross_act or "gelu"))
-        problems += [f"{name} is {describe(value)}, expected one of {sorted(ACTIVATIONS)}"
-                     for name, value in activations if isinstance(value, str) and value not in ACTIVATIONS]
-    if problems:
-        raise CheckpointError(f"{source}: not a valid flamingo-edge model config ({'; '.join(problems)}); "
-                              "fix that value, or convert the model again with this flamingo-edge version")
-    return config
-
-
 def is_own_format(folder: Path) -> bool:
     """True for a folder written by a flamingo-edge converter."""
     return read_json(folder / "config.json").get("model_type") == OWN_MODEL_TYPE
@@ -96,14 +72,7 @@ def load_config(path: str | Path) -> FlamingoConfig:
         CheckpointError: the folder or its config.json is missing, invalid, or neither an IDEFICS nor an mllama
             config nor one written by `flamingo-edge convert`.
     """
-    folder = _check_folder(path)
-    config_path = folder / "config.json"
-    data = read_json(config_path)
-    if data.get("model_type") == OWN_MODEL_TYPE:
-        return own_config(data, str(config_path))
-    if data.get("model_type") == mllama.MODEL_TYPE:
-        return mllama.config_from_hf(data, source=str(config_path))
-    return idefics.config_from_hf(data, source=str(config_path))
+    return read_config_json(_check_folder(path) / "config.json")
 
 
 def weight_files(folder: Path) -> list[Path]:

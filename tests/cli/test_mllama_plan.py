@@ -189,11 +189,14 @@ def test_tiny_export_peak_rss_is_predicted(export):
     check(export)
 
 
-def test_an_incomplete_mllama_config_is_refused(tmp_path):
+@pytest.mark.parametrize("section, key", [("text_config", "cross_attention_layers"), ("text_config", "hidden_size"),
+                                          ("vision_config", "supported_aspect_ratios")])
+def test_an_incomplete_mllama_config_is_refused(tmp_path, section, key):
     data = json.loads(PUBLIC["11b"].read_text())
-    del data["text_config"]["cross_attention_layers"]
+    del data[section][key]
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="text_config.cross_attention_layers"):
+    with pytest.raises(CheckpointError, match=rf"required key '{section}\.{key}' is missing; the file is not a "
+                                              r"complete Llama 3\.2 Vision \(mllama\) config"):
         read_source(tmp_path / "config.json")
 
 

@@ -53,7 +53,7 @@ def test_public_configs_have_their_published_sizes():
 
 def test_the_plans_defaults_are_quantizes_and_the_pipelines():
     from flamingo_edge.calibration import quantize
-    from flamingo_edge.idefics_config import ACTIVATION_NAMES
+    from flamingo_edge.config_reader import ACTIVATION_NAMES
     from flamingo_edge.runtime.pipeline import Pipeline
 
     assert tuple(quantize.WEIGHT_DEFAULT_GRAPHS) == WEIGHT_ONLY_GRAPHS

@@ -15,7 +15,8 @@ import torch
 
 from flamingo_edge.config import FlamingoConfig
 # config.json -> FlamingoConfig is torch-free, in the foundation (plan and info read it on a base install)
-from flamingo_edge.idefics_config import MODEL_TYPE, _fail, config_from_hf  # noqa: F401
+from flamingo_edge.config_reader import fail
+from flamingo_edge.idefics_config import MODEL_TYPE, config_from_hf  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,13 @@ def convert(
                 part = TIED_TENSORS[part]  # tie_word_embeddings: the head is the embedding
                 tied.add(part)
             if part not in tensors:
-                raise _fail(folder, f"missing tensor {part!r} (needed for {ours})",
+                raise fail(folder, f"missing tensor {part!r} (needed for {ours})",
                             "the checkpoint is incomplete or was saved from a different config; re-save it with "
                             "save_pretrained")
             pieces.append(tensors[part].to(torch.float32))
         value = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         if not _fits(value, expected[ours]):
-            raise _fail(files.get(parts[0], folder), f"tensor {parts[0]!r} has shape {tuple(value.shape)}, "
+            raise fail(files.get(parts[0], folder), f"tensor {parts[0]!r} has shape {tuple(value.shape)}, "
                         f"expected {tuple(expected[ours])} from config.json",
                         "config.json and the weights disagree; use the config saved with these weights")
         state[ours] = value.reshape(expected[ours])
@@ -169,7 +170,7 @@ def convert(
     unexpected = [name for name in unused if not any(p.fullmatch(name) for p in UNUSED_TENSORS)]
     if unexpected:
         name = sorted(unexpected)[0]
-        raise _fail(files[name], f"unexpected tensor {name!r} ({len(unexpected)} unexpected in all)",
+        raise fail(files[name], f"unexpected tensor {name!r} ({len(unexpected)} unexpected in all)",
                     "the weights belong to a different architecture or config than config.json describes")
     if unused:
         logger.info("%s: skipped %d tensors that IDEFICS never uses: %s", folder, len(unused), sorted(unused)[:4])

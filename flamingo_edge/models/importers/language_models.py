@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from flamingo_edge.errors import CheckpointError
 from flamingo_edge.config import DecoderConfig
+from flamingo_edge.config_reader import fail as _fail
 from flamingo_edge.mllama_config import llama_rope_fields
 from flamingo_edge.models.layers import ACTIVATIONS
 
@@ -47,10 +47,6 @@ class LanguageModel:
     def tied(self, hf: Mapping[str, Any]) -> bool:
         """Whether the head is the embedding (transformers' `tie_word_embeddings`)."""
         return bool(hf.get("tie_word_embeddings", self.tied_by_default))
-
-
-def _fail(source: str, what: str, fix: str) -> CheckpointError:
-    return CheckpointError(f"{source}: {what}; {fix}")
 
 
 def _act(name: str, source: str) -> str:

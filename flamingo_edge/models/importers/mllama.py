@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flamingo_edge.config import FlamingoConfig
-from flamingo_edge.idefics_config import _fail
+from flamingo_edge.config_reader import fail
 from flamingo_edge.mllama_config import MODEL_TYPE, config_from_hf  # noqa: F401  (re-exported for the loaders)
 from flamingo_edge.models.mllama_vision import PROJECTOR_WEIGHT_MAP, VISION_WEIGHT_MAP, upstream_name
 
@@ -92,16 +92,16 @@ def convert(tensors: Mapping[str, torch.Tensor], files: Mapping[str, str], confi
     for ours, shape in expected.items():
         theirs = _upstream_name(ours, text_names)
         if theirs not in stored:
-            raise _fail(folder, f"missing tensor {theirs!r} (needed for {ours})",
+            raise fail(folder, f"missing tensor {theirs!r} (needed for {ours})",
                         "the checkpoint is incomplete or was saved from a different config; re-save it with "
                         "save_pretrained")
         tensor, source = stored.pop(theirs)
         if tuple(tensor.shape) != tuple(shape):
-            raise _fail(source, f"tensor {theirs!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} from "
+            raise fail(source, f"tensor {theirs!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} from "
                         "config.json", "config.json and the weights disagree; use the config saved with these weights")
         state[ours] = tensor.to(torch.float32)
     unexpected = sorted(name for name in stored if not name.endswith(UNUSED_TENSORS))
     if unexpected:
-        raise _fail(stored[unexpected[0]][1], f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
+        raise fail(stored[unexpected[0]][1], f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
                     "in all)", "the weights belong to a different architecture or config than config.json describes")
     return state
