@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from flamingo_edge.config import TiledVisionConfig
 from flamingo_edge.errors import CheckpointError
+from flamingo_edge.models.tensor_map import map_tensors
 from flamingo_edge.models.layers import attend, merge_heads, split_heads
 from flamingo_edge.models.vision import VisionMLP
 
@@ -226,18 +227,7 @@ def load_from_transformers(module: MllamaVision | MllamaProjector, upstream: Map
     (UPSTREAM_PREFIXES) naming the part to take.
     """
     weight_map = VISION_WEIGHT_MAP if isinstance(module, MllamaVision) else PROJECTOR_WEIGHT_MAP
-    ours = module.state_dict()
-    theirs = {name[len(prefix):]: tensor for name, tensor in upstream.items() if name.startswith(prefix)}
-    loaded, problems = {}, []
-    for name, target in ours.items():
-        source = upstream_name(name, weight_map)
-        if source not in theirs:
-            problems.append(f"missing {prefix}{source} (for {name})")
-        elif theirs[source].shape != target.shape:
-            problems.append(f"{prefix}{source} has shape {list(theirs[source].shape)}, expected {list(target.shape)}")
-        else:
-            loaded[name] = theirs.pop(source)
-    problems += [f"unexpected {prefix}{name}" for name in theirs]
-    if problems:
-        raise CheckpointError("mllama weights do not fit the model (check the config): " + "; ".join(problems))
+    theirs = {name: tensor for name, tensor in upstream.items() if name.startswith(prefix)}
+    expected = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    loaded, _ = map_tensors(theirs, {}, expected, lambda name: (prefix + upstream_name(name, weight_map),))
     module.load_state_dict(loaded)

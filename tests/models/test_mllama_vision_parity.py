@@ -162,8 +162,9 @@ def test_vision_exports_with_dynamic_image_count(upstream, seed, tmp_path):
 def test_load_rejects_a_checkpoint_of_another_size(upstream):
     settings = config_from_hf(upstream.config.to_dict()).vision
     other = MllamaVision(settings=dataclasses.replace(settings, intermediate_size=40))
-    with pytest.raises(CheckpointError, match=r"transformer\.layers\.0\.mlp\.fc1\.weight has shape \[64, 32\], "
-                                              r"expected \[40, 32\]"):
+    with pytest.raises(CheckpointError, match=r"transformer\.layers\.0\.mlp\.fc1\.weight' has shape \(64, 32\), "
+                                              r"expected \(40, 32\) from config\.json; config\.json and the weights "
+                                              r"disagree"):
         load_from_transformers(other, upstream.state_dict(), prefix=UPSTREAM_PREFIXES["vision"])
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from flamingo_edge.config import FlamingoConfig
 # config.json -> FlamingoConfig is torch-free, in the foundation (plan and info read it on a base install)
-from flamingo_edge.config_reader import fail
+from flamingo_edge.models.tensor_map import map_tensors
 from flamingo_edge.idefics_config import MODEL_TYPE, config_from_hf  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -139,39 +138,15 @@ def convert(
     Raises:
         CheckpointError: a tensor is missing, unexpected, or of the wrong shape; the message names file and key.
     """
-    folder = str(Path(next(iter(files.values()))).parent) if files else "checkpoint"
-    tied = set()
-    needed = {}
-    for ours in expected:
+    def upstream(ours: str) -> tuple[str, ...]:
         parts = upstream_names(ours)
         if config.decoder.additional_vocab_size == 0:
             parts = tuple(p for p in parts if p not in ADDITIONAL_VOCAB_TENSORS)
-        needed[ours] = parts
-    state = {}
-    for ours, parts in needed.items():
-        pieces = []
-        for part in parts:
-            if part not in tensors and part in TIED_TENSORS and TIED_TENSORS[part] in tensors:
-                part = TIED_TENSORS[part]  # tie_word_embeddings: the head is the embedding
-                tied.add(part)
-            if part not in tensors:
-                raise fail(folder, f"missing tensor {part!r} (needed for {ours})",
-                            "the checkpoint is incomplete or was saved from a different config; re-save it with "
-                            "save_pretrained")
-            pieces.append(tensors[part].to(torch.float32))
-        value = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-        if not _fits(value, expected[ours]):
-            raise fail(files.get(parts[0], folder), f"tensor {parts[0]!r} has shape {tuple(value.shape)}, "
-                        f"expected {tuple(expected[ours])} from config.json",
-                        "config.json and the weights disagree; use the config saved with these weights")
-        state[ours] = value.reshape(expected[ours])
-    used = {part for parts in needed.values() for part in parts} | tied
-    unused = [name for name in tensors if name not in used]
-    unexpected = [name for name in unused if not any(p.fullmatch(name) for p in UNUSED_TENSORS)]
-    if unexpected:
-        name = sorted(unexpected)[0]
-        raise fail(files[name], f"unexpected tensor {name!r} ({len(unexpected)} unexpected in all)",
-                    "the weights belong to a different architecture or config than config.json describes")
-    if unused:
-        logger.info("%s: skipped %d tensors that IDEFICS never uses: %s", folder, len(unused), sorted(unused)[:4])
+        return parts
+
+    state, skipped = map_tensors(tensors, files, expected, upstream, tied=TIED_TENSORS, fits=_fits,
+                                 unused=lambda name: any(p.fullmatch(name) for p in UNUSED_TENSORS))
+    if skipped:
+        logger.info("%s: skipped %d tensors that IDEFICS never uses: %s", files.get(skipped[0], "checkpoint"),
+                    len(skipped), skipped[:4])
     return state

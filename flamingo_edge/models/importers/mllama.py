@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from flamingo_edge.config import FlamingoConfig
-from flamingo_edge.config_reader import fail
+from flamingo_edge.models.tensor_map import map_tensors
 from flamingo_edge.mllama_config import MODEL_TYPE, config_from_hf  # noqa: F401  (re-exported for the loaders)
 from flamingo_edge.models.mllama_vision import PROJECTOR_WEIGHT_MAP, VISION_WEIGHT_MAP, upstream_name
 
@@ -85,23 +84,9 @@ def convert(tensors: Mapping[str, torch.Tensor], files: Mapping[str, str], confi
     Raises:
         CheckpointError: a tensor is missing, unexpected, or of the wrong shape; the message names file and key.
     """
-    folder = str(Path(next(iter(files.values()))).parent) if files else "checkpoint"
-    stored = {saved_name(name): (tensor, files.get(name, folder)) for name, tensor in tensors.items()}
+    stored = {saved_name(name): tensor for name, tensor in tensors.items()}
+    where = {saved_name(name): file for name, file in files.items()}
     text_names = upstream_names(config)
-    state = {}
-    for ours, shape in expected.items():
-        theirs = _upstream_name(ours, text_names)
-        if theirs not in stored:
-            raise fail(folder, f"missing tensor {theirs!r} (needed for {ours})",
-                        "the checkpoint is incomplete or was saved from a different config; re-save it with "
-                        "save_pretrained")
-        tensor, source = stored.pop(theirs)
-        if tuple(tensor.shape) != tuple(shape):
-            raise fail(source, f"tensor {theirs!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)} from "
-                        "config.json", "config.json and the weights disagree; use the config saved with these weights")
-        state[ours] = tensor.to(torch.float32)
-    unexpected = sorted(name for name in stored if not name.endswith(UNUSED_TENSORS))
-    if unexpected:
-        raise fail(stored[unexpected[0]][1], f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected "
-                    "in all)", "the weights belong to a different architecture or config than config.json describes")
+    state, _ = map_tensors(stored, where, expected, lambda ours: (_upstream_name(ours, text_names),),
+                           unused=lambda name: name.endswith(UNUSED_TENSORS))
     return state
