@@ -9,7 +9,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flamingo_edge.config_checks import describe, is_int, is_number
+from flamingo_edge.config import FlamingoConfig
+from flamingo_edge.config_checks import config_problems, describe, is_int, is_number
 from flamingo_edge.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,15 @@ _KINDS = {
 
 def fail(source: str, what: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{source}: {what}; {fix}")
+
+
+def checked(config: FlamingoConfig, source: str) -> FlamingoConfig:
+    """`config`, once `config_problems` finds nothing wrong with it: what a key-by-key reading cannot see (sizes that
+    must divide each other, layer indices in range), named in flamingo-edge's terms."""
+    problems = config_problems(config)
+    if problems:
+        raise fail(source, "; ".join(problems) + " (flamingo-edge's names for the values read)", FIX_VALUE)
+    return config
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
-from flamingo_edge.config_checks import config_problems
-from flamingo_edge.config_reader import FIX_VALUE, REQUIRED, Section, fail
+from flamingo_edge.config_reader import REQUIRED, Section, checked, fail
 
 MODEL_TYPE = "idefics"
 FAMILY = "IDEFICS"  # for messages
@@ -111,7 +110,4 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> FlamingoConfig:
     config = FlamingoConfig(family=MODEL_TYPE, vision=vision_config,
                             resampler=_resampler_config(top, perceiver, vision_config.width),
                             decoder=_decoder_config(top))
-    problems = config_problems(config)
-    if problems:  # what the key-by-key reading cannot see, in flamingo-edge's names
-        raise fail(source, "; ".join(problems) + " (flamingo-edge's names for the values read)", FIX_VALUE)
-    return config
+    return checked(config, source)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, TiledVisionConfig
-from flamingo_edge.config_checks import config_problems, describe, is_int
-from flamingo_edge.config_reader import FIX_VALUE, REQUIRED, Section, fail
+from flamingo_edge.config_checks import describe, is_int
+from flamingo_edge.config_reader import FIX_VALUE, REQUIRED, Section, checked, fail
 
 MODEL_TYPE = "mllama"
 FAMILY = "Llama 3.2 Vision (mllama)"  # for messages
@@ -154,7 +154,4 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> FlamingoConfig:
     decoder = _decoder_config(text)
     config = FlamingoConfig(family=MODEL_TYPE, vision=_vision_config(vision, decoder.width),
                             resampler=projector_config(), decoder=decoder)
-    problems = config_problems(config)
-    if problems:  # what the key-by-key reading cannot see, in flamingo-edge's names
-        raise fail(source, "; ".join(problems) + " (flamingo-edge's names for the values read)", FIX_VALUE)
-    return config
+    return checked(config, source)

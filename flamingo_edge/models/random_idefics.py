@@ -122,26 +122,33 @@ def build_tokenizer(vocab_size: int = 256):
     return fast
 
 
-def _randomize_(model, generator) -> None:
-    """Give every parameter O(1)-scale random values so that every path (images, gates) moves the logits.
+def randomize_(model, generator, special=lambda name, noise: None) -> None:
+    """Give every parameter O(1)-scale random values so that every path (images, gates) moves the logits: a bias
+    0.1 N(0, 1), a vector (norm weights, class embedding) 1 + 0.1 N(0, 1), a matrix N(0, 1 / fan_in).
 
-    transformers initialises Linear weights with std 0.02 and the gates `alpha_*` to 0, which would hide the
-    cross-attention (tanh(0) = 0) from any comparison.
+    `special(name, noise)` is a family's own value for a parameter (None: the rule above); `noise` is the parameter's
+    N(0, 1) draw, taken for every parameter in order, so that a family's rule leaves the others' draws as they were.
     """
     import torch
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if "alpha_" in name:
-                param.copy_(noise)
-            elif name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:  # norm weights, class embedding
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                fan_in = math.prod(param.shape[1:])
-                param.copy_(noise / math.sqrt(fan_in))
+            value = special(name, noise)
+            if value is None:
+                if name.endswith("bias"):
+                    value = 0.1 * noise
+                elif param.ndim == 1:
+                    value = 1.0 + 0.1 * noise
+                else:
+                    value = noise / math.sqrt(math.prod(param.shape[1:]))
+            param.copy_(value)
+
+
+def _idefics_gates(name: str, noise):
+    """transformers initialises the gates `alpha_*` to 0, which would hide the cross-attention (tanh(0) = 0) from any
+    comparison (and Linear weights with std 0.02)."""
+    return noise if "alpha_" in name else None
 
 
 def build_random_idefics(preset: str = "a", seed: int = 0):
@@ -171,7 +178,7 @@ def build_random_idefics(preset: str = "a", seed: int = 0):
     )
     torch.manual_seed(seed)
     model = IdeficsForVisionText2Text(config).eval()
-    _randomize_(model, torch.Generator().manual_seed(seed))
+    randomize_(model, torch.Generator().manual_seed(seed), _idefics_gates)
     image_processor = IdeficsImageProcessorPil(image_size=settings["vision_config"]["image_size"])
     processor = IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor

@@ -11,11 +11,10 @@ transformers and pillow are needed here (`pip install -e '.[test]'`); nothing el
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from flamingo_edge.models.random_idefics import _CORPUS, _require_transformers
+from flamingo_edge.models.random_idefics import _CORPUS, _require_transformers, randomize_
 
 SUPPORTED_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]  # max_num_tiles 4
 
@@ -67,24 +66,19 @@ def build_tokenizer(vocab_size: int = 256):
     return fast
 
 
-def _randomize_(model, generator) -> None:
-    """O(1)-scale random weights everywhere and every tanh gate well away from 0 (upstream starts them at 0, which
-    would hide the cross-attention and the tile embeddings from any comparison)."""
+def _mllama_rule(generator):
+    """Every tanh gate well away from 0 and the tile and position embeddings O(1) (upstream starts the gates at 0,
+    which would hide the cross-attention and the tile embeddings from any comparison)."""
     import torch
 
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "gate" in name:
-                param.copy_(torch.empty(param.shape).uniform_(0.3, 1.2, generator=generator))
-            elif "embedding" in name and "patch" not in name and "embed_tokens" not in name:
-                param.copy_(noise)
-            elif name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            elif param.ndim == 1:  # norm weights, class embedding
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(noise / math.sqrt(math.prod(param.shape[1:])))
+    def special(name: str, noise):
+        if "gate" in name:
+            return torch.empty(noise.shape).uniform_(0.3, 1.2, generator=generator)
+        if "embedding" in name and "patch" not in name and "embed_tokens" not in name:
+            return noise
+        return None
+
+    return special
 
 
 def build_random_mllama(preset: str = "tiny", seed: int = 0):
@@ -119,7 +113,8 @@ def build_random_mllama(preset: str = "tiny", seed: int = 0):
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config).eval()
-    _randomize_(model, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    randomize_(model, generator, _mllama_rule(generator))
     tile = vision["image_size"]
     image_processor = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=4)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
