@@ -61,3 +61,25 @@ def test_bad_flags_exit_2(tmp_path, capsys, change, match):
     argv[argv.index(change[0]) + 1] = change[1]
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_size", "big", r"lm/config\.json: hidden_size is 'big', expected a positive integer; fix that value"),
+    ("num_attention_heads", None, r"num_attention_heads is null, expected a positive integer"),
+    ("rotary_pct", -0.5, r"rotary_pct is -0\.5, expected a positive number"),
+    ("hidden_act", "swish", r"hidden_act='swish' is not supported; supported: \['gelu'"),
+])
+def test_a_bad_language_model_config_exits_2_and_names_the_key(tmp_path, capsys, key, value, match):
+    """A wrong value in the language model's config.json is a CheckpointError naming the file and the key (it was a
+    TypeError deep in the reader for a string where a size goes)."""
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    for file in (FIXTURE / "lm").iterdir():
+        (lm / file.name).write_bytes(file.read_bytes())
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, key: value}))
+    argv = _argv(tmp_path / "of")
+    argv[argv.index("--lm") + 1] = str(lm)
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "of").exists()

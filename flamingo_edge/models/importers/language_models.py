@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from flamingo_edge.config import DecoderConfig
-from flamingo_edge.config_reader import fail as _fail
+from flamingo_edge.config_reader import REQUIRED, Section, fail as _fail
 from flamingo_edge.mllama_config import llama_rope_fields
-from flamingo_edge.models.layers import ACTIVATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +48,9 @@ class LanguageModel:
         return bool(hf.get("tie_word_embeddings", self.tied_by_default))
 
 
-def _act(name: str, source: str) -> str:
-    if name not in ACTIVATIONS:
-        raise _fail(source, f"hidden_act={name!r} is not supported", f"supported: {sorted(ACTIVATIONS)}")
-    return name
-
-
-def _require(hf: Mapping[str, Any], key: str, source: str) -> Any:
-    if hf.get(key) is None:
-        raise _fail(source, f"required key {key!r} is missing", "the language model's config.json is incomplete")
-    return hf[key]
+def _section(hf: Mapping[str, Any], source: str) -> Section:
+    """The language model's config.json, read key by key with the kind of value each key must hold."""
+    return Section(hf, source, "language model")
 
 
 def _no_rope_scaling(hf: Mapping[str, Any], source: str) -> None:
@@ -71,19 +63,20 @@ def _no_rope_scaling(hf: Mapping[str, Any], source: str) -> None:
 
 
 def _llama_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
-    heads = _require(hf, "num_attention_heads", source)
-    kv_heads = hf.get("num_key_value_heads") or heads
+    c = _section(hf, source)
+    heads = c.get("num_attention_heads", REQUIRED, "count")
+    kv_heads = heads if hf.get("num_key_value_heads") is None else c.get("num_key_value_heads", REQUIRED, "count")
     if heads % kv_heads:
         raise _fail(source, f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}",
                     "the config.json is inconsistent")
-    if hf.get("mlp_bias"):
+    if c.get("mlp_bias", False, "flag"):
         raise _fail(source, "mlp_bias=true is not supported", "LLaMA MLPs without biases only")
-    return dict(width=_require(hf, "hidden_size", source), layers=_require(hf, "num_hidden_layers", source),
+    return dict(width=c.get("hidden_size", REQUIRED, "count"), layers=c.get("num_hidden_layers", REQUIRED, "count"),
                 heads=heads, kv_heads=0 if kv_heads == heads else kv_heads, **llama_rope_fields(hf, source),
-                mlp_width=_require(hf, "intermediate_size", source),
-                act=_act(hf.get("hidden_act", "silu"), source), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_positions=int(hf.get("max_position_embeddings", 2048)), norm="rms", positions="rope",
-                mlp="swiglu", attn_bias=bool(hf.get("attention_bias", False)))
+                mlp_width=c.get("intermediate_size", REQUIRED, "count"), act=c.activation("silu"),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6, "positive")),
+                max_positions=c.get("max_position_embeddings", 2048, "count"), norm="rms", positions="rope",
+                mlp="swiglu", attn_bias=bool(c.get("attention_bias", False, "flag")))
 
 
 def _llama_layer(get: Get, has: Has, prefix: str, heads: int) -> dict[str, torch.Tensor]:
@@ -122,16 +115,19 @@ def _mpt_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
                         "the released MPT language models use none of them")
     if hf.get("logit_scale") is not None:
         raise _fail(source, f"logit_scale={hf['logit_scale']!r} is not supported", "use an MPT without it")
-    width = _require(hf, "d_model", source)
-    ratio = hf.get("expansion_ratio", hf.get("mlp_ratio", 4))
-    ffn = hf.get("ffn_config") or {}
-    if ffn.get("ffn_type", "mptmlp") != "mptmlp":
-        raise _fail(source, f"ffn_type={ffn['ffn_type']!r} is not supported", "only MPT's plain GELU MLP is")
-    biased = not hf.get("no_bias", False)
-    return dict(width=width, layers=_require(hf, "n_layers", source), heads=_require(hf, "n_heads", source),
-                mlp_width=int(ratio * width), act="gelu", rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                max_positions=int(hf.get("max_seq_len", 2048)), norm="layer", norm_bias=biased,
-                positions="alibi", alibi_bias_max=float(attn.get("alibi_bias_max", 8)), attn_bias=biased,
+    c = _section(hf, source)
+    width = c.get("d_model", REQUIRED, "count")
+    ratio = c.get("expansion_ratio", c.get("mlp_ratio", 4, "positive"), "positive")
+    ffn = c.nested("ffn_config")
+    if ffn.data.get("ffn_type", "mptmlp") != "mptmlp":
+        raise _fail(source, f"ffn_type={ffn.data['ffn_type']!r} is not supported", "only MPT's plain GELU MLP is")
+    biased = not c.get("no_bias", False, "flag")
+    alibi_bias_max = Section(attn, source, "language model", "attn_config.").get("alibi_bias_max", 8, "positive")
+    return dict(width=width, layers=c.get("n_layers", REQUIRED, "count"), heads=c.get("n_heads", REQUIRED, "count"),
+                mlp_width=int(ratio * width), act="gelu",
+                rms_norm_eps=float(c.get("layer_norm_epsilon", 1e-5, "positive")),
+                max_positions=c.get("max_seq_len", 2048, "count"), norm="layer", norm_bias=biased,
+                positions="alibi", alibi_bias_max=float(alibi_bias_max), attn_bias=biased,
                 qk_norm=bool(attn.get("qk_ln", False)), mlp="mlp", mlp_bias=biased)
 
 
@@ -173,20 +169,20 @@ MOSAIC_GPT = LanguageModel(
 def _gpt_neox_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     """transformers 4.x keys (`rotary_pct`, `rotary_emb_base`) or 5.x ones (`rope_parameters`)."""
     _no_rope_scaling(hf, source)
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise _fail(source, f"rope_type={rope['rope_type']!r} is not supported", "only the plain rotary embedding is")
-    width, heads = _require(hf, "hidden_size", source), _require(hf, "num_attention_heads", source)
-    head_dim = width // heads
-    fraction = float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    return dict(width=width, layers=_require(hf, "num_hidden_layers", source), heads=heads,
-                mlp_width=_require(hf, "intermediate_size", source), act=_act(hf.get("hidden_act", "gelu"), source),
-                rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-                rope_theta=float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
-                rotary_dim=int(head_dim * fraction),
-                max_positions=int(hf.get("max_position_embeddings", 2048)), norm="layer", positions="rope",
-                attn_bias=bool(hf.get("attention_bias", True)), mlp="mlp", mlp_bias=True,
-                parallel_residual=bool(hf.get("use_parallel_residual", True)))
+    c = _section(hf, source)
+    rope = c.nested("rope_parameters")
+    if rope.data.get("rope_type", "default") != "default":
+        raise _fail(source, f"rope_type={rope.data['rope_type']!r} is not supported",
+                    "only the plain rotary embedding is")
+    width, heads = c.get("hidden_size", REQUIRED, "count"), c.get("num_attention_heads", REQUIRED, "count")
+    fraction = rope.get("partial_rotary_factor", c.get("rotary_pct", 1.0, "positive"), "positive")
+    theta = rope.get("rope_theta", c.get("rotary_emb_base", 10000.0, "positive"), "positive")
+    return dict(width=width, layers=c.get("num_hidden_layers", REQUIRED, "count"), heads=heads,
+                mlp_width=c.get("intermediate_size", REQUIRED, "count"), act=c.activation("gelu"),
+                rms_norm_eps=float(c.get("layer_norm_eps", 1e-5, "positive")), rope_theta=float(theta),
+                rotary_dim=int(width // heads * fraction), max_positions=c.get("max_position_embeddings", 2048, "count"),
+                norm="layer", positions="rope", attn_bias=bool(c.get("attention_bias", True, "flag")), mlp="mlp",
+                mlp_bias=True, parallel_residual=bool(c.get("use_parallel_residual", True, "flag")))
 
 
 def _gpt_neox_layer(get: Get, has: Has, prefix: str, heads: int) -> dict[str, torch.Tensor]:
