@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # The activations the model implements: the keys of models/layers.py ACTIVATIONS (a test checks they agree).
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 REQUIRED = object()  # the default of a key the config must have
-FIX_VALUE = "fix that value in config.json (or restore the file saved with the checkpoint)"
+FIX_VALUE = "fix that value (or restore the file saved with the checkpoint)"  # the message names the file
 # What a config value must be: a test, and its description for the message.
 _KINDS = {
     "count": (lambda v: is_int(v) and v > 0, "a positive integer"),

@@ -255,7 +255,7 @@ CASES = {
     # config.json of an IDEFICS checkpoint: wrong types, nulls, impossible values
     "idefics hidden_size 'big'": Cli(
         lambda p: ["info", str(p.idefics_config("c", _set("hidden_size", "big")))],
-        r"config\.json: hidden_size is 'big', expected a positive integer; fix that value in config\.json"),
+        r"config\.json: hidden_size is 'big', expected a positive integer; fix that value \(or restore"),
     "idefics vision_config.image_size null": Cli(
         lambda p: ["info", str(p.idefics_config("c", _set("vision_config.image_size", None)))],
         r"vision_config\.image_size is null, expected a positive integer; fix that value"),

@@ -138,7 +138,7 @@ def convert_openflamingo(checkpoint: str | Path, *, lm_dir: str | Path, vision: 
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as staging:  # refuses an existing out_dir before any work
         open_clip = read_vision_config(vision)
-        size = int((open_clip.get("vision_cfg") or {}).get("image_size", 224))
+        size = of.vision_config(open_clip, vision).image_size  # checked before anything is written
         tokens = write_processor_files(lm_dir, staging, image_size=size)  # OpenAI CLIP's mean/std
         config, state = assemble(checkpoint, lm_dir=lm_dir, vision=vision, open_clip=open_clip,
                                  vision_weights=vision_weights, every=cross_attn_every_n_layers,

@@ -83,3 +83,17 @@ def test_a_bad_language_model_config_exits_2_and_names_the_key(tmp_path, capsys,
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "of").exists()
+
+
+@pytest.mark.parametrize("key, value, shown", [("image_size", "big", "'big'"), ("width", "big", "'big'"),
+                                               ("layers", 0, "0"), ("mlp_ratio", "4x", "'4x'")])
+def test_a_bad_vision_config_exits_2_and_names_the_key(tmp_path, capsys, key, value, shown):
+    """The open_clip model config (--vision FILE) the same way: its vision_cfg key named, nothing written."""
+    config = json.loads((FIXTURE / "vision.json").read_text())
+    config["vision_cfg"][key] = value
+    (tmp_path / "vision.json").write_text(json.dumps(config))
+    argv = _argv(tmp_path / "of")
+    argv[argv.index("--vision") + 1] = str(tmp_path / "vision.json")
+    assert main(argv) == 2
+    assert f"vision.json: vision_cfg.{key} is {shown}, expected a positive" in capsys.readouterr().err
+    assert not (tmp_path / "of").exists()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from flamingo_edge.errors import CheckpointError
+from flamingo_edge.config_reader import Section, fail as _fail
 from flamingo_edge.config import DecoderConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from flamingo_edge.models.importers.language_models import LanguageModel, is_unused, lm_weights
 
@@ -40,10 +40,6 @@ OPEN_CLIP_MODELS: dict[str, dict[str, Any]] = {
     "ViT-B-16": {"embed_dim": 512, "quick_gelu": True,
                  "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16}},
 }
-
-
-def _fail(source: str, what: str, fix: str) -> CheckpointError:
-    return CheckpointError(f"{source}: {what}; {fix}")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -69,16 +65,17 @@ def vision_config(open_clip: Mapping[str, Any], source: str) -> VisionConfig:
             raise _fail(source, f"vision_cfg.{key}={cfg[key]!r} is not supported", "only plain open_clip ViTs are")
     if isinstance(cfg.get("layers"), (list, tuple)):
         raise _fail(source, "vision_cfg.layers is a list (a ResNet tower)", "only ViT towers are supported")
-    size, patch = cfg.get("image_size", 224), cfg.get("patch_size", 16)
-    if not isinstance(size, int) or not isinstance(patch, int) or size % patch:
+    vision = Section(cfg, source, "open_clip model", "vision_cfg.")
+    size, patch = vision.get("image_size", 224, "count"), vision.get("patch_size", 16, "count")
+    if size % patch:
         raise _fail(source, f"image_size={size!r}, patch_size={patch!r}",
                     "need a square integer image size that is a multiple of the patch size")
-    width = int(cfg.get("width", 768))
-    head_width = int(cfg.get("head_width", 64))
+    width, head_width = vision.get("width", 768, "count"), vision.get("head_width", 64, "count")
     if width % head_width:
         raise _fail(source, f"width {width} is not a multiple of head_width {head_width}", "fix the config")
-    return VisionConfig(image_size=size, patch_size=patch, width=width, layers=int(cfg.get("layers", 12)),
-                        heads=width // head_width, mlp_width=int(width * float(cfg.get("mlp_ratio", 4.0))),
+    return VisionConfig(image_size=size, patch_size=patch, width=width, layers=vision.get("layers", 12, "count"),
+                        heads=width // head_width,
+                        mlp_width=int(width * float(vision.get("mlp_ratio", 4.0, "positive"))),
                         act="quick_gelu" if open_clip.get("quick_gelu") else "gelu", layer_norm_eps=1e-5,
                         output_class_token=False)
 
