@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flamingo_edge.artifacts import read_json
+from flamingo_edge.config_checks import is_int, is_number
 from flamingo_edge.errors import CheckpointError, ImageError
 from flamingo_edge.runtime.resize import resize_bicubic
 
@@ -232,6 +233,13 @@ class ImageSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "alpha_handling", _alpha_handling(self.alpha_handling, "ImageSettings"))
+        sizes = {"height": self.height, "width": self.width, "shortest_edge": self.shortest_edge}
+        if self.crop_size is not None:
+            sizes |= dict(zip(("crop height", "crop width"), self.crop_size))
+        problems = settings_problems(self, sizes, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
+        if problems:
+            raise CheckpointError(f"image settings: {'; '.join(problems)}; fix that value in processor_config.json "
+                                  "(or re-save it with the processor's save_pretrained)")
         if self.do_resize and self.shortest_edge is not None and self.crop_size is None:
             raise CheckpointError("image settings: a resize to shortest_edge without a centre crop gives images of "
                                   "different sizes, which cannot be batched; add \"do_center_crop\": true and "
@@ -281,6 +289,23 @@ class ImageSettings:
                 "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
                 "do_convert_rgb": self.do_convert_rgb, "alpha_handling": self.alpha_handling.value}
+
+
+def settings_problems(settings, sizes: dict[str, Any], switches: tuple[str, ...]) -> list[str]:
+    """What is wrong with an image processor's values (`settings`: its `rescale_factor`, `image_mean`, `image_std`):
+    `sizes` that are not positive integers, a rescale factor that is not a positive number, a mean or std that is
+    not three numbers (a std of 0 would divide by it), `switches` that are not true or false."""
+    problems = [f"{name} is {value!r}, expected a positive integer" for name, value in sizes.items()
+                if value is not None and not (is_int(value) and value > 0)]
+    if not (is_number(settings.rescale_factor) and settings.rescale_factor > 0):
+        problems.append(f"rescale_factor is {settings.rescale_factor!r}, expected a positive number")
+    for name, value in (("image_mean", settings.image_mean), ("image_std", settings.image_std)):
+        if len(value) != 3 or not all(is_number(v) for v in value) or (name == "image_std" and min(value) <= 0):
+            problems.append(f"{name} is {list(value)!r}, expected three numbers" + (" > 0" if name == "image_std"
+                                                                                     else ""))
+    problems += [f"{name} is {getattr(settings, name)!r}, expected true or false" for name in switches
+                 if not isinstance(getattr(settings, name), bool)]
+    return problems
 
 
 def _alpha_handling(value: Any, source: str) -> AlphaHandling:

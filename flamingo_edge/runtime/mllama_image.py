@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
-from flamingo_edge.runtime.image import (_check_image, read_image_processor_config, to_rgb,
+from flamingo_edge.runtime.image import (_check_image, read_image_processor_config, settings_problems, to_rgb,
                                         uses_mllama_processor)
 from flamingo_edge.runtime.resize import resample_passes, resize_bicubic
 
@@ -162,14 +162,14 @@ class MllamaImageSettings:
     do_convert_rgb: bool = True  # grayscale / RGBA → RGB first; off: images must already be RGB
 
     def __post_init__(self):
-        if self.tile_size <= 0 or self.max_image_tiles <= 0:
-            raise CheckpointError(f"tile size {self.tile_size} and max_image_tiles {self.max_image_tiles} must be "
-                                  "positive")
+        problems = settings_problems(self, {"tile size": self.tile_size, "max_image_tiles": self.max_image_tiles},
+                                     ("do_rescale", "do_normalize", "do_convert_rgb"))
+        if problems:
+            raise CheckpointError("; ".join(problems) + "; fix that value (or re-save the processor with its "
+                                  "save_pretrained)")
         if self.resample not in _FILTER_NAMES:
             raise CheckpointError(f"resample {self.resample!r} is not supported; use one of Pillow's convolution "
                                   f"filters { {v: k for k, v in _FILTER_NAMES.items()} } (Llama 3.2 Vision: 2)")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise CheckpointError(f"image_mean {self.image_mean} and image_std {self.image_std} need 3 values each")
 
     @property
     def supported_aspect_ratios(self) -> tuple[tuple[int, int], ...]:

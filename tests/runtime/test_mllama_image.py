@@ -196,12 +196,16 @@ def test_settings_from_saved_processor_config(tmp_path):
     ({"size": {"height": 56, "width": 28}}, "is not a square tile"),
     ({"size": {"shortest_edge": 56}}, "is not a square tile"),
     ({"resample": 0}, "resample 0 is not supported"),
-    ({"max_image_tiles": 0}, "must be positive"),
-    ({"image_mean": [0.5, 0.5]}, "need 3 values"),
+    ({"max_image_tiles": 0}, "max_image_tiles is 0, expected a positive integer"),
+    ({"image_mean": [0.5, 0.5]}, r"image_mean is \[0\.5, 0\.5\], expected three numbers"),
     ({"image_std": "x"}, "cannot read the mllama image settings"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std is .*, expected three numbers > 0"),
+    ({"rescale_factor": "x"}, "rescale_factor is 'x', expected a positive number"),
+    ({"do_normalize": "yes"}, "do_normalize is 'yes', expected true or false"),
+    ({"max_image_tiles": "4"}, "max_image_tiles is '4', expected a positive integer"),
 ])
 def test_bad_settings_are_refused(config, match):
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: .*" + match):
         MllamaImageSettings.from_processor_config(config)
 
 

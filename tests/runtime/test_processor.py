@@ -307,6 +307,25 @@ def test_unsupported_resample(tmp_path, idefics_checkpoint):
         ImagePreprocessor.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("image_size", -1, r"height is -1, expected a positive integer"),
+    ("image_size", "big", r"cannot read the image settings"),
+    ("rescale_factor", "x", r"rescale_factor is 'x', expected a positive number"),
+    ("image_std", [0.5, 0.0, 0.5], r"image_std is \[0\.5, 0\.0, 0\.5\], expected three numbers > 0"),
+    ("image_mean", [0.5, 0.5], r"image_mean is \[0\.5, 0\.5\], expected three numbers"),
+    ("do_normalize", "yes", r"do_normalize is 'yes', expected true or false"),
+])
+def test_bad_image_settings_name_the_file_and_the_value(tmp_path, idefics_checkpoint, key, value, match):
+    """A wrong value is a CheckpointError naming processor_config.json (each was an exception from numpy on the
+    first image, or a silently wrong normalisation)."""
+    folder = _copy_checkpoint_files(idefics_checkpoint, tmp_path / "ckpt", ["processor_config.json"])
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["image_processor"][key] = value
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"processor_config\.json: .*" + match):
+        ImagePreprocessor.from_pretrained(folder)
+
+
 def test_older_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_size": 40, "resample": 3}))
     settings = ImagePreprocessor.from_pretrained(tmp_path).settings
