@@ -80,28 +80,27 @@ def _vision_config(vision: Section, text_width: int) -> TiledVisionConfig:
     )
 
 
-def llama_rope_fields(hf: Mapping, source: str, *, default_theta: float = 10000.0) -> dict:
+def llama_rope_fields(config: Section, *, default_theta: float = 10000.0) -> dict:
     """theta and the frequency scaling of a LLaMA config (a text_config here; LLaMA language models of OpenFlamingo
     too): plain RoPE, or Llama 3.1's ("llama3"), from `rope_parameters` (transformers 5) or `rope_scaling` (4.x), as
     DecoderConfig fields.
 
     Raises:
-        CheckpointError: another rope type, or a "llama3" entry without its factors.
+        CheckpointError: another rope type, a "llama3" entry without its factors, or a value of the wrong kind.
     """
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", default_theta))))
+    rope = config.nested("rope_parameters" if config.data.get("rope_parameters") else "rope_scaling")
+    kind = rope.data.get("rope_type", rope.data.get("type", "default"))
+    theta = rope.get("rope_theta", config.get("rope_theta", default_theta, "positive"), "positive")
+    fields = dict(rope_theta=float(theta))
     if kind == "default":
         return fields
     if kind != "llama3":
-        raise fail(source, f"rope type {kind!r} is not supported", "plain RoPE and Llama 3.1's 'llama3' scaling are")
-    try:
-        return dict(fields, rope_type="llama3", rope_factor=float(rope["factor"]),
-                    rope_low_freq_factor=float(rope["low_freq_factor"]),
-                    rope_high_freq_factor=float(rope["high_freq_factor"]),
-                    rope_original_max_positions=int(rope["original_max_position_embeddings"]))
-    except KeyError as missing:
-        raise fail(source, f"rope type 'llama3' without {missing}", "the config.json is incomplete") from None
+        raise fail(config.source, f"rope type {kind!r} is not supported",
+                   "plain RoPE and Llama 3.1's 'llama3' scaling are")
+    return dict(fields, rope_type="llama3", rope_factor=float(rope.get("factor", REQUIRED, "positive")),
+                rope_low_freq_factor=float(rope.get("low_freq_factor", REQUIRED, "positive")),
+                rope_high_freq_factor=float(rope.get("high_freq_factor", REQUIRED, "positive")),
+                rope_original_max_positions=rope.get("original_max_position_embeddings", REQUIRED, "count"))
 
 
 def _token(text: Section, key: str) -> int | None:
@@ -127,8 +126,8 @@ def _decoder_config(text: Section) -> DecoderConfig:
         cross_kv_heads=0 if kv_heads == heads else kv_heads, cross_qk_norms=True, cross_placement="replace",
         cross_empty_rows="attend_all", rms_norm_eps=text.get("rms_norm_eps", 1e-5, "positive"),
         max_positions=text.get("max_position_embeddings", 131072, "count"), act=text.activation("silu", _ACTIVATION_NAMES),
-        **llama_rope_fields(text.data, text.source, default_theta=500000.0), bos_token_id=_token(text, "bos_token_id"), eos_token_id=_token(text, "eos_token_id"),
-        pad_token_id=_token(text, "pad_token_id"),
+        **llama_rope_fields(text, default_theta=500000.0), bos_token_id=_token(text, "bos_token_id"),
+        eos_token_id=_token(text, "eos_token_id"), pad_token_id=_token(text, "pad_token_id"),
     )
 
 

@@ -200,6 +200,21 @@ def test_an_incomplete_mllama_config_is_refused(tmp_path, section, key):
         read_source(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("factor", "x", r"text_config\.rope_scaling\.factor is 'x', expected a positive number"),
+    ("original_max_position_embeddings", None, r"original_max_position_embeddings is null, expected a positive "
+                                               r"integer"),
+    ("rope_theta", -1, r"text_config\.rope_scaling\.rope_theta is -1, expected a positive number"),
+])
+def test_a_bad_rope_value_is_refused(tmp_path, key, value, match):
+    """Llama 3.1's RoPE scaling values are read with their kinds (a string factor was a ValueError traceback)."""
+    data = json.loads(PUBLIC["11b"].read_text())
+    data["text_config"]["rope_scaling"][key] = value  # the published config's transformers 4.x key
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=match):
+        read_source(tmp_path / "config.json")
+
+
 def test_plan_of_an_mllama_config_needs_neither_torch_nor_tensorrt():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['tensorrt'] = None; "
             "from flamingo_edge.cli.main import main; "

@@ -72,7 +72,7 @@ def _llama_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     if c.get("mlp_bias", False, "flag"):
         raise _fail(source, "mlp_bias=true is not supported", "LLaMA MLPs without biases only")
     return dict(width=c.get("hidden_size", REQUIRED, "count"), layers=c.get("num_hidden_layers", REQUIRED, "count"),
-                heads=heads, kv_heads=0 if kv_heads == heads else kv_heads, **llama_rope_fields(hf, source),
+                heads=heads, kv_heads=0 if kv_heads == heads else kv_heads, **llama_rope_fields(c),
                 mlp_width=c.get("intermediate_size", REQUIRED, "count"), act=c.activation("silu"),
                 rms_norm_eps=float(c.get("rms_norm_eps", 1e-6, "positive")),
                 max_positions=c.get("max_position_embeddings", 2048, "count"), norm="rms", positions="rope",
