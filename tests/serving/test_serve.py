@@ -27,7 +27,7 @@ import pytest
 from flamingo_edge.demo import scenes
 from flamingo_edge.errors import ImageError, PromptError
 from flamingo_edge.runtime.processor import IMAGE_MARKER
-from flamingo_edge.serving.triton import ServingMetrics, request_from_inputs
+from flamingo_edge.serving.triton import ServingMetrics, handshake_refused, request_from_inputs
 from serving_venv import require_serving_venv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -513,3 +513,18 @@ def test_sigterm_stops_it_leaving_no_process(server):
     assert not alive(server.processes), f"left running: {alive(server.processes)}"
     shared = list(Path("/dev/shm").glob(f"pytrtion{server.process.pid}-*"))  # PyTriton's, named after its process
     assert not shared, f"shared memory left behind: {shared}"
+
+
+def test_only_pytritons_handshake_race_starts_triton_again():
+    """serve() starts Triton again (LOAD_ATTEMPTS) only when a model instance was refused by the first one's
+    handshake socket, as PyTriton 0.7 reported it in a test run here; any other load failure is raised at once."""
+    race = ("[400] load failed for model 'flamingo': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
+            "Model initialize error: Traceback (most recent call last):\n  File \"/tmp/folder0Oefxq/1/model.py\", "
+            "line 425, in initialize\n    inference_handler_config = get_config_from_handshake_server("
+            "handshake_socket)\n  File \"/tmp/folder0Oefxq/1/communication.py\", line 550, in "
+            "get_config_from_handshake_server\n    sock.connect(socket_path.as_posix())\nConnectionRefusedError: "
+            "[Errno 111] Connection refused")
+    assert handshake_refused(RuntimeError(race))
+    assert not handshake_refused(RuntimeError("[400] load failed for model 'flamingo': version 1 is at UNAVAILABLE "
+                                              "state: Internal: ImportError: no module named 'flamingo_edge'"))
+    assert not handshake_refused(ConnectionRefusedError("[Errno 111] Connection refused"))
