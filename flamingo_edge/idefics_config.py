@@ -42,8 +42,8 @@ def _vision_config(vision: Section) -> VisionConfig:
     width, heads = vision.get("embed_dim", 768, "count"), vision.get("num_attention_heads", 16, "count")
     if width % heads:
         raise fail(vision.source, f"vision_config.embed_dim={width} is not a multiple of "
-                    f"vision_config.num_attention_heads={heads}", "transformers cannot run this config either; "
-                    "fix config.json")
+                   f"vision_config.num_attention_heads={heads}", "transformers cannot run this config either; "
+                   "fix config.json")
     return VisionConfig(
         image_size=vision.get("image_size", 224, "count"), patch_size=vision.get("patch_size", 14, "count"),
         width=width, layers=vision.get("num_hidden_layers", 32, "count"), heads=heads,
@@ -67,11 +67,11 @@ def _decoder_config(hf: Section) -> DecoderConfig:
     layers, interval = hf.get("num_hidden_layers", REQUIRED, "count"), hf.get("cross_layer_interval", 1, "count")
     if layers % interval:
         raise fail(hf.source, f"num_hidden_layers={layers} is not a multiple of cross_layer_interval={interval}",
-                    "transformers cannot run this config either; fix config.json")
+                   "transformers cannot run this config either; fix config.json")
     width, heads = hf.get("hidden_size", REQUIRED, "count"), hf.get("num_attention_heads", REQUIRED, "count")
     if width % heads:
         raise fail(hf.source, f"hidden_size={width} is not a multiple of num_attention_heads={heads}",
-                    "transformers cannot run this config either; fix config.json")
+                   "transformers cannot run this config either; fix config.json")
     alpha_type = hf.data.get("alpha_type", "float")
     if alpha_type not in ("float", "vector"):
         raise fail(hf.source, f"alpha_type={alpha_type!r}", "expected 'float' or 'vector'")
@@ -101,7 +101,7 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> FlamingoConfig:
     """
     if hf.get("model_type") != MODEL_TYPE:
         raise fail(source, f"model_type is {hf.get('model_type')!r}, not 'idefics'",
-                    "pass the folder of an IDEFICS checkpoint (IdeficsForVisionText2Text.save_pretrained)")
+                   "pass the folder of an IDEFICS checkpoint (IdeficsForVisionText2Text.save_pretrained)")
     top = Section(hf, source, FAMILY)
     vision, perceiver = top.nested("vision_config"), top.nested("perceiver_config")
     for section, used in ((top, _USED_KEYS), (vision, _USED_VISION_KEYS), (perceiver, _USED_PERCEIVER_KEYS)):

@@ -41,7 +41,7 @@ def _int_list(section: Section, key: str, default) -> list:
         raise section.missing(key)
     if not isinstance(value, list) or not all(is_int(v) for v in value):
         raise fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a list of integers",
-                    FIX_VALUE)
+                   FIX_VALUE)
     return value
 
 
@@ -52,7 +52,7 @@ def _side(section: Section, key: str, default: int) -> int:
         value = value[0]
     if not is_int(value) or value <= 0:
         raise fail(section.source, f"{section.prefix}{key} is {describe(value)}, expected a positive integer "
-                    "(tiles and patches are square)", FIX_VALUE)
+                   "(tiles and patches are square)", FIX_VALUE)
     return value
 
 
@@ -63,7 +63,7 @@ def _vision_config(vision: Section, text_width: int) -> TiledVisionConfig:
     if not isinstance(ratios, list) or not all(isinstance(r, list) and len(r) == 2 and all(is_int(v) and v > 0
                                                                                            for v in r) for r in ratios):
         raise fail(vision.source, f"vision_config.supported_aspect_ratios is {describe(ratios)}, expected a list "
-                    "of [rows, columns] pairs", FIX_VALUE)
+                   "of [rows, columns] pairs", FIX_VALUE)
     return TiledVisionConfig(
         hidden_size=vision.get("hidden_size", 1280, "count"), num_hidden_layers=vision.get("num_hidden_layers", 32,
                                                                                            "count"),
@@ -125,7 +125,8 @@ def _decoder_config(text: Section) -> DecoderConfig:
         cross_layers=tuple(cross), cross_heads=heads, cross_head_dim=width // heads,
         cross_kv_heads=0 if kv_heads == heads else kv_heads, cross_qk_norms=True, cross_placement="replace",
         cross_empty_rows="attend_all", rms_norm_eps=text.get("rms_norm_eps", 1e-5, "positive"),
-        max_positions=text.get("max_position_embeddings", 131072, "count"), act=text.activation("silu", _ACTIVATION_NAMES),
+        max_positions=text.get("max_position_embeddings", 131072, "count"),
+        act=text.activation("silu", _ACTIVATION_NAMES),
         **llama_rope_fields(text, default_theta=500000.0), bos_token_id=_token(text, "bos_token_id"),
         eos_token_id=_token(text, "eos_token_id"), pad_token_id=_token(text, "pad_token_id"),
     )
@@ -145,7 +146,7 @@ def config_from_hf(hf: Mapping, source: str = "config.json") -> FlamingoConfig:
     """
     if hf.get("model_type") != MODEL_TYPE:
         raise fail(source, f"model_type is {hf.get('model_type')!r}, not 'mllama'",
-                    "pass the folder of a Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration.save_pretrained)")
+                   "pass the folder of a Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration.save_pretrained)")
     top = Section(hf, source, FAMILY)
     vision, text = top.nested("vision_config"), top.nested("text_config")
     for section, used in ((top, _USED_KEYS), (vision, _USED_VISION_KEYS), (text, _USED_TEXT_KEYS)):

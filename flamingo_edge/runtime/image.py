@@ -238,8 +238,8 @@ class ImageSettings:
             sizes |= dict(zip(("crop height", "crop width"), self.crop_size))
         problems = settings_problems(self, sizes, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
         if problems:
-            raise CheckpointError(f"image settings: {'; '.join(problems)}; fix that value in processor_config.json "
-                                  "(or re-save it with the processor's save_pretrained)")
+            raise CheckpointError(f"image settings: {'; '.join(problems)}; fix that value (or re-save the "
+                                  "processor with its save_pretrained)")
         if self.do_resize and self.shortest_edge is not None and self.crop_size is None:
             raise CheckpointError("image settings: a resize to shortest_edge without a centre crop gives images of "
                                   "different sizes, which cannot be batched; add \"do_center_crop\": true and "
@@ -299,10 +299,9 @@ def settings_problems(settings, sizes: dict[str, Any], switches: tuple[str, ...]
                 if value is not None and not (is_int(value) and value > 0)]
     if not (is_number(settings.rescale_factor) and settings.rescale_factor > 0):
         problems.append(f"rescale_factor is {settings.rescale_factor!r}, expected a positive number")
-    for name, value in (("image_mean", settings.image_mean), ("image_std", settings.image_std)):
-        if len(value) != 3 or not all(is_number(v) for v in value) or (name == "image_std" and min(value) <= 0):
-            problems.append(f"{name} is {list(value)!r}, expected three numbers" + (" > 0" if name == "image_std"
-                                                                                     else ""))
+    for name, value, positive in (("image_mean", settings.image_mean, False), ("image_std", settings.image_std, True)):
+        if len(value) != 3 or not all(is_number(v) for v in value) or (positive and min(value) <= 0):
+            problems.append(f"{name} is {list(value)!r}, expected three numbers" + (" > 0" if positive else ""))
     problems += [f"{name} is {getattr(settings, name)!r}, expected true or false" for name in switches
                  if not isinstance(getattr(settings, name), bool)]
     return problems

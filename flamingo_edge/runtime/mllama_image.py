@@ -33,7 +33,7 @@ import numpy as np
 
 from flamingo_edge.errors import CheckpointError, ImageError, PromptError
 from flamingo_edge.runtime.image import (_check_image, read_image_processor_config, settings_problems, to_rgb,
-                                        uses_mllama_processor)
+                                         uses_mllama_processor)
 from flamingo_edge.runtime.resize import resample_passes, resize_bicubic
 
 __all__ = ["MllamaImageSettings", "MllamaImages", "MllamaImagePreprocessor", "preprocess", "cross_attention_mask",

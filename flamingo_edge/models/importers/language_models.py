@@ -180,7 +180,8 @@ def _gpt_neox_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     return dict(width=width, layers=c.get("num_hidden_layers", REQUIRED, "count"), heads=heads,
                 mlp_width=c.get("intermediate_size", REQUIRED, "count"), act=c.activation("gelu"),
                 rms_norm_eps=float(c.get("layer_norm_eps", 1e-5, "positive")), rope_theta=float(theta),
-                rotary_dim=int(width // heads * fraction), max_positions=c.get("max_position_embeddings", 2048, "count"),
+                rotary_dim=int(width // heads * fraction),
+                max_positions=c.get("max_position_embeddings", 2048, "count"),
                 norm="layer", positions="rope", attn_bias=bool(c.get("attention_bias", True, "flag")), mlp="mlp",
                 mlp_bias=True, parallel_residual=bool(c.get("use_parallel_residual", True, "flag")))
 
