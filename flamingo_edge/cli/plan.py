@@ -10,7 +10,7 @@ HELP = "memory per component and precision, the largest context/images that fit 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from flamingo_edge.cli.arguments import count, natural
-    from flamingo_edge.engines.plan import DEVICES, IMAGE_CACHE, RUNTIMES
+    from flamingo_edge.engines.plan import DEVICES, IMAGE_CACHE, MIB, PREFIX_CACHE_BYTES, RUNTIMES
     from flamingo_edge.precision import EXPORT_PRECISIONS
 
     parser.add_argument("source", metavar="CHECKPOINT_OR_EXPORT",
@@ -28,7 +28,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=count, default=None, help=f"{what} (default: {default})")
     parser.add_argument("--image-cache", type=natural, default=IMAGE_CACHE, metavar="N",
                         help="images whose cross-attention K/V the pipeline keeps (Pipeline.open's image_cache_size; "
-                             f"default: {IMAGE_CACHE}); TensorRT only")
+                             f"default: {IMAGE_CACHE})")
+    parser.add_argument("--prefix-cache", dest="prefix_cache_mib", type=natural, default=PREFIX_CACHE_BYTES // MIB,
+                        metavar="MiB", help="memory for earlier prompts' self-attention K/V, counted full "
+                                            "(Pipeline.open's prefix_cache_bytes; default: "
+                                            f"{PREFIX_CACHE_BYTES // MIB}; 0: none)")
     parser.add_argument("--workspace", dest="workspace_mib", type=count, metavar="MiB",
                         help="TensorRT builder workspace cap (default: none)")
     parser.add_argument("--float", choices=("fp32", "fp16"), default="fp32",
@@ -54,7 +58,8 @@ def _print_table(report: dict) -> None:
     how = f"; int4/int8-weights with {weight_only['float']} float parts" + (
         " and quantized embeddings" if weight_only["embeddings"] else "")
     print(f"{report['source']} ({report['kind']}), {report['runtime']}: context {limits['max_context']}, "
-          f"{limits['max_images']} image(s), batch {limits['max_batch']}, {report['image_cache_kept']} cached image(s)"
+          f"{limits['max_images']} image(s), batch {limits['max_batch']}, "
+          f"{report['image_cache_kept']} cached image(s), {report['prefix_cache_bytes'] // 2**20} MiB prefix cache"
           f"{how}; GiB")
     print(f"  {'':26}" + "".join(f"{plan['precision']:>13}" for plan in plans))
     for name in names:

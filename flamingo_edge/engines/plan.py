@@ -10,6 +10,7 @@ config.json with no weights) and counts. docs/plan.md gives every figure's sourc
                 visual token of an image; mllama: its T tiles of P tokens)
     activations from the engine profiles' largest shapes (engines/profiles.py): the biggest tensors a graph holds
                 at once, per execution context (mllama's vision: attention scores over all T*P8 tokens of an image)
+    prefix cache  the runtime's kept prompt prefixes (self-attention K/V), counted full
     runtime     the process and the libraries; on a Jetson the OS and CUDA come off the board's memory first
 
 Two runtimes are modelled: TensorRT engines on a Jetson or a GPU (`tensorrt`), and ONNX Runtime's CPU provider
@@ -45,6 +46,8 @@ INT8_GRAPHS = ("vision", "resampler", "xattn_kv")
 BLOCK_SIZE = {Precision.INT4: 128, Precision.INT8_WEIGHTS: 128}  # weights per fp32 scale
 IMAGE_CACHE = 64  # images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size; a test checks it)
 IMAGE_CACHE_BYTES = 1 << 30  # ... and at most these bytes of them (Pipeline.open's image_cache_bytes; a test checks it)
+PREFIX_CACHE_BYTES = 64 * MIB  # earlier prompts' self-attention K/V kept for reuse (Pipeline.open's prefix_cache_bytes;
+# a test checks it): a process that sees a new single prompt after another fills it (the camera app, serve)
 
 
 @dataclass(frozen=True)
@@ -377,8 +380,12 @@ def cached_images(config: FlamingoConfig, image_cache: int) -> int:
     return min(image_cache, IMAGE_CACHE_BYTES // cross_kv_bytes(config, 1))
 
 
+def _prefix_cache_item(prefix_cache_bytes: int) -> Item:
+    return Item("prefix cache", prefix_cache_bytes, "self-attention K/V of earlier prompts, kept for reuse, when full")
+
+
 def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: int | None,
-                    image_cache: int = IMAGE_CACHE) -> list[Item]:
+                    image_cache: int = IMAGE_CACHE, prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> list[Item]:
     """Caches, activations and runtime of TensorRT engines (a reasoned estimate; docs/plan.md)."""
     largest = _largest_tensors(config, limits)
     batch, images = limits.max_batch, limits.max_batch * limits.max_images
@@ -400,6 +407,7 @@ def _tensorrt_items(config: FlamingoConfig, limits: ShapeLimits, workspace_mib: 
         Item("activations", activations, "5 execution contexts at the profiles' largest shapes"),
         Item("workspace", scratch, "tactic scratch of the largest layer" + (f" (cap {workspace_mib} MiB)"
                                                                              if workspace_mib else "")),
+        _prefix_cache_item(prefix_cache_bytes),
         Item("runtime", TRT_RUNTIME_BYTES, "Python, numpy, tokenizers, OpenCV, TensorRT runtime"),
     ]
 
@@ -417,20 +425,23 @@ def _ort_weight_rss(items: list[Item], precision: Precision, lm_head: bool) -> i
 
 
 def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: list[Item],
-                       precision: Precision, lm_head: bool) -> list[Item]:
+                       precision: Precision, lm_head: bool, image_cache: int = IMAGE_CACHE,
+                       prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> list[Item]:
     """The rest of a process's peak RSS on ONNX Runtime's CPU provider (measured constants; docs/plan.md)."""
     largest = _largest_tensors(config, limits)
     batch, images = limits.max_batch, limits.max_batch * limits.max_images
     resident = _ort_weight_rss(weights, precision, lm_head) - sum(item.bytes for item in weights)
+    cached = cached_images(config, image_cache)
     # The decoder reads the cache's buffer in place and returns only the new tokens' K/V (graph contract v2); the
-    # cross K/V sit in the image cache and in the decoder's feed.
+    # cross K/V of a run's images are the decoder's feed, and the image cache keeps `cached` images' apart.
     caches = (self_kv_bytes(config, limits.max_context, batch) + self_kv_bytes(config, limits.max_prompt, batch)
-              + 2 * cross_kv_bytes(config, images))
+              + cross_kv_bytes(config, images) + cross_kv_bytes(config, cached))
     activations = ORT_ARENA_SLACK * 3 * max(largest.values()) * FLOAT_BYTES
     return [
         Item("weights: kernel copies", resident, "MLAS pre-packing, MatMulNBits blocks, fp16 folded to fp32"),
-        Item("K/V caches", caches, f"self at P={limits.max_context}, cross for {images} images"),
+        Item("K/V caches", caches, f"self at P={limits.max_context}, cross for {images} images + {cached} cached"),
         Item("activations", activations, "largest intermediates, arena growth"),
+        _prefix_cache_item(prefix_cache_bytes),
         Item("runtime", ORT_PROCESS_BYTES + ORT_OPENCV_BYTES + ORT_SESSION_BYTES,
              "Python + numpy + onnxruntime + tokenizers + OpenCV, the first session's setup"),
     ]
@@ -438,7 +449,8 @@ def _onnxruntime_items(config: FlamingoConfig, limits: ShapeLimits, weights: lis
 
 def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *, runtime: str = "tensorrt",
              workspace_mib: int | None = None, lm_head: bool = True, float16: bool = False,
-             embeddings: bool = False, image_cache: int = IMAGE_CACHE) -> Plan:
+             embeddings: bool = False, image_cache: int = IMAGE_CACHE,
+             prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> Plan:
     """The memory `source` needs at `precision` and `limits`.
 
     Args:
@@ -449,10 +461,12 @@ def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *,
         workspace_mib: the TensorRT builder's workspace cap, if any.
         lm_head: weight-only precisions quantize the LM head too (quantize's default).
         float16, embeddings: weight-only precisions with quantize's --float fp16 and --embeddings.
-        image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size); TensorRT only.
+        image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size).
+        prefix_cache_bytes: the pipeline's prefix cache (Pipeline.open's prefix_cache_bytes), counted full.
 
     Raises:
-        UsageError: an unknown precision or runtime, a negative image cache, or limits that make no engine.
+        UsageError: an unknown precision or runtime, a negative image or prefix cache, or limits that make no
+            engine.
     """
     if precision not in [p.value for p in EXPORT_PRECISIONS]:
         raise UsageError(f"precision {precision!r}; choose one of {', '.join(p.value for p in EXPORT_PRECISIONS)}")
@@ -460,11 +474,13 @@ def plan_for(source: Source, precision: str | Precision, limits: ShapeLimits, *,
         raise UsageError(f"runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if image_cache < 0:
         raise UsageError(f"image cache {image_cache}: give the number of images the pipeline keeps (>= 0)")
+    if prefix_cache_bytes < 0:
+        raise UsageError(f"prefix cache {prefix_cache_bytes} bytes: give the bytes the pipeline keeps (>= 0)")
     precision, config = Precision(precision), source.config
     limits.check(config.decoder.max_positions)
     weights = _weights(config, precision, source, lm_head, float16, embeddings)
-    rest = (_tensorrt_items(config, limits, workspace_mib, image_cache) if runtime == "tensorrt"
-            else _onnxruntime_items(config, limits, weights, precision, lm_head))
+    rest = (_tensorrt_items(config, limits, workspace_mib, image_cache, prefix_cache_bytes) if runtime == "tensorrt"
+            else _onnxruntime_items(config, limits, weights, precision, lm_head, image_cache, prefix_cache_bytes))
     return Plan(precision, runtime, limits, tuple(weights + rest))
 
 
@@ -534,7 +550,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
                 runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
                 max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
                 float16: bool = False, embeddings: bool = False, tensorrt_version: str | None = None,
-                image_cache: int = IMAGE_CACHE) -> dict:
+                image_cache: int = IMAGE_CACHE, prefix_cache_mib: int = PREFIX_CACHE_BYTES // MIB) -> dict:
     """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
 
     Args:
@@ -549,6 +565,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         tensorrt_version: the TensorRT that will build; 8.x (JetPack 5) has no weight-only precision, so int4 and
             int8-weights are left out of the plan and the recommendation.
         image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size, default 64).
+        prefix_cache_mib: the pipeline's prefix cache in MiB (Pipeline.open's prefix_cache_bytes, default 64).
 
     Raises:
         CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
@@ -569,7 +586,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         if not precisions:
             raise UsageError(f"TensorRT {tensorrt_version} cannot build any of the asked precisions")
     options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings,
-                   image_cache=image_cache)
+                   image_cache=image_cache, prefix_cache_bytes=prefix_cache_mib * MIB)
     plans = [plan_for(read, p, limits, **options) for p in precisions]
     targets = []
     for name in [target] if target else list(DEVICES):
@@ -582,6 +599,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
             "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings}, "notes": notes,
             "image_cache": image_cache, "image_cache_kept": cached_images(read.config, image_cache),
+            "prefix_cache_bytes": prefix_cache_mib * MIB,
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],
@@ -589,10 +607,12 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
 
 
 def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimits,
-                     workspace_mib: int | None, image_cache: int = IMAGE_CACHE) -> None:
+                     workspace_mib: int | None, image_cache: int = IMAGE_CACHE,
+                     prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> None:
     """Refuse a build whose engines the target board cannot hold at `limits` (BUILD_TARGET_DEVICES; other targets
     are not checked). AGX Orin is checked against 64 GB, with a warning when 32 GB would not do. `image_cache`: the
-    images whose cross K/V the pipeline will keep (Pipeline.open's image_cache_size).
+    images whose cross K/V the pipeline will keep (Pipeline.open's image_cache_size); `prefix_cache_bytes`: its
+    prefix cache (Pipeline.open's prefix_cache_bytes).
 
     Raises:
         MemoryPlanError: the plan's total exceeds the board's memory; the message gives the figures and the ways
@@ -604,7 +624,8 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
     if not boards:
         return
     source = read_source(export_dir)
-    plan = plan_for(source, source.precision, limits, workspace_mib=workspace_mib, image_cache=image_cache)
+    options = dict(workspace_mib=workspace_mib, image_cache=image_cache, prefix_cache_bytes=prefix_cache_bytes)
+    plan = plan_for(source, source.precision, limits, **options)
     largest, *smaller = boards
     for board in smaller:
         if plan.total > budget_bytes(board):
@@ -615,8 +636,7 @@ def check_build_fits(export_dir: str | Path, target_name: str, limits: ShapeLimi
     if plan.total <= budget:
         return
     weights = sum(item.bytes for item in plan.items if item.graph)
-    fits = [fit(source, p, limits, budget, workspace_mib=workspace_mib, image_cache=image_cache)
-            for p in PRECISION_ORDER]
+    fits = [fit(source, p, limits, budget, **options) for p in PRECISION_ORDER]
     better = recommend(fits)
     advice = (f"quantize the export to {better.value} (flamingo-edge quantize --precision {better.value})"
               if better else "lower --max-context/--max-images/--max-batch")

@@ -265,10 +265,11 @@ def test_a_build_reports_tensorrt_phases(demo_export, tmp_path):
     assert any(phase.startswith("Building engine") for phase in phases), phases[:5]
 
 
-def test_build_checks_the_board_with_the_image_cache_asked(demo_export, tmp_path, capsys):
-    """`build --image-cache N` plans the pipeline's cache as `plan --image-cache N` does: at batch 1400 the demo's
-    fp32 engines fit the Orin Nano's 6.0 GiB with no cached image, and not with a full cache (a demo image is
-    36 KiB of cross K/V, so IMAGE_CACHE_BYTES holds 29127 of them). Both are decided before TensorRT is loaded."""
+def test_build_checks_the_board_with_the_caches_asked(demo_export, tmp_path, capsys):
+    """`build --image-cache N --prefix-cache MiB` plans the pipeline's caches as `plan` does: at batch 1400 the demo's
+    fp32 engines fit the Orin Nano's 6.0 GiB with no cached image and the default 64 MiB prefix cache, and not with
+    a full image cache (a demo image is 36 KiB of cross K/V, so IMAGE_CACHE_BYTES holds 29127 of them) or a 1 GiB
+    prefix cache. All are decided before TensorRT is loaded."""
     import importlib.util
 
     from flamingo_edge.engines.plan import IMAGE_CACHE_BYTES, budget_bytes, cross_kv_bytes, plan_for, read_source
@@ -283,6 +284,10 @@ def test_build_checks_the_board_with_the_image_cache_asked(demo_export, tmp_path
     args = ["build", str(demo_export), "-o", str(tmp_path / "engines"), "--target", "orin-nano", "--max-batch",
             "1400", "--max-images", "8", "--max-context", "64", "--max-prompt", "64"]
     assert main(args + ["--image-cache", "100000"]) == 2
+    assert "Jetson Orin Nano 8 GB cannot hold these fp32 engines" in capsys.readouterr().err
+    assert plan_for(source, "fp32", limits, workspace_mib=workspace, image_cache=0,
+                    prefix_cache_bytes=1 << 30).total > budget_bytes("orin-nano-8gb")
+    assert main(args + ["--image-cache", "0", "--prefix-cache", "1024"]) == 2
     assert "Jetson Orin Nano 8 GB cannot hold these fp32 engines" in capsys.readouterr().err
     if importlib.util.find_spec("tensorrt") is None:  # the plan passes; the build stops at TensorRT itself
         assert main(args + ["--image-cache", "0"]) == 2

@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from flamingo_edge.cli.main import main
-from flamingo_edge.engines.plan import (BLOCK_SIZE, IMAGE_CACHE, IMAGE_CACHE_BYTES, INT8_GRAPHS, WEIGHT_ONLY_GRAPHS,
-                                        parameter_counts, plan_for, read_source)
+from flamingo_edge.engines.plan import (BLOCK_SIZE, IMAGE_CACHE, IMAGE_CACHE_BYTES, INT8_GRAPHS, PREFIX_CACHE_BYTES,
+                                        WEIGHT_ONLY_GRAPHS, cross_kv_bytes, parameter_counts, plan_for, read_source)
 from flamingo_edge.engines.profiles import ShapeLimits
 from flamingo_edge.errors import CheckpointError, MemoryPlanError, UsageError
 
@@ -61,10 +61,43 @@ def test_the_plans_defaults_are_quantizes_and_the_pipelines():
     assert quantize.DEFAULT_BLOCK_SIZE == BLOCK_SIZE
     assert inspect.signature(Pipeline.open).parameters["image_cache_size"].default == IMAGE_CACHE
     assert inspect.signature(Pipeline.open).parameters["image_cache_bytes"].default == IMAGE_CACHE_BYTES
+    assert inspect.signature(Pipeline.open).parameters["prefix_cache_bytes"].default == PREFIX_CACHE_BYTES
     if pytest.importorskip("torch"):
         from flamingo_edge.models.layers import ACTIVATIONS
 
         assert sorted(ACTIVATIONS) == sorted(ACTIVATION_NAMES)
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime-cpu"])
+def test_both_runtimes_count_the_pipelines_caches(runtime):
+    """The prefix cache counts full, on its own line; the image cache counts the images it keeps, for ONNX Runtime
+    as for TensorRT (a camera app or a server fills both)."""
+    source = read_source(CONFIGS / "idefics-9b.json")
+    limits = ShapeLimits(1, 128, 1024, 2)
+
+    def plan(**caches):
+        return plan_for(source, "int4", limits, runtime=runtime, **caches)
+
+    default, bare = plan(), plan(image_cache=0, prefix_cache_bytes=0)
+    assert default.item("prefix cache") == PREFIX_CACHE_BYTES and bare.item("prefix cache") == 0
+    assert plan(image_cache=0, prefix_cache_bytes=3 << 20).total - bare.total == 3 << 20
+    per_image = cross_kv_bytes(source.config, 1)  # 16.8 MB for IDEFICS-9B: all 64 fit within IMAGE_CACHE_BYTES
+    assert default.total - bare.total == PREFIX_CACHE_BYTES + IMAGE_CACHE * per_image
+    assert plan(image_cache=5, prefix_cache_bytes=0).total - bare.total == 5 * per_image
+    with pytest.raises(UsageError, match="prefix cache -1 bytes"):
+        plan(prefix_cache_bytes=-1)
+
+
+def test_plan_prints_and_reports_its_caches(capsys):
+    config = str(CONFIGS / "openflamingo-3b.json")
+    assert main(["plan", config, "--precision", "int4", "--target", "16", "--image-cache", "2",
+                 "--prefix-cache", "0"]) == 0
+    assert "2 cached image(s), 0 MiB prefix cache" in capsys.readouterr().out
+    assert main(["plan", config, "--precision", "int4", "--target", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prefix_cache_bytes"] == PREFIX_CACHE_BYTES
+    assert {"name": "prefix cache", "bytes": PREFIX_CACHE_BYTES} in [
+        {k: item[k] for k in ("name", "bytes")} for item in report["plans"][0]["items"]]
 
 
 def test_weight_bytes_per_precision():

@@ -1,8 +1,10 @@
 """`plan --runtime onnxruntime-cpu` against the peak RSS ONNX Runtime really takes (issue 15: within 15 %).
 
-Each export runs in a fresh process that opens the pipeline (Pipeline.open, backend onnxruntime, CPU) and generates
-16 tokens about one image; the child reports its VmHWM. The demo and the 100m preset, in fp32, int8-weights and
-int4 (RTN, quantize's defaults). The 100m export takes about a minute to make: slow.
+Each export runs in a fresh process that opens the pipeline (Pipeline.open, backend onnxruntime, CPU, no prefix
+cache) and generates 16 tokens about one image; the child reports its VmHWM. The plan is asked for that process: one
+cached image and no prefix cache (its defaults count both caches full, tests/cli/test_plan.py). The demo and the
+100m preset, in fp32, int8-weights and int4 (RTN, quantize's defaults). The 100m export takes about a minute to
+make: slow.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def peak():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 
-with Pipeline.open(sys.argv[1], backend="onnxruntime", device="cpu") as pipeline:
+with Pipeline.open(sys.argv[1], backend="onnxruntime", device="cpu", prefix_cache_bytes=0) as pipeline:
     image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     prompt = [image, "a photo of"]
     tokens = pipeline.processor.tokenize([prompt]).input_ids.shape[1]
@@ -46,7 +48,8 @@ def measure(export) -> dict:
 def predict(export, context: int) -> int:
     source = read_source(export)
     limits = ShapeLimits(max_batch=1, max_prompt=context, max_context=context, max_images=1)
-    return plan_for(source, source.precision, limits, runtime="onnxruntime-cpu").total
+    return plan_for(source, source.precision, limits, runtime="onnxruntime-cpu", image_cache=1,
+                    prefix_cache_bytes=0).total
 
 
 @pytest.fixture(scope="module")
