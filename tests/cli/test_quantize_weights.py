@@ -26,13 +26,6 @@ def bundled_demo(monkeypatch):
     monkeypatch.delenv(DEMO_OVERRIDE, raising=False)
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print(f"seed {seed}")  # shown when a test fails
-    return np.random.default_rng(seed)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_block_quantization_against_numpy(rng, bits):
     top = 2 ** (bits - 1) - 1
@@ -89,24 +82,29 @@ def test_both_encodings_compute_the_same_product(demo_export, rng):
     float32 compute they give the same logits, and they follow the fp32 graph's."""
     source = demo_export / "decoder.onnx"
     reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    config = read_export_record(demo_export).config
-    feed = _feed(reference, rng, config["decoder"]["vocab_size"])
-    expected = reference.run(["logits"], feed)[0]
+    vocab = read_export_record(demo_export).config["decoder"]["vocab_size"]
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # ORT may fuse DQ+MatMul
-    logits = {}
+    sessions = {}
     for encoding in ("MatMulNBits", "DequantizeLinear"):
         model, summary = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding=encoding,
                                         accuracy_level=0)
         assert summary["weights"] + summary["merged"] == len(find_matmuls(onnx.load(str(source))))
         assert summary["merged"] > 0 and summary["lm_head"]
         assert not find_matmuls(model)  # every float MatMul weight went
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        logits[encoding] = session.run(["logits"], feed)[0]
-    scale = np.abs(expected).max()
-    assert np.abs(logits["MatMulNBits"] - logits["DequantizeLinear"]).max() <= 1e-5 * scale
-    # 4-bit weights are coarse, not wrong (these random feeds are far from what the model was trained on)
-    assert np.corrcoef(logits["MatMulNBits"].ravel(), expected.ravel())[0, 1] > 0.9
+        sessions[encoding] = ort.InferenceSession(model.SerializeToString(), options,
+                                                  providers=["CPUExecutionProvider"])
+    correlations = []
+    for _ in range(5):
+        feed = _feed(reference, rng, vocab)
+        expected = reference.run(["logits"], feed)[0]
+        logits = {encoding: session.run(["logits"], feed)[0] for encoding, session in sessions.items()}
+        assert np.abs(logits["MatMulNBits"] - logits["DequantizeLinear"]).max() <= 1e-5 * np.abs(expected).max()
+        correlations.append(np.corrcoef(logits["MatMulNBits"].ravel(), expected.ravel())[0, 1])
+    # 4-bit weights are coarse, not wrong. These random feeds (random past and image K/V) are far from what the model
+    # was trained on: over 300 draws the correlation had a median of 0.997 and fell below 0.9 in 1.7 % of them, so
+    # the median of 5 draws is judged (a wrong encoding, e.g. swapped nibbles, is near 0 on every draw).
+    assert np.median(correlations) > 0.9, correlations
     kept, _ = quantize_graph(source, bits=4, block_size=32, method="rtn", encoding="MatMulNBits", lm_head=False)
     assert [t.lm_head for t in find_matmuls(kept)] == [True]
     # q/k/v and gate/up merged into one product each, or not: the same numbers
@@ -114,7 +112,7 @@ def test_both_encodings_compute_the_same_product(demo_export, rng):
                               merge=False)
     separate = ort.InferenceSession(apart.SerializeToString(), options,
                                     providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
-    assert np.abs(separate - logits["MatMulNBits"]).max() <= 1e-5 * scale
+    assert np.abs(separate - logits["MatMulNBits"]).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

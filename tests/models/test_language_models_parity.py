@@ -7,7 +7,6 @@ whole sequence and once as prefill + cached decode steps.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -110,9 +109,8 @@ def _run(decoder: Decoder, ids: torch.Tensor, split: int | None = None, *, room:
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "mpt", "gpt_neox", "mosaic_gpt_names"])
-def test_language_model_matches_transformers(kind, tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    rng = torch.Generator().manual_seed(seed)
+def test_language_model_matches_transformers(kind, tmp_path, seed):
+    rng = torch.Generator().manual_seed(seed)  # the session's seed (FLAMINGO_EDGE_TEST_SEED replays it)
     model = _hf_model("mpt" if kind == "mosaic_gpt_names" else kind)
     _randomize(model, rng)
     model.eval()
