@@ -194,13 +194,13 @@ class PipelineRuns:
         floor = {}
         if self._runs.get("copy_bytes_per_s"):
             floors = [bytes_per_token / bandwidth for bandwidth in self._runs["copy_bytes_per_s"]]
+            # each run's floor over its own decode step, measured moments apart
+            fractions = Spread.of([f / step for f, step in zip(floors, self._runs["decode_per_token"])])
             floor = {"memory_bandwidth": {
                 "copy_bytes_per_s": report["copy_bytes_per_s"]["median"],
                 "copy_bytes_per_s_spread": report["copy_bytes_per_s"],
                 "decode_floor_s": statistics.median(floors),
-                # each run's floor over its own decode step, measured moments apart
-                "fraction_of_floor_reached": statistics.median(
-                    f / step for f, step in zip(floors, self._runs["decode_per_token"]))}}
+                "fraction_of_floor_reached": fractions.median, "fraction_of_floor_spread": asdict(fractions)}}
         return {"prompt_tokens": self.prompt_tokens, "stages_s": {s: report[s] for s in STAGES},
                 "ttft_s": report["ttft_s"], "decode_tokens_per_s": report["decode_tokens_per_s"],
                 "host_per_token_s": report["host_per_token_s"],

@@ -37,7 +37,11 @@ def test_bench_with_references_reports_every_stage_and_ratio(tmp_path, capsys):
     for spread in [*ours["stages_s"].values(), ours["ttft_s"], ours["decode_tokens_per_s"]]:
         assert 0 < spread["min"] <= spread["median"] <= spread["max"] and math.isfinite(spread["max"])
     assert ours["peak_rss_bytes"] > 0 and ours["decode_bytes_per_token"] > 0
-    assert 0 < report["memory_bandwidth"]["fraction_of_floor_reached"]
+    band = report["memory_bandwidth"]
+    assert 0 < band["fraction_of_floor_spread"]["min"] <= band["fraction_of_floor_reached"] <= band[
+        "fraction_of_floor_spread"]["max"] and band["fraction_of_floor_spread"]["median"] == band[
+        "fraction_of_floor_reached"]
+    assert f"reached {band['fraction_of_floor_reached']:.1%} of it (" in out and "over the runs)" in out
     for key in ("speedup_vs_transformers", "speedup_vs_pytorch_reference"):
         assert set(report[key]) == {"decode", "ttft"} and all(v > 0 for v in report[key].values())
 
