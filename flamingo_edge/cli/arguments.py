@@ -25,6 +25,11 @@ def natural(text: str) -> int:
     return _integer(text, 0)
 
 
+def mebibytes(text: str) -> int:
+    """A size in MiB, an integer >= 0 (0 means none), as bytes."""
+    return natural(text) << 20
+
+
 def counts(text: str) -> list[int]:
     """A comma-separated list of integers >= 1 (`32,128,512`), in the order given, repeats dropped."""
     values = [count(part.strip()) for part in text.split(",")]

@@ -8,9 +8,9 @@ HELP = "build a TensorRT engine per graph of an export for a target GPU, with a 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flamingo_edge.cli.arguments import count, natural
+    from flamingo_edge.cli.arguments import count, mebibytes, natural
     from flamingo_edge.engines.build import TARGETS
-    from flamingo_edge.engines.plan import IMAGE_CACHE, MIB, PREFIX_CACHE_BYTES
+    from flamingo_edge.engines.plan import IMAGE_CACHE, PREFIX_CACHE_BYTES
 
     parser.add_argument("export_dir", metavar="EXPORT",
                         help="an export folder (fp32, fp16, int8, or int4 / int8-weights quantized with --target "
@@ -25,10 +25,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-cache", type=natural, default=IMAGE_CACHE, metavar="N",
                         help="Jetson targets: the images whose cross-attention K/V the pipeline will keep "
                              f"(Pipeline.open's image_cache_size), for the memory check (default: {IMAGE_CACHE})")
-    parser.add_argument("--prefix-cache", dest="prefix_cache_mib", type=natural, default=PREFIX_CACHE_BYTES // MIB,
+    parser.add_argument("--prefix-cache", dest="prefix_cache_bytes", type=mebibytes, default=PREFIX_CACHE_BYTES,
                         metavar="MiB", help="Jetson targets: the pipeline's prefix cache (Pipeline.open's "
                                             "prefix_cache_bytes), for the memory check (default: "
-                                            f"{PREFIX_CACHE_BYTES // MIB})")
+                                            f"{PREFIX_CACHE_BYTES >> 20})")
     parser.add_argument("--workspace", type=count, metavar="MiB", help="builder workspace cap (default: the target's)")
     parser.add_argument("--dla-core", type=natural, metavar="N",
                         help="Jetson Orin: build the vision graph for DLA core N with GPU fallback (fp16/int8 exports)")
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
                                  int8_calibration=args.int8_calibration, timing_cache=args.timing_cache,
                                  version_compatible=args.version_compatible,
                                  hardware_compatible=args.hardware_compatible, force=args.force,
-                                 image_cache=args.image_cache, prefix_cache_mib=args.prefix_cache_mib,
+                                 image_cache=args.image_cache, prefix_cache_bytes=args.prefix_cache_bytes,
                                  on_graph=on_graph,
                                  on_progress=lambda phase: bar.set_postfix_str(f"{current[0]}: {phase}"))
         bar.update(bar.total - bar.n)

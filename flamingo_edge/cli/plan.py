@@ -9,8 +9,8 @@ HELP = "memory per component and precision, the largest context/images that fit 
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from flamingo_edge.cli.arguments import count, natural
-    from flamingo_edge.engines.plan import DEVICES, IMAGE_CACHE, MIB, PREFIX_CACHE_BYTES, RUNTIMES
+    from flamingo_edge.cli.arguments import count, mebibytes, natural
+    from flamingo_edge.engines.plan import DEVICES, IMAGE_CACHE, PREFIX_CACHE_BYTES, RUNTIMES
     from flamingo_edge.precision import EXPORT_PRECISIONS
 
     parser.add_argument("source", metavar="CHECKPOINT_OR_EXPORT",
@@ -29,10 +29,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-cache", type=natural, default=IMAGE_CACHE, metavar="N",
                         help="images whose cross-attention K/V the pipeline keeps (Pipeline.open's image_cache_size; "
                              f"default: {IMAGE_CACHE})")
-    parser.add_argument("--prefix-cache", dest="prefix_cache_mib", type=natural, default=PREFIX_CACHE_BYTES // MIB,
+    parser.add_argument("--prefix-cache", dest="prefix_cache_bytes", type=mebibytes, default=PREFIX_CACHE_BYTES,
                         metavar="MiB", help="memory for earlier prompts' self-attention K/V, counted full "
                                             "(Pipeline.open's prefix_cache_bytes; default: "
-                                            f"{PREFIX_CACHE_BYTES // MIB}; 0: none)")
+                                            f"{PREFIX_CACHE_BYTES >> 20}; 0: none)")
     parser.add_argument("--workspace", dest="workspace_mib", type=count, metavar="MiB",
                         help="TensorRT builder workspace cap (default: none)")
     parser.add_argument("--float", choices=("fp32", "fp16"), default="fp32",

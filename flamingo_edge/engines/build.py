@@ -23,7 +23,7 @@ from pathlib import Path
 from flamingo_edge.artifacts import atomic_folder, atomic_write, check_new_folder, read_export_record, sha256_of
 from flamingo_edge.precision import BUILDER_FLAGS, Precision
 from flamingo_edge.manifest import DLA_GRAPHS, MANIFEST, MANIFEST_VERSION, EngineEntry, Manifest
-from flamingo_edge.engines.plan import IMAGE_CACHE, MIB, PREFIX_CACHE_BYTES, check_build_fits
+from flamingo_edge.engines.plan import IMAGE_CACHE, PREFIX_CACHE_BYTES, check_build_fits
 from flamingo_edge.engines.profiles import ShapeLimits, graph_profiles
 from flamingo_edge.trt_compat import HeldInterrupt, TensorRT, collecting_logger, load, progress_monitor
 from flamingo_edge.errors import EngineBuildError, FeatureUnavailableError, UsageError
@@ -277,7 +277,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
                   limits: ShapeLimits | None = None, workspace_mib: int | None = None, dla_core: int | None = None,
                   int8_calibration: str | Path | None = None, timing_cache: str | Path | None = None,
                   version_compatible: bool = False, hardware_compatible: bool = False, force: bool = False,
-                  image_cache: int = IMAGE_CACHE, prefix_cache_mib: int = PREFIX_CACHE_BYTES // MIB,
+                  image_cache: int = IMAGE_CACHE, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
                   on_graph: Callable[[str], None] | None = None,
                   on_progress: Callable[[str], None] | None = None) -> Manifest:
     """Build every graph of an export for a target and write the engines and the manifest.
@@ -298,7 +298,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
         force: build even when the memory plan (engines/plan.py) says the Jetson target cannot hold the engines.
         image_cache: the images whose cross-attention K/V the pipeline will keep (Pipeline.open's
             image_cache_size), for that plan.
-        prefix_cache_mib: the pipeline's prefix cache in MiB (Pipeline.open's prefix_cache_bytes), for that plan.
+        prefix_cache_bytes: the pipeline's prefix cache (Pipeline.open's prefix_cache_bytes), for that plan.
         on_graph: called with each graph's name before it is built (progress display).
         on_progress: called with TensorRT's optimizer phase within a graph's build (TensorRT 10+ and RTX).
 
@@ -323,7 +323,7 @@ def build_engines(export_dir: str | Path, out_dir: str | Path, target_name: str,
     limits = _limits_for(target, limits, config.decoder.max_positions)
     if not force:
         check_build_fits(export_dir, target_name, limits, workspace_mib or target.workspace_mib,
-                         image_cache=image_cache, prefix_cache_bytes=prefix_cache_mib * MIB)
+                         image_cache=image_cache, prefix_cache_bytes=prefix_cache_bytes)
     options = BuildOptions(record.precision, target,
                            workspace_mib if workspace_mib is not None else target.workspace_mib, dla_core,
                            {} if int8_calibration is not None else None, version_compatible, hardware_compatible)

@@ -550,7 +550,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
                 runtime: str = "tensorrt", max_context: int | None = None, max_images: int | None = None,
                 max_batch: int | None = None, max_prompt: int | None = None, workspace_mib: int | None = None,
                 float16: bool = False, embeddings: bool = False, tensorrt_version: str | None = None,
-                image_cache: int = IMAGE_CACHE, prefix_cache_mib: int = PREFIX_CACHE_BYTES // MIB) -> dict:
+                image_cache: int = IMAGE_CACHE, prefix_cache_bytes: int = PREFIX_CACHE_BYTES) -> dict:
     """The plan of `source` at every asked precision, and for each target what fits (JSON-ready).
 
     Args:
@@ -565,7 +565,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         tensorrt_version: the TensorRT that will build; 8.x (JetPack 5) has no weight-only precision, so int4 and
             int8-weights are left out of the plan and the recommendation.
         image_cache: images whose cross K/V the pipeline keeps (Pipeline.open's image_cache_size, default 64).
-        prefix_cache_mib: the pipeline's prefix cache in MiB (Pipeline.open's prefix_cache_bytes, default 64).
+        prefix_cache_bytes: the pipeline's prefix cache (Pipeline.open's prefix_cache_bytes, default 64 MiB).
 
     Raises:
         CheckpointError, ExportError: `source` cannot be read. UsageError: a bad target, precision or limit.
@@ -586,7 +586,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
         if not precisions:
             raise UsageError(f"TensorRT {tensorrt_version} cannot build any of the asked precisions")
     options = dict(runtime=runtime, workspace_mib=workspace_mib, float16=float16, embeddings=embeddings,
-                   image_cache=image_cache, prefix_cache_bytes=prefix_cache_mib * MIB)
+                   image_cache=image_cache, prefix_cache_bytes=prefix_cache_bytes)
     plans = [plan_for(read, p, limits, **options) for p in precisions]
     targets = []
     for name in [target] if target else list(DEVICES):
@@ -599,7 +599,7 @@ def plan_report(source: str | Path, *, target: str | None = None, precision: lis
             "export_precision": read.precision.value if read.precision else None, "runtime": runtime,
             "weight_only": {"float": "fp16" if float16 else "fp32", "embeddings": embeddings}, "notes": notes,
             "image_cache": image_cache, "image_cache_kept": cached_images(read.config, image_cache),
-            "prefix_cache_bytes": prefix_cache_mib * MIB,
+            "prefix_cache_bytes": prefix_cache_bytes,
             "limits": asdict(limits),
             "plans": [{"precision": p.precision.value, "total": p.total, "items": [asdict(i) for i in p.items]}
                       for p in plans],
